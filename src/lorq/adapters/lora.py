@@ -1,0 +1,184 @@
+"""LoRALinear: one adapter layer over any base with `linear(x)` (dense or quantized).
+
+Hu et al., "LoRA" (2021), eq. 3: h = W0 x + (alpha / r) · B A x, with A (r, in) Kaiming-uniform
+and B (out, r) zero so training starts at the base model. rsLoRA (Kalajdzievski 2023) scales
+by alpha / sqrt(r) instead. Several adapters live side by side, addressed by name.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LorqError
+from ..options import opt
+from ..quant.linear import DECODER_LINEARS, QuantizedLinear, match_modules, set_module
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get an adapter and its shape."""
+
+    rank: int = opt(16, "LoRA rank r")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --rslora)")
+    dropout: float = opt(0.05, "dropout on the adapter's input during training")
+    rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
+    targets: list[str] = opt([DECODER_LINEARS], "regexes (searched in module names) of the linear layers to adapt")
+    adapter_name: str = opt("default", "name of the adapter inside lorq (PEFT's adapter name)")
+
+    def validate(self) -> "LoRAConfig":
+        if self.rank <= 0:
+            raise LorqError(f"rank must be a positive integer, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LorqError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LowRankAdapter(nn.Module):
+    """ΔW = scaling · B A, applied as scaling · B(A(dropout(x)))."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.rank, self.scaling = rank, scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.B @ self.A)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.A.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = F.linear(self.dropout(x).to(dtype), self.A)  # (..., r)
+        return F.linear(h, self.B) * self.scaling  # (..., out)
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer plus named low-rank adapters.
+
+    forward(x): base(x) + the sum of the active, unmerged adapters. With `adapter_index`
+    (ints broadcastable to x.shape[:-1]; -1 = base only) each token uses its own adapter —
+    the mixed batch that multi-adapter serving needs.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.adapter_index: torch.Tensor | None = None
+
+    def add(self, name: str, rank: int, scaling: float, dropout: float = 0.0) -> LowRankAdapter:
+        if name in self.adapters:
+            raise LorqError(f"adapter {name!r} already exists")
+        ad = LowRankAdapter(self.in_features, self.out_features, rank, scaling, dropout)
+        self.adapters[name] = ad
+        self.active.append(name)
+        return ad
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        self.active = [a for a in self.active if a != name]
+
+    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.base(x)
+        index = adapter_index if adapter_index is not None else self.adapter_index
+        if index is None:
+            for name in self.active:
+                if name not in self.merged:
+                    out = out + self.adapters[name](x).to(out.dtype)
+            return out
+        index = index.reshape(index.shape + (1,) * (x.dim() - 1 - index.dim())).expand(x.shape[:-1])
+        out = out.clone()
+        for i, name in enumerate(self.adapters):
+            sel = index == i  # tokens that use adapter i
+            if sel.any():
+                out[sel] = out[sel] + self.adapters[name](x[sel]).to(out.dtype)
+        return out
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def merge(self, name: str) -> None:
+        """Fold an adapter into a dense base weight (W += scaling · B A)."""
+        if not isinstance(self.base, nn.Linear):
+            raise LorqError("merging into a quantized base is not supported here; merge on a dense base")
+        if name not in self.merged:
+            with torch.no_grad():
+                self.base.weight += self.adapters[name].delta_weight().to(self.base.weight.dtype)
+            self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name in self.merged:
+            with torch.no_grad():
+                self.base.weight -= self.adapters[name].delta_weight().to(self.base.weight.dtype)
+            self.merged.remove(name)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_adapters(model: nn.Module, cfg: LoRAConfig, name: str | None = None) -> list[str]:
+    """Wrap the target linear layers (dense or quantized) and add adapter `name` to each.
+
+    Freezes everything but the new adapters. Returns the wrapped module names.
+    """
+    cfg.validate()
+    name = name or cfg.adapter_name
+    existing = lora_layers(model)
+    targets = match_modules(model, cfg.targets, (nn.Linear, QuantizedLinear, LoRALinear))
+    targets = [t for t in targets if not any(t.startswith(e + ".") for e in existing)]  # skip wrapped bases
+    if not targets:
+        raise LorqError(f"target pattern(s) {cfg.targets} match no linear layer of the model")
+    scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)
+    for t in targets:
+        layer = model.get_submodule(t)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            set_module(model, t, layer)
+        layer.add(name, cfg.rank, scaling, cfg.dropout)
+    mark_trainable(model, name)
+    return targets
+
+
+def mark_trainable(model: nn.Module, name: str) -> None:
+    """Only adapter `name` trains; base weights (and other adapters) stay frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        if name in layer.adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (A, B) of adapter `name`."""
+    return {m: (l.adapters[name].A, l.adapters[name].B) for m, l in lora_layers(model).items() if name in l.adapters}
+
+
+@contextmanager
+def adapter_routing(model: nn.Module, index: torch.Tensor):
+    """Within the block, every LoRALinear routes tokens by `index` (see LoRALinear.forward)."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.adapter_index = index
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_index = None

@@ -1,0 +1,150 @@
+"""PEFT's adapter files: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `...lora_B.weight`
+([out, r]); scaling is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. Such
+adapters load in `peft.PeftModel.from_pretrained` and in vLLM.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..errors import LorqError
+from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..quant.linear import QuantizedLinear, set_module
+from .lora import LoRALinear, lora_layers, lora_scaling, mark_trainable
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def peft_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
+    """Leaf names when they pick exactly the wrapped layers (PEFT's usual form), else a full-match regex."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    linear_kinds = (nn.Linear, QuantizedLinear, LoRALinear)
+    picked = {
+        n for n, m in model.named_modules()
+        if isinstance(m, linear_kinds) and n.rsplit(".", 1)[-1] in leaves and not n.endswith(".base")
+    }
+    if picked == set(wrapped):
+        return leaves
+    return "|".join(re.escape(n) for n in sorted(wrapped))
+
+
+def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_model: str = "") -> Path:
+    """Write adapter `name` in PEFT's format, atomically."""
+    layers = {m: l for m, l in lora_layers(model).items() if name in l.adapters}
+    if not layers:
+        raise LorqError(f"the model has no adapter named {name!r}")
+    ranks = {l.adapters[name].rank for l in layers.values()}
+    scalings = {l.adapters[name].scaling for l in layers.values()}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise LorqError("per-layer ranks or scalings are not exported by this version")
+    rank, scaling = ranks.pop(), scalings.pop()
+    tensors = {}
+    for m, layer in layers.items():
+        ad = layer.adapters[name]
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = ad.A.detach().float().contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = ad.B.detach().float().contiguous()
+    dropout = next(iter(layers.values())).adapters[name].dropout
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": scaling * rank,  # scaling = alpha / r (use_rslora False)
+        "use_rslora": False,
+        "lora_dropout": getattr(dropout, "p", 0.0),
+        "target_modules": peft_target_modules(model, list(layers)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, config)
+    return Path(out)
+
+
+def _check_supported(config: dict, path: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LorqError(f"{path} holds a {config.get('peft_type')} adapter; lorq loads LoRA adapters")
+    unsupported = {
+        "use_dora": config.get("use_dora"),
+        "fan_in_fan_out": config.get("fan_in_fan_out"),
+        "modules_to_save": config.get("modules_to_save"),
+        "bias": config.get("bias", "none") != "none",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise LorqError(f"{path} uses PEFT options lorq does not load yet: {', '.join(bad)}")
+
+
+def _alpha_for(module: str, config: dict) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
+    """Add the PEFT adapter in `path` to the model as adapter `name`; returns the adapted modules."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LorqError(f"adapter directory {path} not found")
+    config = read_json(path / CONFIG_FILE)
+    _check_supported(config, path)
+    tensors = load_safetensors(path / WEIGHTS_FILE)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise LorqError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    if not pairs:
+        raise LorqError(f"{path / WEIGHTS_FILE} holds no LoRA weights")
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise LorqError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise LorqError(f"adapter {path} targets {module}, which this base model does not have")
+        A, B = ab["A"], ab["B"]
+        rank = A.shape[0]
+        if B.shape[1] != rank or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+            raise LorqError(
+                f"adapter {path} does not fit the base model: {module} is {layer.out_features}x{layer.in_features}, "
+                f"adapter has A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+    for module, ab in pairs.items():
+        layer = model.get_submodule(module)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            set_module(model, module, layer)
+        rank = ab["A"].shape[0]
+        scaling = lora_scaling(_alpha_for(module, config), rank, bool(config.get("use_rslora")))
+        ad = layer.add(name, rank, scaling, float(config.get("lora_dropout", 0.0)))
+        with torch.no_grad():
+            ad.A.copy_(ab["A"])
+            ad.B.copy_(ab["B"])
+    if trainable:
+        mark_trainable(model, name)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return sorted(pairs)

