@@ -67,7 +67,7 @@ def load_quantized(path: str | Path):
             raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
         cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in ("in_features", "out_features")})
         prefix = name + "."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         bias = own.pop("bias", None)
         set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], cfg, own, bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

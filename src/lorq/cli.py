@@ -1,0 +1,174 @@
+"""`lorq <stage> [options]`: one sub-command per stage, options generated from the typed configs.
+
+Nested config sections (quant, lora, data, train) are flattened into top-level options
+(`--rank`, `--group-size`, ...). `--config FILE.yaml` loads the same options (flat, or nested
+by section); options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+
+from .errors import LorqError
+
+COMMANDS = {
+    "quantize": ("QuantizeConfig", "run_quantize", "quantize a model's decoder linear layers and write a quantized checkpoint"),
+    "finetune": ("FinetuneConfig", "run_finetune", "fine-tune a LoRA adapter on a quantized base (the main job)"),
+    "eval": ("EvalConfig", "run_eval", "perplexity of a base, a quantized checkpoint, or base + adapter"),
+    "generate": ("GenerateConfig", "run_generate", "generate text from a prompt"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
+        raise LorqError(message)
+
+
+def _base_type(tp):
+    """Optional[X] / X | None -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, type]]:
+    """Flattened option name -> (path of attribute names, field, resolved type)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            for name, (path, ff, t) in leaf_fields(tp).items():
+                out[name] = ((f.name,) + path, ff, t)
+        else:
+            out[f.name] = ((f.name,), f, tp)
+    return out
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    defaults = cls()
+    for name, (path, f, tp) in leaf_fields(cls).items():
+        default = defaults
+        for p in path:
+            default = getattr(default, p)
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        base = _base_type(tp)
+        shown = default.value if isinstance(default, Enum) else default
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(base)[0], metavar="X", **kw)
+        elif isinstance(base, type) and issubclass(base, Enum):
+            parser.add_argument(flag, choices=[e.value for e in base], **kw)
+        else:
+            parser.add_argument(flag, type=base, metavar=base.__name__.upper(), **kw)
+
+
+def _flatten_yaml(data: dict, cls, where: str) -> dict:
+    fields = leaf_fields(cls)
+    sections = {path[0] for path, _, _ in fields.values() if len(path) > 1}
+    flat = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in sections and isinstance(value, dict):
+            for k, v in value.items():
+                flat[k.replace("-", "_")] = v
+        else:
+            flat[key] = value
+    unknown = [k for k in flat if k not in fields]
+    if unknown:
+        raise LorqError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
+    return flat
+
+
+def load_yaml(path: str, cls) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LorqError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LorqError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise LorqError(f"config file {p} must hold a mapping of options")
+    return _flatten_yaml(data, cls, str(p))
+
+
+def _coerce(value, tp, name: str):
+    base = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if isinstance(base, type) and issubclass(base, Enum):
+            return base(value)
+        if typing.get_origin(base) is list:
+            return [typing.get_args(base)[0](v) for v in (value if isinstance(value, list) else [value])]
+        if base is bool and not isinstance(value, bool):
+            raise ValueError
+        return base(value)
+    except (ValueError, TypeError):
+        raise LorqError(f"invalid value {value!r} for {name.replace('_', '-')}")
+
+
+def build_config(cls, options: dict):
+    """A config instance from flat option values (anything missing keeps its default)."""
+    cfg = cls()
+    for name, (path, _, tp) in leaf_fields(cls).items():
+        if name in options:
+            target = cfg
+            for p in path[:-1]:
+                target = getattr(target, p)
+            setattr(target, path[-1], _coerce(options[name], tp, name))
+    return cfg
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from . import jobs
+
+    parser = Parser(prog="lorq", description="Quantize LLMs, fine-tune LoRA adapters on the quantized base, export them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (cfg_name, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE.yaml", help="load options from a YAML file (command-line options win)")
+        add_options(p, getattr(jobs, cfg_name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = make_parser()
+        args = vars(parser.parse_args(argv))
+        command = args.pop("command")
+        if command is None:
+            parser.print_help()
+            return 2
+        from . import jobs
+
+        cfg_name, fn_name, _ = COMMANDS[command]
+        cls = getattr(jobs, cfg_name)
+        yaml_path = args.pop("config", None)
+        options = load_yaml(yaml_path, cls) if yaml_path else {}
+        options.update(args)
+        getattr(jobs, fn_name)(build_config(cls, options))
+        return 0
+    except LorqError as e:
+        print(f"lorq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorq: interrupted (completed checkpoints and outputs are intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data, the training loop, checkpoints, precision."""

@@ -1,0 +1,70 @@
+"""Training checkpoints: written atomically, resumable bit for bit.
+
+<output>/checkpoints/step-000020/ holds the trainable tensors (safetensors) and the optimizer
+and RNG state; <output>/checkpoints/latest names the newest complete one. A run killed while
+writing leaves the previous checkpoint as `latest`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import LorqError
+from ..io import atomic_dir, atomic_write_text, load_safetensors
+
+TRAINABLE = "trainable.safetensors"
+STATE = "state.pt"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, keep: int = 1) -> Path:
+    root = checkpoint_root(out_dir)
+    name = f"step-{step:06d}"
+    with atomic_dir(root / name) as tmp:
+        tensors = {n: p.detach().contiguous() for n, p in trainable_named(model).items()}
+        save_file(tensors, str(tmp / TRAINABLE))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / STATE)
+    atomic_write_text(root / "latest", name + "\n")
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return root / name
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    pointer = checkpoint_root(out_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(out_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    """Restore trainable tensors, optimizer and RNG; returns the step it was taken after."""
+    tensors = load_safetensors(path / TRAINABLE)
+    params = trainable_named(model)
+    if set(tensors) != set(params):
+        raise LorqError(f"checkpoint {path} was written for different adapters than this run's; use a new --output")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != tensors[n].shape:
+                raise LorqError(f"checkpoint {path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}")
+            p.copy_(tensors[n])
+    try:
+        state = torch.load(path / STATE, weights_only=True)
+    except Exception as e:  # a truncated or foreign file; torch raises many kinds
+        raise LorqError(f"checkpoint {path / STATE} is unreadable ({type(e).__name__})")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,153 @@
+"""The one training loop: AdamW, linear warmup + cosine decay, gradient clipping and
+accumulation, autocast, periodic validation, JSONL metrics, atomic checkpoints, resume.
+
+Batches are a pure function of (seed, step), the RNG state is checkpointed, so a killed
+and resumed run ends with exactly the adapter of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LorqError
+from ..eval.perplexity import next_token_nll, perplexity
+from ..io import atomic_write_text
+from ..options import opt
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Blocks
+from .precision import Precision, autocast, resolve
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping of `lorq finetune`."""
+
+    steps: int = opt(60, "optimizer steps")
+    batch_size: int = opt(4, "blocks per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = opt(6, "linear warmup steps before cosine decay to zero")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    seed: int = opt(0, "seed for adapter init, data order and dropout")
+    eval_every: int = opt(20, "validate every N steps (and at the end)")
+    eval_blocks: int = opt(16, "validation blocks used for perplexity (0 = all)")
+    save_every: int = opt(20, "checkpoint every N steps (and at the end)")
+    precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where the CPU/GPU supports it), bf16 or fp32")
+    resume: bool = opt(False, "continue from the latest checkpoint in --output")
+
+    def validate(self) -> "TrainConfig":
+        for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, k) <= 0:
+                raise LorqError(f"{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_blocks < 0:
+            raise LorqError("lr must be positive, warmup-steps and eval-blocks non-negative")
+        self.precision = Precision(self.precision)
+        return self
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def batch_indices(step: int, n_blocks: int, per_step: int, seed: int) -> torch.Tensor:
+    """Block indices of step `step`: consecutive slices of per-epoch seeded permutations."""
+    first = step * per_step
+    out = []
+    for pos in range(first, first + per_step):
+        epoch, i = divmod(pos, n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(perm[i])
+    return torch.stack(out)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, records after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_up_to: int):
+        self.path = path
+        old = path.read_text().splitlines() if path.is_file() else []
+        kept = [l for l in old if l.strip() and json.loads(l).get("step", 0) <= keep_up_to]
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
+          on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict:
+    """Train the parameters with requires_grad; returns the final metrics."""
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    precision = resolve(cfg.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LorqError("nothing to train: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise LorqError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
+        start = load_checkpoint(ckpt, model, optimizer)
+        print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start)
+    per_step = cfg.batch_size * cfg.grad_accum
+    model.train()
+    last: dict = {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        idx = batch_indices(step, len(train_blocks), per_step, cfg.seed)
+        loss_sum, tokens = 0.0, 0
+        for micro in idx.split(cfg.batch_size):
+            x = train_blocks.input_ids[micro].to(device)
+            y = train_blocks.labels[micro].to(device)
+            with autocast(precision, device):
+                nll, n = next_token_nll(model, x, y)
+            (nll / max(n, 1) / cfg.grad_accum).backward()
+            loss_sum += nll.item()
+            tokens += n
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        dt = time.perf_counter() - t0
+        last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": x.numel() * cfg.grad_accum / dt, "step_s": dt, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
+            last.update(val_loss=val["loss"], val_ppl=val["ppl"])
+            bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
+        metrics.write(last)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out_dir, step + 1, model, optimizer)
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+    model.eval()
+    return {**last, "precision": precision.value}

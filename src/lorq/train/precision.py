@@ -1,0 +1,42 @@
+"""Compute precision: bf16 autocast where the hardware runs bf16 matmuls natively, else fp32."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+class Precision(str, Enum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+@lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; absent elsewhere -> False)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve(precision: Precision, device: torch.device) -> Precision:
+    precision = Precision(precision)
+    if precision is not Precision.AUTO:
+        return precision
+    if device.type == "cuda":
+        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP32
+    return Precision.BF16 if cpu_has_native_bf16() else Precision.FP32
+
+
+def autocast(precision: Precision, device: torch.device):
+    """Autocast context for a resolved precision (fp32 parameters stay fp32)."""
+    if Precision(precision) is Precision.BF16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
