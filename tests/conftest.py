@@ -25,3 +25,25 @@ def real_model():
     from lorq.models.loading import load_model
 
     return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir():
+    """The embedded model's tokenizer (its cache is made on first use)."""
+    from lorq.models.loading import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_tokenizer_dir):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a local HF directory."""
+    from lorq.models.loading import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    tok = load_tokenizer(real_tokenizer_dir)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), max_position_embeddings=256))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

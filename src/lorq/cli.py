@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         if command is None:
             parser.print_help()
             return 2
+        from transformers.utils import logging as hf_logging
+
         from . import jobs
 
+        hf_logging.disable_progress_bar()  # lorq shows its own progress; HF's per-file bars are noise
         cfg_name, fn_name, _ = COMMANDS[command]
         cls = getattr(jobs, cfg_name)
         yaml_path = args.pop("config", None)

@@ -74,6 +74,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
+        self.train(base.training)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
@@ -84,6 +85,7 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise LorqError(f"adapter {name!r} already exists")
         ad = LowRankAdapter(self.in_features, self.out_features, rank, scaling, dropout)
+        ad.train(self.training)  # a new adapter follows its layer's train/eval mode
         self.adapters[name] = ad
         self.active.append(name)
         return ad

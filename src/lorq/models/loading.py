@@ -100,13 +100,15 @@ def resolve_model(name: str | None) -> Path:
 
 def check_causal_lm(path: Path):
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise LorqError(f"cannot read model config in {path}: {str(e).splitlines()[0]}")
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    causal_classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v)}
+    saved_as = getattr(config, "architectures", None) or []
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (saved_as and not set(saved_as) & causal_classes):
         raise LorqError(f"{path} holds a {config.model_type!r} model, which is not a causal language model")
     return config
 

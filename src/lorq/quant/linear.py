@@ -122,7 +122,9 @@ def match_modules(model: nn.Module, patterns: list[str], kinds: tuple[type, ...]
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace submodule `name`; the new module takes over the old one's train/eval mode."""
     parent_name, _, leaf = name.rpartition(".")
+    new.train(model.get_submodule(name).training)
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 

@@ -98,7 +98,9 @@ def _record(obj, where: str) -> str | list[dict]:
 
 
 def tokenize_text(tok, text: str) -> tuple[list[int], list[int]]:
-    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:  # documents are separated by EOS when packed
+        ids.append(tok.eos_token_id)
     return ids, list(ids)
 
 

@@ -30,17 +30,17 @@ from .precision import Precision, autocast, resolve
 class TrainConfig:
     """Optimization and bookkeeping of `lorq finetune`."""
 
-    steps: int = opt(60, "optimizer steps")
+    steps: int = opt(20, "optimizer steps")
     batch_size: int = opt(4, "blocks per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = opt(6, "linear warmup steps before cosine decay to zero")
+    warmup_steps: int = opt(3, "linear warmup steps before cosine decay to zero")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     seed: int = opt(0, "seed for adapter init, data order and dropout")
-    eval_every: int = opt(20, "validate every N steps (and at the end)")
+    eval_every: int = opt(10, "validate every N steps (and at the end)")
     eval_blocks: int = opt(16, "validation blocks used for perplexity (0 = all)")
-    save_every: int = opt(20, "checkpoint every N steps (and at the end)")
+    save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where the CPU/GPU supports it), bf16 or fp32")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
 

@@ -1,0 +1,70 @@
+"""PEFT is the oracle: lorq's adapters load in PEFT with the same logits, and back."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lorq.adapters import LoRAConfig, add_adapters, load_peft, save_peft
+from lorq.errors import LorqError
+from lorq.quant import DECODER_LINEARS, FormatConfig, QuantizedLinear, quantize_model
+
+peft = pytest.importorskip("peft")
+
+from tests_helpers import dequantized_copy, randomize_B  # noqa: E402
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_lorq_adapter_loads_in_peft(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    add_adapters(tiny_llama, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=[r"q_proj|v_proj|down_proj"]))
+    randomize_B(tiny_llama)
+    save_peft(tiny_llama, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"] and cfg["r"] == 4
+    x = torch.randint(0, 128, (2, 16))
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
+    assert (logits(pm, x) - logits(tiny_llama, x)).abs().max() <= 1e-4
+
+
+def test_peft_adapter_loads_in_lorq(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"], init_lora_weights=False, use_rslora=True)
+    pm = peft.get_peft_model(tiny_llama, cfg).eval()
+    pm.save_pretrained(tmp_path / "p")
+    load_peft(base, tmp_path / "p")
+    x = torch.randint(0, 128, (2, 16))
+    assert (logits(pm, x) - logits(base, x)).abs().max() <= 1e-4
+
+
+def test_adapter_on_quantized_base_matches_peft_on_dequantized_weights(tiny_llama, tmp_path):
+    quantize_model(tiny_llama, [(DECODER_LINEARS, FormatConfig())], progress=False)
+    dense = dequantized_copy(tiny_llama)
+    add_adapters(tiny_llama, LoRAConfig(rank=4, dropout=0.0))
+    randomize_B(tiny_llama)
+    save_peft(tiny_llama, tmp_path / "ad")
+    pm = peft.PeftModel.from_pretrained(dense, tmp_path / "ad").eval()
+    x = torch.randint(0, 128, (2, 16))
+    assert (logits(pm, x) - logits(tiny_llama, x)).abs().max() <= 1e-4
+
+
+def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    other = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64))
+    add_adapters(other, LoRAConfig(rank=4))
+    save_peft(other, tmp_path / "other")
+    with pytest.raises(LorqError, match="does not fit the base model"):
+        load_peft(tiny_llama, tmp_path / "other")
+    (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LorqError, match="not a readable safetensors"):
+        load_peft(tiny_llama, tmp_path / "other")
+    with pytest.raises(LorqError, match="not found"):
+        load_peft(tiny_llama, tmp_path / "missing")

@@ -1,0 +1,108 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorq.adapters import LoRAConfig, add_adapters
+from lorq.quant import DECODER_LINEARS, FormatConfig, quantize_model
+from lorq.train.checkpoint import latest_checkpoint
+from lorq.train.data import Blocks
+from lorq.train.loop import TrainConfig, batch_indices, lr_at, train
+
+
+def toy_blocks(n=24, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 128, (n, T), generator=g)
+    x[:, 1::2] = (x[:, 0::2] + 1) % 128  # learnable structure
+    return Blocks(x, x.clone())
+
+
+def fresh_model():
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    quantize_model(model, [(DECODER_LINEARS, FormatConfig())], progress=False)
+    add_adapters(model, LoRAConfig(rank=4, dropout=0.1))
+    return model
+
+
+def cfg(**kw):
+    base = dict(steps=8, batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=2, eval_every=4, save_every=2, eval_blocks=4, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapter_tensors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_schedule_and_batches_are_pure():
+    c = cfg(steps=10, warmup_steps=2, lr=1.0)
+    assert lr_at(0, c) == 0.5 and lr_at(1, c) == 1.0 and lr_at(9, c) < 0.05
+    a = batch_indices(3, 10, 4, seed=1)
+    assert torch.equal(a, batch_indices(3, 10, 4, seed=1))
+    epoch = torch.cat([batch_indices(s, 10, 5, seed=1) for s in range(2)])
+    assert sorted(epoch.tolist()) == list(range(10))
+
+
+def test_training_lowers_loss_and_writes_metrics(tmp_path):
+    model = fresh_model()
+    data = toy_blocks()
+    out = train(model, data, data, cfg(steps=12), tmp_path, progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len([l for l in lines if '"loss"' in l]) == 12
+    import json
+
+    first = json.loads(lines[0])["loss"]
+    assert out["loss"] < first
+    assert latest_checkpoint(tmp_path).name == "step-000012"
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    data = toy_blocks()
+    ref = fresh_model()
+    train(ref, data, data, cfg(), tmp_path / "ref", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    model = fresh_model()
+    with pytest.raises(Killed):
+        train(model, data, data, cfg(), tmp_path / "run", on_step=kill_at_5, progress=False)
+    assert latest_checkpoint(tmp_path / "run").name == "step-000004"
+    resumed = fresh_model()  # a new process: fresh model, state only from disk
+    train(resumed, data, data, cfg(resume=True), tmp_path / "run", progress=False)
+    a, b = adapter_tensors(ref), adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    final = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
+    assert all(torch.equal(final[k], b[k]) for k in b)
+    steps = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 8  # records after the checkpoint were replaced, not duplicated
+
+
+def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
+    from lorq.train import checkpoint as ck
+
+    data = toy_blocks()
+    model = fresh_model()
+    train(model, data, data, cfg(steps=2), tmp_path, progress=False)
+    real_save = ck.save_file
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, data, cfg(steps=4, resume=True), tmp_path, progress=False)
+    monkeypatch.setattr(ck, "save_file", real_save)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
