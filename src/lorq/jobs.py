@@ -125,7 +125,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
           f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute", flush=True)
     before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval before")
     print(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
-    final = train(model, train_blocks, val_blocks, cfg.train, out)
+    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before)
     after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval after")
     save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=str(cfg.model))
     plot_loss(out / "metrics.jsonl", out / "loss.png")

@@ -26,7 +26,8 @@ def test_zero_init_keeps_base_and_only_adapters_train(tiny_llama):
 def test_update_is_scaled_BA(rslora):
     base = nn.Linear(32, 16)
     layer = LoRALinear(base)
-    ad = layer.add("a", rank=4, scaling=(8 / math.sqrt(4) if rslora else 8 / 4))
+    ad = layer.add("a", rank=4, alpha=8, rslora=rslora)
+    assert ad.scaling == (8 / math.sqrt(4) if rslora else 8 / 4)
     nn.init.normal_(ad.B)
     x = torch.randn(5, 32)
     expected = base(x) + ad.scaling * x @ ad.A.T @ ad.B.T
@@ -36,7 +37,7 @@ def test_update_is_scaled_BA(rslora):
 def test_merge_unmerge_dense_and_refuse_quantized():
     base = nn.Linear(32, 16)
     layer = LoRALinear(base)
-    nn.init.normal_(layer.add("a", 4, 2.0).B)
+    nn.init.normal_(layer.add("a", 4, 8.0).B)
     x = torch.randn(3, 32)
     unmerged = layer(x)
     w0 = base.weight.detach().clone()
@@ -45,7 +46,7 @@ def test_merge_unmerge_dense_and_refuse_quantized():
     layer.unmerge("a")
     assert torch.allclose(base.weight, w0, atol=1e-6)
     qlayer = LoRALinear(QuantizedLinear.from_linear(nn.Linear(64, 16), FormatConfig()))
-    qlayer.add("a", 4, 2.0)
+    qlayer.add("a", 4, 8.0)
     with pytest.raises(LorqError):
         qlayer.merge("a")
 

@@ -34,12 +34,17 @@ def test_lorq_adapter_loads_in_peft(tiny_llama, tmp_path):
 
 def test_peft_adapter_loads_in_lorq(tiny_llama, tmp_path):
     base = copy.deepcopy(tiny_llama)
+    pristine = copy.deepcopy(tiny_llama)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"], init_lora_weights=False, use_rslora=True)
     pm = peft.get_peft_model(tiny_llama, cfg).eval()
     pm.save_pretrained(tmp_path / "p")
     load_peft(base, tmp_path / "p")
     x = torch.randint(0, 128, (2, 16))
     assert (logits(pm, x) - logits(base, x)).abs().max() <= 1e-4
+    save_peft(base, tmp_path / "again")  # and back out: rsLoRA scaling survives the round trip
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_rslora"] is True
+    pm2 = peft.PeftModel.from_pretrained(pristine, tmp_path / "again").eval()
+    assert (logits(pm2, x) - logits(pm, x)).abs().max() <= 1e-5
 
 
 def test_adapter_on_quantized_base_matches_peft_on_dequantized_weights(tiny_llama, tmp_path):

@@ -46,12 +46,13 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
 class LowRankAdapter(nn.Module):
     """ΔW = scaling · B A, applied as scaling · B(A(dropout(x)))."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0):
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.rank, self.scaling = rank, scaling
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delta_weight(self) -> torch.Tensor:
@@ -81,10 +82,10 @@ class LoRALinear(nn.Module):
         self.merged: list[str] = []
         self.adapter_index: torch.Tensor | None = None
 
-    def add(self, name: str, rank: int, scaling: float, dropout: float = 0.0) -> LowRankAdapter:
+    def add(self, name: str, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0) -> LowRankAdapter:
         if name in self.adapters:
             raise LorqError(f"adapter {name!r} already exists")
-        ad = LowRankAdapter(self.in_features, self.out_features, rank, scaling, dropout)
+        ad = LowRankAdapter(self.in_features, self.out_features, rank, alpha, rslora, dropout)
         ad.train(self.training)  # a new adapter follows its layer's train/eval mode
         self.adapters[name] = ad
         self.active.append(name)
@@ -147,13 +148,12 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, name: str | None = None) -> 
     targets = [t for t in targets if not any(t.startswith(e + ".") for e in existing)]  # skip wrapped bases
     if not targets:
         raise LorqError(f"target pattern(s) {cfg.targets} match no linear layer of the model")
-    scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)
     for t in targets:
         layer = model.get_submodule(t)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             set_module(model, t, layer)
-        layer.add(name, cfg.rank, scaling, cfg.dropout)
+        layer.add(name, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout)
     mark_trainable(model, name)
     return targets
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear, set_module
-from .lora import LoRALinear, lora_layers, lora_scaling, mark_trainable
+from .lora import LoRALinear, lora_layers, mark_trainable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,11 +43,10 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
     layers = {m: l for m, l in lora_layers(model).items() if name in l.adapters}
     if not layers:
         raise LorqError(f"the model has no adapter named {name!r}")
-    ranks = {l.adapters[name].rank for l in layers.values()}
-    scalings = {l.adapters[name].scaling for l in layers.values()}
-    if len(ranks) != 1 or len(scalings) != 1:
-        raise LorqError("per-layer ranks or scalings are not exported by this version")
-    rank, scaling = ranks.pop(), scalings.pop()
+    shapes = {(l.adapters[name].rank, l.adapters[name].alpha, l.adapters[name].rslora) for l in layers.values()}
+    if len(shapes) != 1:
+        raise LorqError("per-layer ranks or alphas are not exported by this version")
+    rank, alpha, rslora = shapes.pop()
     tensors = {}
     for m, layer in layers.items():
         ad = layer.adapters[name]
@@ -59,8 +58,8 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
-        "lora_alpha": scaling * rank,  # scaling = alpha / r (use_rslora False)
-        "use_rslora": False,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
         "lora_dropout": getattr(dropout, "p", 0.0),
         "target_modules": peft_target_modules(model, list(layers)),
         "bias": "none",
@@ -137,8 +136,7 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainab
             layer = LoRALinear(layer)
             set_module(model, module, layer)
         rank = ab["A"].shape[0]
-        scaling = lora_scaling(_alpha_for(module, config), rank, bool(config.get("use_rslora")))
-        ad = layer.add(name, rank, scaling, float(config.get("lora_dropout", 0.0)))
+        ad = layer.add(name, rank, _alpha_for(module, config), bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)))
         with torch.no_grad():
             ad.A.copy_(ab["A"])
             ad.B.copy_(ab["B"])

@@ -94,8 +94,11 @@ def peak_rss_mb() -> float:
 
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
-          on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict:
-    """Train the parameters with requires_grad; returns the final metrics."""
+          on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None) -> dict:
+    """Train the parameters with requires_grad; returns the final metrics.
+
+    `initial_val` (perplexity() of the untrained model) is logged as step 0 of a fresh run.
+    """
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,8 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         start = load_checkpoint(ckpt, model, optimizer)
         print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start)
+    if start == 0 and initial_val is not None:
+        metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
     model.train()
     last: dict = {}
