@@ -98,6 +98,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "finetune", "--rank", "0", match="rank must be a positive integer")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "3", "--output", tmp_path / "q3", match="unsupported bits 3")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
+    one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")
 
     # an adapter for another base, and a corrupt safetensors file

@@ -112,8 +112,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     cfg.data.validate()
     start = time.perf_counter()
     out = Path(cfg.output)
-    if (out / "adapter").exists() and not cfg.train.resume and any(out.glob("checkpoints/step-*")):
-        print(f"lorq: note: {out} holds an earlier run; its adapter is replaced when this run finishes", flush=True)
+    if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
+        print(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     model, tok, path, report = prepare_base(cfg.model, cfg.quant)
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     torch.manual_seed(cfg.train.seed)
@@ -149,6 +149,8 @@ def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    if cfg.eval_blocks < 0 or cfg.batch_size <= 0:
+        raise LorqError("eval-blocks must be >= 0 and batch-size positive")
     model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
     data = DataConfig(block_size=cfg.block_size)
     blocks = eval_blocks(tok, data, cfg.data_file)
@@ -162,6 +164,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def run_generate(cfg: GenerateConfig) -> str:
+    if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise LorqError("max-new-tokens must be positive, temperature >= 0 and top-p in (0, 1]")
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
     print(text)

@@ -7,6 +7,13 @@ from lorq.quant import DECODER_LINEARS, FormatConfig, QuantFormat, QuantizedLine
 from lorq.quant.checkpoint import QUANT_CONFIG, load_quantized, save_quantized
 
 
+class NoTokenizer:
+    """The tiny random model has no tokenizer; checkpoints are still complete without one."""
+
+    def save_pretrained(self, path):
+        pass
+
+
 @pytest.mark.parametrize("fmt", [QuantFormat.NF4, QuantFormat.INT4])
 def test_forward_and_input_grad_match_dequantized_reference(fmt):
     lin = nn.Linear(128, 48, bias=True)
@@ -35,14 +42,7 @@ def test_quantize_model_targets_decoder_linears_only(tiny_llama):
 
 
 def test_checkpoint_roundtrip_is_exact(tiny_llama, tmp_path):
-    from transformers import AutoTokenizer  # noqa: F401  (tokenizer-less save below)
-
     quantize_model(tiny_llama, [(r"self_attn", FormatConfig(QuantFormat.INT4, group_size=32)), (DECODER_LINEARS, FormatConfig())], progress=False)
-
-    class NoTokenizer:
-        def save_pretrained(self, path):
-            pass
-
     out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q")
     again = load_quantized(out)
     for name, m in tiny_llama.named_modules():
@@ -60,11 +60,6 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     import json
 
     quantize_model(tiny_llama, [(DECODER_LINEARS, FormatConfig())], progress=False)
-
-    class NoTokenizer:
-        def save_pretrained(self, path):
-            pass
-
     out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q")
     meta = json.loads((out / QUANT_CONFIG).read_text())
     meta["format_version"] = 99

@@ -115,7 +115,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
             raise LorqError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
         start = load_checkpoint(ckpt, model, optimizer)
         print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start if cfg.resume else -1)
     if start == 0 and initial_val is not None:
         metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
