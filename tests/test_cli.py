@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lorq.cli import main
-from lorq.quant import QuantizedLinear
 
 FAST = ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--eval-every", "3", "--save-every", "3", "--precision", "fp32", "--rank", "4"]
 

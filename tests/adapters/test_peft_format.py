@@ -8,7 +8,7 @@ import torch
 
 from lorq.adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from lorq.errors import LorqError
-from lorq.quant import DECODER_LINEARS, FormatConfig, QuantizedLinear, quantize_model
+from lorq.quant import DECODER_LINEARS, FormatConfig, quantize_model
 
 peft = pytest.importorskip("peft")
 

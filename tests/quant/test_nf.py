@@ -48,7 +48,7 @@ def test_without_double_quant_and_other_block():
 
 
 def test_heavy_tailed_and_zero_blocks():
-    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
     w = torch.distributions.StudentT(2.0).sample((64, 1024)) * 0.01
     w[3] = 0.0  # whole zero blocks
     assert_matches_bnb(w)

