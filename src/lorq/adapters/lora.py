@@ -168,11 +168,6 @@ def mark_trainable(model: nn.Module, name: str) -> None:
                 p.requires_grad_(True)
 
 
-def adapter_state(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name -> (A, B) of adapter `name`."""
-    return {m: (l.adapters[name].A, l.adapters[name].B) for m, l in lora_layers(model).items() if name in l.adapters}
-
-
 @contextmanager
 def adapter_routing(model: nn.Module, index: torch.Tensor):
     """Within the block, every LoRALinear routes tokens by `index` (see LoRALinear.forward)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LorqError
-from .base import FORMATS, FormatConfig, linear_via_dequantize, tensors_nbytes
+from .base import FORMATS, FormatConfig, TensorFormat
 from .packing import pack_4bit, unpack_4bit
 
 QMAX = 15
@@ -45,7 +45,7 @@ def dequantize_affine(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
 
 @FORMATS.register("int4")
 @dataclass
-class AffineWeight:
+class AffineWeight(TensorFormat):
     """INT4 codes packed two per byte with fp16 scale and min per (row, group)."""
 
     shape: tuple[int, int]
@@ -69,16 +69,5 @@ class AffineWeight:
         codes = unpack_4bit(self.codes, self.shape[0] * self.shape[1]).view(self.shape)
         return dequantize_affine(codes, self.scale, self.min, self.cfg.group_size).to(dtype)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_via_dequantize(self, x)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "scale": self.scale, "min": self.min}
-
-    @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], shape, cfg: FormatConfig) -> "AffineWeight":
-        return cls(tuple(shape), cfg, **tensors)
-
-    @property
-    def nbytes(self) -> int:
-        return tensors_nbytes(self.state_dict())

@@ -80,14 +80,25 @@ class QuantizedWeight(Protocol):
     def nbytes(self) -> int: ...
 
 
-def linear_via_dequantize(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    """x @ W.T with W dequantized to x's dtype for this one call (the reference path)."""
-    return F.linear(x, qw.dequantize(x.dtype))
+class TensorFormat:
+    """The protocol's parts that are the same for every format whose state is its dataclass fields.
 
+    A format supplies from_float, dequantize and state_dict; this adds the reference linear,
+    the round trip from stored tensors, and the true storage size.
+    """
 
-def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    """True storage of a format's tensors (codes and every piece of metadata)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W dequantized to x's dtype for this one call (the reference path)."""
+        return F.linear(x, self.dequantize(x.dtype))
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], shape, cfg: FormatConfig):
+        return cls(tuple(shape), cfg, **tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Codes and every piece of metadata, as stored."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
 @dataclass

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .base import FORMATS, FormatConfig, linear_via_dequantize, tensors_nbytes
+from .base import FORMATS, FormatConfig, TensorFormat
 from .packing import pack_4bit
 
 # The 16 NF4 levels (QLoRA, Appendix E), sorted; index = code.
@@ -103,8 +103,7 @@ def quantize_dynamic_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[t
 
 def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, block: int = ABSMAX_BLOCK) -> torch.Tensor:
     values = dynamic_map_8bit()[codes.long()]
-    pad = -values.numel() % block
-    return (F.pad(values, (0, pad)).view(-1, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]
+    return (_blocks(values, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]
 
 
 @lru_cache(maxsize=None)
@@ -117,7 +116,7 @@ def _nf4_byte_table() -> torch.Tensor:
 
 @FORMATS.register("nf4")
 @dataclass
-class NF4Weight:
+class NF4Weight(TensorFormat):
     """NF4 codes packed two per byte, fp32 absmax or its double-quantized form."""
 
     shape: tuple[int, int]
@@ -149,22 +148,9 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = self.shape[0] * self.shape[1]
         values = _nf4_byte_table().to(self.codes.device)[self.codes.long()].reshape(-1)  # (2 * bytes,)
-        block = self.cfg.group_size
-        pad = -values.numel() % block
-        w = F.pad(values, (0, pad)).view(-1, block) * self.block_absmax().unsqueeze(1)
+        w = _blocks(values, self.cfg.group_size) * self.block_absmax().unsqueeze(1)
         return w.reshape(-1)[:n].view(self.shape).to(dtype)
-
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_via_dequantize(self, x)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         names = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-
-    @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], shape, cfg: FormatConfig) -> "NF4Weight":
-        return cls(tuple(shape), cfg, **tensors)
-
-    @property
-    def nbytes(self) -> int:
-        return tensors_nbytes(self.state_dict())
