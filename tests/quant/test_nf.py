@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lorq.quant import FormatConfig, QuantFormat
-from lorq.quant.nf import NF4Weight, dynamic_map_8bit, nf4_levels
+from lorq.quant.levels import NFWeight as NF4Weight
+from lorq.quant.nf import dynamic_map_8bit, nf4_levels
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -15,7 +16,7 @@ def bnb_nf4(w: torch.Tensor, double_quant: bool = True, block: int = 64):
 
 
 def assert_matches_bnb(w: torch.Tensor, double_quant: bool = True, block: int = 64):
-    ours = NF4Weight.from_float(w, FormatConfig(QuantFormat.NF4, group_size=block, double_quant=double_quant))
+    ours = NF4Weight.from_float(w, FormatConfig(QuantFormat.NF, group_size=block, double_quant=double_quant).validate())
     packed, state, values = bnb_nf4(w, double_quant, block)
     assert torch.equal(ours.codes, packed)
     if double_quant:
@@ -56,10 +57,10 @@ def test_heavy_tailed_and_zero_blocks():
 
 def test_storage_is_about_4_127_bits():
     w = torch.randn(1024, 1024)
-    qw = NF4Weight.from_float(w, FormatConfig())
+    qw = NF4Weight.from_float(w, FormatConfig().validate())
     bits = 8 * qw.nbytes / w.numel()
     assert 4.12 < bits < 4.135
-    plain = NF4Weight.from_float(w, FormatConfig(double_quant=False))
+    plain = NF4Weight.from_float(w, FormatConfig(double_quant=False).validate())
     assert abs(8 * plain.nbytes / w.numel() - 4.5) < 1e-6
 
 

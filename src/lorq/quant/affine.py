@@ -1,9 +1,13 @@
-"""INT4 affine (asymmetric) group-wise quantization.
+"""INT-k affine group-wise quantization (k = 2, 3, 4, 8), asymmetric or symmetric.
 
-Each group of `group_size` consecutive weights of a row gets a scale s = (max - min) / 15 and
-an offset m = min, both stored as fp16; codes q = round((w - m) / s) in [0, 15] are packed two
-per byte, and w ≈ q·s + m. Groups run along the input dimension, so the format maps directly
-onto int4 weight-only matmul kernels (scale and zero per (group, output channel)).
+Each group of `group_size` consecutive weights of a row (or the whole row, group 0) gets an
+fp16 scale s and, when asymmetric, an fp16 offset m. Asymmetric: s = (max - min) / (2^k - 1),
+m = min, codes q = round((w - m) / s) in [0, 2^k - 1], w ≈ q·s + m. Symmetric (GPTQ's
+convention): s = 2·absmax / (2^k - 1), w ≈ (q - 2^(k-1))·s. Groups run along the input
+dimension, so the format maps directly onto int4 weight-only matmul kernels (kernels.py).
+
+The codec (fit / encode / decode / from_codes) is what GPTQ and HQQ drive: they choose the
+parameters and the codes, the format stores them.
 """
 
 from __future__ import annotations
@@ -12,62 +16,124 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LorqError
-from .base import FORMATS, FormatConfig, TensorFormat
-from .packing import pack_4bit, unpack_4bit
-
-QMAX = 15
+from .base import FORMATS, FormatConfig, GroupCodec, TensorFormat
+from .kernels import int4_kernel_applies, prepare_int4_kernel
+from .packing import pack_bits, unpack_bits
 
 
-def affine_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, min) of wg (out, groups, group_size), rounded to their fp16 storage."""
-    lo = wg.amin(dim=-1)
-    hi = wg.amax(dim=-1)
-    scale = ((hi - lo) / QMAX).to(torch.float16)
+def qmax(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def as_groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(out, in) -> (out, ceil(in / group), group) fp32.
+
+    A short last group (group ∤ in, e.g. 128 on a 576-wide model) is padded by repeating the
+    row's last weight, which leaves the group's min, max and absmax unchanged.
+    """
+    pad = -w.shape[1] % group
+    w = w.detach().float()
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    return w.reshape(w.shape[0], -1, group)
+
+
+def from_groups(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of as_groups: (out, groups, group) -> (out, in_features), padding dropped."""
+    return x.reshape(x.shape[0], -1)[:, :in_features]
+
+
+def fit_affine(wg: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0) -> dict[str, torch.Tensor]:
+    """Parameters per group of wg (out, groups, g) covering its range times `shrink`, in fp16."""
+    if symmetric:
+        scale = (2 * shrink * wg.abs().amax(dim=-1) / qmax(bits)).to(torch.float16)
+        return {"scale": torch.where(scale > 0, scale, torch.ones_like(scale))}
+    lo, hi = shrink * wg.amin(dim=-1), shrink * wg.amax(dim=-1)
+    scale = ((hi - lo) / qmax(bits)).to(torch.float16)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale works
-    return scale, lo.to(torch.float16)
+    return {"scale": scale, "min": lo.to(torch.float16)}
 
 
-def quantize_affine(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 (out, in), scale fp16 (out, groups), min fp16 (out, groups))."""
-    out_f, in_f = w.shape
-    wg = w.detach().float().view(out_f, in_f // group_size, group_size)
-    scale, lo = affine_params(wg)
-    q = torch.round((wg - lo.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, QMAX)
-    return q.to(torch.uint8).view(out_f, in_f), scale, lo
+def zero_point(params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """The code that represents 0.0: -min / scale (float) or 2^(k-1) when symmetric."""
+    if "min" in params:
+        return -params["min"].float() / params["scale"].float()
+    return torch.full_like(params["scale"], 1 << (bits - 1), dtype=torch.float32)
 
 
-def dequantize_affine(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int) -> torch.Tensor:
-    out_f, in_f = codes.shape
-    qg = codes.view(out_f, in_f // group_size, group_size).float()
-    return (qg * scale.float().unsqueeze(-1) + lo.float().unsqueeze(-1)).view(out_f, in_f)
+def encode_affine(wg: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Nearest codes (uint8, same shape as wg) under per-group params (out, groups)."""
+    scale = params["scale"].float().unsqueeze(-1)
+    if "min" in params:
+        q = torch.round((wg - params["min"].float().unsqueeze(-1)) / scale)
+    else:
+        q = torch.round(wg / scale) + (1 << (bits - 1))
+    return q.clamp(0, qmax(bits)).to(torch.uint8)
 
 
-@FORMATS.register("int4")
+def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    scale = params["scale"].float().unsqueeze(-1)
+    if "min" in params:
+        return codes.float() * scale + params["min"].float().unsqueeze(-1)
+    return (codes.float() - (1 << (bits - 1))) * scale
+
+
+@FORMATS.register("int")
 @dataclass
-class AffineWeight(TensorFormat):
-    """INT4 codes packed two per byte with fp16 scale and min per (row, group)."""
+class AffineWeight(GroupCodec, TensorFormat):
+    """INT-k codes packed in a bit stream with fp16 scale (and min) per (row, group)."""
 
     shape: tuple[int, int]
     cfg: FormatConfig
-    codes: torch.Tensor  # (out * in / 2,) uint8
-    scale: torch.Tensor  # (out, in / group_size) fp16
-    min: torch.Tensor  # (out, in / group_size) fp16
+    codes: torch.Tensor  # packed uint8
+    scale: torch.Tensor  # (out, groups) fp16
+    min: torch.Tensor | None = None  # (out, groups) fp16, asymmetric only
 
-    supported_bits = (4,)
+    supported_bits = (2, 3, 4, 8)
+    default_bits = 4
+    partial_groups = True  # the codec accepts a short last group per row
+
+    @property
+    def group(self) -> int:
+        return self.cfg.group_for(self.shape[1])
+
+    @classmethod
+    def fit(cls, wg: torch.Tensor, cfg: FormatConfig, shrink: float = 1.0) -> dict[str, torch.Tensor]:
+        return fit_affine(wg, cfg.bits, cfg.symmetric, shrink)
+
+    @classmethod
+    def encode(cls, wg: torch.Tensor, params: dict[str, torch.Tensor], cfg: FormatConfig) -> torch.Tensor:
+        return encode_affine(wg, params, cfg.bits)
+
+    @classmethod
+    def decode(cls, codes: torch.Tensor, params: dict[str, torch.Tensor], cfg: FormatConfig) -> torch.Tensor:
+        return decode_affine(codes, params, cfg.bits)
+
+    @classmethod
+    def from_codes(cls, shape, cfg: FormatConfig, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> "AffineWeight":
+        return cls(tuple(shape), cfg, pack_bits(codes, cfg.bits), params["scale"].to(torch.float16),
+                   params["min"].to(torch.float16) if "min" in params else None)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, cfg: FormatConfig) -> "AffineWeight":
-        if w.shape[1] % cfg.group_size:
-            raise LorqError(
-                f"int4 group size {cfg.group_size} does not divide the input dimension {w.shape[1]}"
-            )
-        codes, scale, lo = quantize_affine(w, cfg.group_size)
-        return cls(tuple(w.shape), cfg, pack_4bit(codes), scale, lo)
+        wg = as_groups(w, cfg.group_for(w.shape[1]))
+        params = cls.fit_best(wg, cfg)
+        return cls.from_codes(w.shape, cfg, from_groups(cls.encode(wg, params, cfg), w.shape[1]), params)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale} if self.min is None else {"scale": self.scale, "min": self.min}
+
+    def int_codes(self) -> torch.Tensor:
+        """Unpacked codes as (out, in) uint8."""
+        return unpack_bits(self.codes, self.cfg.bits, self.shape[0] * self.shape[1]).view(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = unpack_4bit(self.codes, self.shape[0] * self.shape[1]).view(self.shape)
-        return dequantize_affine(codes, self.scale, self.min, self.cfg.group_size).to(dtype)
+        codes = as_groups(self.int_codes(), self.group)  # exact: codes < 256 are exact in fp32
+        return from_groups(decode_affine(codes, self.params(), self.cfg.bits), self.shape[1]).to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes, "scale": self.scale, "min": self.min}
+        return {"codes": self.codes, **self.params()}
+
+    def fast_kernel(self, dtype: torch.dtype, device: torch.device):
+        """PyTorch's int4 weight-only kernel for int4 asymmetric weights and bf16 inputs, else None."""
+        return prepare_int4_kernel(self, device) if int4_kernel_applies(self, dtype, device) else None

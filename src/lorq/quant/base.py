@@ -7,7 +7,7 @@ Nothing outside `lorq.quant` knows which format it holds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import ClassVar, Protocol
 
@@ -21,33 +21,62 @@ from ..options import opt
 class QuantFormat(str, Enum):
     """Weight formats available for the quantized base."""
 
-    NF4 = "nf4"
-    INT4 = "int4"
+    NF = "nf"
+    INT = "int"
+    FP8 = "fp8"
+    FP4 = "fp4"
+    INT8_OUTLIER = "int8-outlier"
     NONE = "none"
+
+    @classmethod
+    def _missing_(cls, value):
+        # Release-1 names (checkpoints, YAML files): the bit width now has its own option.
+        return {"nf4": cls.NF, "int4": cls.INT}.get(value)
+
+
+PER_CHANNEL = 0  # group_size value meaning one group per output row
 
 
 @dataclass
 class FormatConfig:
     """How one weight matrix is quantized."""
 
-    format: QuantFormat = opt(QuantFormat.NF4, "weight format of the base: nf4 (QLoRA NormalFloat), int4 (affine, asymmetric) or none (keep floats)")
-    bits: int = opt(4, "bits per code (both formats of this release are 4-bit)")
-    group_size: int = opt(64, "elements sharing one scale: NF4 block size or INT4 group size")
-    double_quant: bool = opt(True, "NF4 only: quantize the per-block absmax again to 8 bits in blocks of 256 (QLoRA)")
+    format: QuantFormat = opt(QuantFormat.NF, "weight format: nf (NormalFloat), int (affine), fp8 (e4m3), fp4 (e2m1), int8-outlier (LLM.int8()) or none (keep floats)")
+    bits: int | None = opt(None, "bits per code: nf 2/3/4, int 2/3/4/8, fp8 8, fp4 4, int8-outlier 8 (default: 4, or 8 for the 8-bit formats)")
+    group_size: int = opt(64, "weights sharing one scale, along each row (0 = one group per output channel)", aliases=("--group",))
+    double_quant: bool = opt(True, "nf/fp8/fp4: quantize the per-group absmax again to 8 bits in blocks of 256 (QLoRA)")
+    symmetric: bool = opt(False, "int: symmetric codes around zero (scale only) instead of scale + zero point")
+    outlier_threshold: float = opt(6.0, "int8-outlier: input features with any |activation| >= this run in full precision (LLM.int8())")
+    clip_search: bool = opt(False, "search each group's range, shrunk by up to 30%, for the least squared error instead of taking min/max or absmax (GPTQ's mse option; nf4 then no longer equals bitsandbytes)")
 
     def validate(self) -> "FormatConfig":
         self.format = QuantFormat(self.format)
         if self.format is QuantFormat.NONE:
             return self
         cls = FORMATS.get(self.format)
+        for name, value in getattr(cls, "fixed", {}).items():
+            setattr(self, name, value)
+        if self.bits is None:
+            self.bits = cls.default_bits
         if self.bits not in cls.supported_bits:
             raise LorqError(
                 f"unsupported bits {self.bits} for format {self.format.value} "
                 f"(supported: {', '.join(map(str, cls.supported_bits))})"
             )
-        if self.group_size <= 0 or self.group_size % 2:
-            raise LorqError(f"group size must be a positive even number, got {self.group_size}")
+        if self.group_size < 0 or self.group_size % 2:
+            raise LorqError(f"group size must be 0 (per channel) or a positive even number, got {self.group_size}")
+        if self.outlier_threshold <= 0:
+            raise LorqError(f"outlier threshold must be positive, got {self.outlier_threshold}")
         return self
+
+    def group_for(self, in_features: int) -> int:
+        """The group length along a row of in_features weights."""
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        extra = " sym" if self.format is QuantFormat.INT and self.symmetric else ""
+        return f"{self.format.value}{self.bits} {group}{extra}"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -56,6 +85,10 @@ class FormatConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "FormatConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LorqError(f"unknown quantization setting(s) {', '.join(sorted(unknown))}")
         return cls(**{**d, "format": QuantFormat(d["format"])}).validate()
 
 
@@ -65,6 +98,7 @@ class QuantizedWeight(Protocol):
     shape: tuple[int, int]
     cfg: FormatConfig
     supported_bits: ClassVar[tuple[int, ...]]
+    default_bits: ClassVar[int]
 
     @classmethod
     def from_float(cls, w: torch.Tensor, cfg: FormatConfig) -> "QuantizedWeight": ...
@@ -78,6 +112,34 @@ class QuantizedWeight(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+CLIP_SHRINKS = tuple(1.0 - 0.02 * i for i in range(16))  # range shrink factors tried by clip_search
+
+
+class GroupCodec:
+    """The codec over row groups wg (out, groups, g) that RTN, GPTQ and HQQ drive.
+
+    A format supplies fit(wg, cfg, shrink) -> params (out, groups), encode -> codes,
+    decode -> values and from_codes; this adds the range search shared by all of them.
+    """
+
+    @classmethod
+    def fit_best(cls, wg: torch.Tensor, cfg: FormatConfig) -> dict[str, torch.Tensor]:
+        """cls.fit, or with cfg.clip_search the per-group shrink of the range with least squared error."""
+        if not cfg.clip_search:
+            return cls.fit(wg, cfg)
+        best = best_err = None
+        for shrink in CLIP_SHRINKS:
+            params = cls.fit(wg, cfg, shrink)
+            err = (cls.decode(cls.encode(wg, params, cfg), params, cfg) - wg).pow(2).sum(dim=-1)
+            if best is None:
+                best, best_err = params, err
+                continue
+            better = err < best_err
+            best = {k: torch.where(better, params[k], best[k]) for k in params}
+            best_err = torch.minimum(err, best_err)
+        return best
 
 
 class TensorFormat:

@@ -1,10 +1,11 @@
-"""NormalFloat-4 with double quantization, as QLoRA / bitsandbytes define it.
+"""NormalFloat levels and bitsandbytes' double quantization of block absmax values.
 
 Dettmers et al., "QLoRA" (2023), §3: blocks of 64 weights are scaled by their absmax into
-[-1, 1] and rounded to the nearest of 16 NormalFloat levels. Double quantization stores
-absmax - mean(absmax) with bitsandbytes' signed 8-bit dynamic map in blocks of 256, plus
-one fp32 scale per block and the fp32 mean. Codes and values equal bitsandbytes' CPU
-`quantize_4bit` / `dequantize_4bit` bit for bit (tests/quant/test_nf.py).
+[-1, 1] and rounded to the nearest of 2^k NormalFloat levels (normal quantiles with an exact
+zero). Double quantization stores absmax - mean(absmax) with bitsandbytes' signed 8-bit
+dynamic map in blocks of 256, plus one fp32 scale per block and the fp32 mean. NF4 codes and
+values equal bitsandbytes' CPU `quantize_4bit` / `dequantize_4bit` bit for bit
+(tests/quant/test_nf.py); the weight class itself is levels.LevelWeight.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .base import FORMATS, FormatConfig, TensorFormat
-from .packing import pack_4bit
 
 # The 16 NF4 levels (QLoRA, Appendix E), sorted; index = code.
 NF4_LEVELS = (
@@ -32,6 +31,25 @@ LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer rounds through a 65536-ent
 @lru_cache(maxsize=None)
 def nf4_levels() -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+
+
+def normal_float_levels(bits: int) -> torch.Tensor:
+    """QLoRA's construction for 2^k levels: 2^(k-1) positive and 2^(k-1) - 1 negative normal
+    quantiles, evenly spaced in probability from `offset` to 1/2, plus an exact zero; scaled
+    so the largest magnitude is 1. offset = 1 - (1/(2n) + 1/(2(n-1)))/2 with n = 2^k, which
+    is QLoRA's 0.9677 for k = 4 (this reproduces NF4_LEVELS to fp32 rounding).
+    """
+    n = 2**bits
+    offset = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 1)))
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)])
+    return (values / values.abs().max()).sort().values.float()
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """Sorted NF-k levels; NF4 is bitsandbytes' exact table."""
+    return nf4_levels() if bits == 4 else normal_float_levels(bits)
 
 
 @lru_cache(maxsize=None)
@@ -59,7 +77,7 @@ def _dynamic_map_lut() -> torch.Tensor:
     return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Flat fp32 view as (n_blocks, block); the last partial block is zero-padded (absmax-neutral)."""
     flat = x.reshape(-1).float()
     pad = -flat.numel() % block
@@ -68,7 +86,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def absmax_scale(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks of w scaled into [-1, 1], absmax per block)."""
-    wb = _blocks(w, block)  # (n_blocks, block)
+    wb = blocks(w, block)  # (n_blocks, block)
     absmax = wb.abs().amax(dim=1)  # (n_blocks,)
     safe = absmax.clamp(min=1e-38)
     scaled = wb * (1.0 / safe).unsqueeze(1)
@@ -77,21 +95,13 @@ def absmax_scale(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.clamp(scaled, -1, 1), absmax
 
 
-def quantize_nf4_codes(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest NF4 level per weight: (codes uint8 flat (numel,), absmax fp32 (n_blocks,))."""
-    scaled, absmax = absmax_scale(w, block)
-    levels = nf4_levels()
-    codes = torch.bucketize(scaled.reshape(-1), (levels[:-1] + levels[1:]) / 2)
-    return codes[: w.numel()].to(torch.uint8), absmax
-
-
 def quantize_dynamic_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit dynamic quantization: (codes uint8 (numel,), absmax fp32 (n_blocks,)).
 
     Rounds like bitsandbytes' CPU kernel: the scaled value picks the nearest of 65536 grid
     points on [-1, 1], whose nearest map level is precomputed.
     """
-    xb = _blocks(x, block)
+    xb = blocks(x, block)
     absmax = xb.abs().amax(dim=1)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     scaled = torch.clamp(xb * inv.unsqueeze(1), -1, 1)
@@ -103,54 +113,4 @@ def quantize_dynamic_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[t
 
 def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, block: int = ABSMAX_BLOCK) -> torch.Tensor:
     values = dynamic_map_8bit()[codes.long()]
-    return (_blocks(values, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]
-
-
-@lru_cache(maxsize=None)
-def _nf4_byte_table() -> torch.Tensor:
-    """byte -> (level of high nibble, level of low nibble): one gather per two weights."""
-    levels = nf4_levels()
-    b = torch.arange(256)
-    return torch.stack([levels[b >> 4], levels[b & 0x0F]], dim=1)  # (256, 2)
-
-
-@FORMATS.register("nf4")
-@dataclass
-class NF4Weight(TensorFormat):
-    """NF4 codes packed two per byte, fp32 absmax or its double-quantized form."""
-
-    shape: tuple[int, int]
-    cfg: FormatConfig
-    codes: torch.Tensor  # (ceil(numel / 2),) uint8
-    absmax: torch.Tensor | None = None  # (n_blocks,) fp32 without double quantization
-    absmax_codes: torch.Tensor | None = None  # (n_blocks,) uint8
-    absmax_scale: torch.Tensor | None = None  # (ceil(n_blocks / 256),) fp32
-    absmax_offset: torch.Tensor | None = None  # (1,) fp32, the mean subtracted before quantizing
-
-    supported_bits = (4,)
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, cfg: FormatConfig) -> "NF4Weight":
-        codes, absmax = quantize_nf4_codes(w.detach(), cfg.group_size)
-        packed = pack_4bit(codes)
-        shape = tuple(w.shape)
-        if not cfg.double_quant:
-            return cls(shape, cfg, packed, absmax=absmax)
-        offset = absmax.mean()
-        acodes, ascale = quantize_dynamic_8bit(absmax - offset)
-        return cls(shape, cfg, packed, absmax_codes=acodes, absmax_scale=ascale, absmax_offset=offset.reshape(1))
-
-    def block_absmax(self) -> torch.Tensor:
-        if self.absmax is not None:
-            return self.absmax
-        return dequantize_dynamic_8bit(self.absmax_codes, self.absmax_scale) + self.absmax_offset
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n = self.shape[0] * self.shape[1]
-        values = _nf4_byte_table().to(self.codes.device)[self.codes.long()].reshape(-1)  # (2 * bytes,)
-        w = _blocks(values, self.cfg.group_size) * self.block_absmax().unsqueeze(1)
-        return w.reshape(-1)[:n].view(self.shape).to(dtype)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        names = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+    return (blocks(values, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]

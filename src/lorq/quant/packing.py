@@ -1,23 +1,56 @@
-"""Bit packing of low-bit codes into bytes."""
+"""Bit packing of low-bit codes into bytes.
+
+Codes are read as one big-endian bit stream: the first code occupies the highest bits of the
+first byte. For 4-bit codes that is bitsandbytes' layout (first element in the high nibble);
+2-bit codes pack four per byte, 3-bit codes eight per three bytes, 8-bit codes are the bytes.
+"""
+
+from math import gcd
 
 import torch
 
+PACKABLE_BITS = (2, 3, 4, 8)
 
-def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the first element in the high nibble (bitsandbytes' layout).
 
-    codes: uint8 values in [0, 15], any shape; an odd count is padded with one zero code.
-    Returns a flat uint8 tensor of ceil(n / 2) bytes.
+def codes_per_word(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole-byte word: 4 bits -> (2, 1), 3 bits -> (8, 3)."""
+    nbytes = bits // gcd(bits, 8)
+    return 8 * nbytes // bits, nbytes
+
+
+def packed_size(numel: int, bits: int) -> int:
+    n_codes, n_bytes = codes_per_word(bits)
+    return -(-numel // n_codes) * n_bytes
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (integers in [0, 2**bits)) of any shape -> a flat uint8 tensor of packed_size bytes.
+
+    A partial last word is padded with zero codes.
     """
-    flat = codes.reshape(-1).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] << 4) | flat[1::2]
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    flat = codes.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    n_codes, n_bytes = codes_per_word(bits)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % n_codes)).view(-1, n_codes)
+    shifts = bits * torch.arange(n_codes - 1, -1, -1, device=codes.device)
+    words = (flat << shifts).sum(dim=1, keepdim=True)  # at most 24 bits: exact in int64
+    byte_shifts = 8 * torch.arange(n_bytes - 1, -1, -1, device=codes.device)
+    return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
-def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of pack_4bit: a flat uint8 tensor of `numel` codes."""
-    out = torch.empty(packed.numel() * 2, dtype=torch.uint8, device=packed.device)
-    out[0::2] = packed >> 4
-    out[1::2] = packed & 0x0F
-    return out[:numel]
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: a flat uint8 tensor of `numel` codes."""
+    if bits == 8:
+        return packed.reshape(-1)[:numel]
+    n_codes, n_bytes = codes_per_word(bits)
+    if n_bytes == 1:  # 2 and 4 bits: stay in uint8, the hot path of every dequantization
+        shifts = torch.arange(8 - bits, -1, -bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    by = packed.reshape(-1, n_bytes).to(torch.int64)
+    byte_shifts = 8 * torch.arange(n_bytes - 1, -1, -1, device=packed.device)
+    words = (by << byte_shifts).sum(dim=1, keepdim=True)
+    shifts = bits * torch.arange(n_codes - 1, -1, -1, device=packed.device)
+    return ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:numel]

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from lorq.quant.packing import pack_bits, packed_size, unpack_bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 64, 1001])
+def test_pack_unpack_roundtrip(bits, n):
+    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, bits)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_sizes_are_tight():
+    assert [packed_size(1000, b) for b in (2, 3, 4, 8)] == [250, 375, 500, 1000]
+
+
+def test_layout_is_a_big_endian_bit_stream():
+    assert pack_bits(torch.tensor([0xA, 0x5]), 4).tolist() == [0xA5]  # bitsandbytes: first in the high nibble
+    assert pack_bits(torch.tensor([3, 0, 1, 2]), 2).tolist() == [0b11000110]
+    # eight 3-bit codes -> 24 bits -> 3 bytes
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
+    stream = "".join(f"{c:03b}" for c in codes.tolist())
+    assert pack_bits(codes, 3).tolist() == [int(stream[i:i + 8], 2) for i in (0, 8, 16)]
