@@ -1,9 +1,11 @@
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lorq.errors import LorqError
-from lorq.quant import DECODER_LINEARS, FormatConfig, QuantFormat, QuantizedLinear, quantize_model
+from lorq.quant import DECODER_LINEARS, FormatConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, load_rules, quantize_model
 from lorq.quant.checkpoint import QUANT_CONFIG, load_quantized, save_quantized
 
 
@@ -14,7 +16,7 @@ class NoTokenizer:
         pass
 
 
-@pytest.mark.parametrize("fmt", [QuantFormat.NF4, QuantFormat.INT4])
+@pytest.mark.parametrize("fmt", [QuantFormat.NF, QuantFormat.INT])
 def test_forward_and_input_grad_match_dequantized_reference(fmt):
     lin = nn.Linear(128, 48, bias=True)
     q = QuantizedLinear.from_linear(lin, FormatConfig(fmt, group_size=64))
@@ -41,9 +43,26 @@ def test_quantize_model_targets_decoder_linears_only(tiny_llama):
     assert 0 < report.rel_error < 0.2
 
 
+MIXED_RULES = [
+    Rule(r"q_proj", FormatConfig(QuantFormat.INT, 3, 32), QuantMethod.HQQ),
+    Rule(r"k_proj", FormatConfig(QuantFormat.NF, 2, 0)),
+    Rule(r"v_proj", FormatConfig(QuantFormat.FP8, group_size=32)),
+    Rule(r"o_proj", FormatConfig(QuantFormat.FP4, double_quant=False)),
+    Rule(r"gate_proj", FormatConfig(QuantFormat.INT8_OUTLIER)),
+    Rule(r"up_proj", FormatConfig(QuantFormat.INT, 2, 64, symmetric=True)),
+    Rule(r"down_proj", FormatConfig(QuantFormat.NONE)),
+    Rule(DECODER_LINEARS, FormatConfig()),
+]
+
+
 def test_checkpoint_roundtrip_is_exact(tiny_llama, tmp_path):
-    quantize_model(tiny_llama, [(r"self_attn", FormatConfig(QuantFormat.INT4, group_size=32)), (DECODER_LINEARS, FormatConfig())], progress=False)
-    out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q")
+    rules = [Rule(r.pattern, r.quant.validate(), r.method) for r in MIXED_RULES]
+    report = quantize_model(tiny_llama, rules, progress=False)
+    assert "model.layers.0.mlp.down_proj" not in report.modules and len(report.modules) == 12
+    out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q", report, rules=rules)
+    meta = json.loads((out / QUANT_CONFIG).read_text())
+    assert meta["format_version"] == 2 and meta["rules"][0] == rules[0].to_json()
+    assert meta["modules"]["model.layers.1.self_attn.q_proj"]["method"] == "hqq"
     again = load_quantized(out)
     for name, m in tiny_llama.named_modules():
         if isinstance(m, QuantizedLinear):
@@ -56,18 +75,69 @@ def test_checkpoint_roundtrip_is_exact(tiny_llama, tmp_path):
         assert torch.equal(tiny_llama(x).logits, again(x).logits)
 
 
-def test_checkpoint_errors(tiny_llama, tmp_path):
-    import json
+def test_release_1_checkpoint_loads(tiny_llama, tmp_path):
+    """format_version 1 named its formats nf4/int4 and had no bits/method/rules keys."""
+    quantize_model(tiny_llama, [(r"self_attn", FormatConfig(QuantFormat.INT, group_size=32)), (DECODER_LINEARS, FormatConfig())], progress=False)
+    out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q")
+    meta = json.loads((out / QUANT_CONFIG).read_text())
+    v1_keys = ("in_features", "out_features", "format", "bits", "group_size", "double_quant")
+    meta = {"format_version": 1, "source": "", "modules": {
+        n: {**{k: m[k] for k in v1_keys}, "format": {"nf": "nf4", "int": "int4"}[m["format"]]} for n, m in meta["modules"].items()
+    }}
+    (out / QUANT_CONFIG).write_text(json.dumps(meta))
+    again = load_quantized(out)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(x).logits, again(x).logits)
 
+
+def test_checkpoint_errors(tiny_llama, tmp_path):
     quantize_model(tiny_llama, [(DECODER_LINEARS, FormatConfig())], progress=False)
     out = save_quantized(tiny_llama, NoTokenizer(), tmp_path / "q")
     meta = json.loads((out / QUANT_CONFIG).read_text())
     meta["format_version"] = 99
     (out / QUANT_CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(LorqError, match="format_version 99"):
+    with pytest.raises(LorqError, match="format_version 99.*newer lorq"):
+        load_quantized(out)
+    meta["format_version"] = 2
+    meta["modules"]["model.layers.0.self_attn.q_proj"]["format"] = "int7"
+    (out / QUANT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(LorqError, match="invalid settings for model.layers.0.self_attn.q_proj"):
         load_quantized(out)
     meta["format_version"] = 1
     (out / QUANT_CONFIG).write_text(json.dumps(meta))
     (out / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(LorqError, match="not a readable safetensors"):
         load_quantized(out)
+
+
+def test_rules_file(tmp_path):
+    f = tmp_path / "rules.yaml"
+    f.write_text("- {pattern: 'mlp\\.down_proj', format: int, bits: 8, group: 128}\n- {pattern: k_proj, format: fp8, method: rtn}\n")
+    rules = load_rules(f, FormatConfig(QuantFormat.INT, 3, 64).validate(), QuantMethod.HQQ)
+    assert rules[0].quant == FormatConfig(QuantFormat.INT, 8, 128).validate() and rules[0].method is QuantMethod.HQQ
+    assert rules[1].quant.bits == 8 and rules[1].quant.group_size == 64 and rules[1].method is QuantMethod.RTN
+    for text, msg in [("- {format: int}", "needs a 'pattern'"), ("- {pattern: '(', bits: 4}", "not a valid regex"),
+                      ("- {pattern: x, method: awq}", "unknown quantization method"), ("{}", "non-empty list"),
+                      ("- {pattern: x, bits: 5}", "unsupported bits 5"), ("- {pattern: x, colour: red}", "unknown quantization setting")]:
+        f.write_text(text)
+        with pytest.raises(LorqError, match=msg):
+            load_rules(f, FormatConfig().validate(), QuantMethod.RTN)
+
+
+def test_cast_unquantized_keeps_the_stored_tensors(tiny_llama):
+    from lorq.quant import cast_unquantized
+
+    quantize_model(tiny_llama, [(DECODER_LINEARS, FormatConfig(QuantFormat.INT, 4, 32))], progress=False)
+    q = tiny_llama.model.layers[0].self_attn.q_proj
+    before = {k: v.clone() for k, v in q.qweight().state_dict().items()}
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        ref = tiny_llama(x).logits
+        cast_unquantized(tiny_llama, torch.bfloat16)
+        out = tiny_llama(x).logits
+    assert tiny_llama.model.embed_tokens.weight.dtype == torch.bfloat16
+    for k, v in q.qweight().state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k])
+    assert q.kernel(torch.zeros(1, 64, dtype=torch.bfloat16)) is not None  # bf16 activations take the int4 kernel
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

@@ -1,11 +1,13 @@
-"""Quantized weights behind one protocol: formats, QuantizedLinear, model surgery, checkpoints."""
+"""Quantized weights behind one protocol: formats, algorithms, QuantizedLinear, checkpoints."""
 
-from . import affine, nf  # noqa: F401  (register the formats)
-from .base import FORMATS, FormatConfig, QuantFormat, QuantizedWeight
+from . import affine, levels, outlier  # noqa: F401  (register the formats)
+from .base import FORMATS, PER_CHANNEL, FormatConfig, QuantFormat, QuantizedWeight
 from .checkpoint import load_quantized, save_quantized
-from .linear import DECODER_LINEARS, QuantizedLinear, QuantReport, quantize_model
+from .linear import DECODER_LINEARS, QuantizedLinear, cast_unquantized
+from .quantize import MethodConfig, QuantMethod, QuantReport, Rule, load_rules, quantize_model
 
 __all__ = [
-    "FORMATS", "FormatConfig", "QuantFormat", "QuantizedWeight", "QuantizedLinear", "QuantReport",
-    "quantize_model", "save_quantized", "load_quantized", "DECODER_LINEARS",
+    "FORMATS", "PER_CHANNEL", "FormatConfig", "QuantFormat", "QuantizedWeight", "QuantizedLinear", "QuantReport",
+    "MethodConfig", "QuantMethod", "Rule", "load_rules", "quantize_model", "save_quantized", "load_quantized",
+    "DECODER_LINEARS", "cast_unquantized",
 ]

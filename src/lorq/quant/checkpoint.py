@@ -1,5 +1,10 @@
 """Quantized checkpoints: model.safetensors (codes, scales, float params) + lorq_quant.json
-(format_version, per-module format config) + the HF config and tokenizer, in one directory.
+(format_version, the rules, per-module format config) + the HF config and tokenizer.
+
+Version history: 1 (formats "nf4" and "int4", 4-bit only); 2 (formats nf/int/fp8/fp4/
+int8-outlier with bits, symmetric and outlier settings, per-module method, the rule list).
+Version 1 files load unchanged: their tensors have the same names and packing, and their
+format names map onto nf/int with 4 bits.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from safetensors.torch import save_file
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
 from .base import FormatConfig
-from .linear import QuantizedLinear, QuantReport, set_module
+from .linear import QuantizedLinear, set_module
+from .quantize import QuantReport, Rule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MODULE_KEYS = ("in_features", "out_features", "method")  # per-module keys that are not format settings
 QUANT_CONFIG = "lorq_quant.json"
 
 
@@ -25,15 +32,16 @@ def _state_without_tied(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "") -> Path:
+def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "", rules: list[Rule] | None = None) -> Path:
     """Write a quantized model atomically; `lorq.models.load_model(out)` rebuilds it exactly."""
+    methods = {n: m["method"] for n, m in (report.modules.items() if report else ())}
     modules = {
-        name: {"in_features": m.in_features, "out_features": m.out_features, **m.cfg.to_json()}
+        name: {"in_features": m.in_features, "out_features": m.out_features, "method": methods.get(name, "rtn"), **m.cfg.to_json()}
         for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
     }
-    meta = {"format_version": FORMAT_VERSION, "source": source, "modules": modules}
+    meta = {"format_version": FORMAT_VERSION, "source": source, "rules": [r.to_json() for r in rules or []], "modules": modules}
     if report is not None:
-        meta["report"] = report.summary()
+        meta["report"] = {**report.summary(), "per_module": report.modules}
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_file(_state_without_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -51,9 +59,10 @@ def load_quantized(path: str | Path):
     path = Path(path)
     meta = read_json(path / QUANT_CONFIG)
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise LorqError(
-            f"{path / QUANT_CONFIG} has format_version {version!r}; this lorq reads versions up to {FORMAT_VERSION}"
+            f"{path / QUANT_CONFIG} has format_version {version!r}; this lorq reads versions 1 to {FORMAT_VERSION}"
+            + (" (written by a newer lorq: upgrade lorq)" if isinstance(version, int) and version > FORMAT_VERSION else "")
         )
     config = check_causal_lm(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -65,7 +74,10 @@ def load_quantized(path: str | Path):
             raise LorqError(f"quantized module {name} does not exist in the {config.model_type} model of {path}")
         if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
             raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
-        cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in ("in_features", "out_features")})
+        try:
+            cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in MODULE_KEYS})
+        except (TypeError, ValueError, KeyError) as e:
+            raise LorqError(f"{path / QUANT_CONFIG}: invalid settings for {name}: {e}")
         prefix = name + "."
         own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         bias = own.pop("bias", None)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .base import FORMATS, FormatConfig, QuantFormat, QuantizedWeight
+from .base import FORMATS, FormatConfig, QuantizedWeight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -32,7 +29,7 @@ class _DequantMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, module: "QuantizedLinear") -> torch.Tensor:
         dtype = compute_dtype(x)
         ctx.module, ctx.x_dtype = module, x.dtype
-        return module.qweight().linear(x.to(dtype))
+        return module.matmul(x.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -57,12 +54,48 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: FormatConfig) -> "QuantizedLinear":
-        qw = FORMATS.get(cfg.format).from_float(linear.weight.data, cfg)
-        return cls(linear.in_features, linear.out_features, cfg, qw.state_dict(), linear.bias)
+        cfg.validate()
+        return cls.from_weight(FORMATS.get(cfg.format).from_float(linear.weight.data, cfg), linear.bias)
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantizedLinear":
+        return cls(qw.shape[1], qw.shape[0], qw.cfg, qw.state_dict(), bias)
+
+    use_kernels = True  # class-wide switch; benchmarks and tests turn fast kernels off to compare
+
+    def _buffers_key(self) -> tuple:
+        """Changes whenever a stored tensor is replaced (.to(), load) or modified in place."""
+        return tuple((id(t), t._version) for t in (getattr(self, n) for n in self._names))
 
     def qweight(self) -> QuantizedWeight:
-        tensors = {n: getattr(self, n) for n in self._names}
-        return FORMATS.get(self.cfg.format).from_state_dict(tensors, (self.out_features, self.in_features), self.cfg)
+        """The format's view over the buffers, cached while they are unchanged (formats may cache
+        derived values on it, e.g. NF's double-dequantized absmax)."""
+        key = self._buffers_key()
+        if getattr(self, "_qweight_key", None) != key:
+            tensors = {n: getattr(self, n) for n in self._names}
+            qw = FORMATS.get(self.cfg.format).from_state_dict(tensors, (self.out_features, self.in_features), self.cfg)
+            self._qweight, self._qweight_key = qw, key
+        return self._qweight
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() replace the buffers: drop views and kernels that hold the old ones
+        self._qweight = self._qweight_key = self._kernel = self._kernel_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def kernel(self, x: torch.Tensor):
+        """The format's fast kernel for x's dtype and device (prepared once, cached), or None."""
+        qw = self.qweight()
+        if not self.use_kernels or not hasattr(qw, "fast_kernel"):
+            return None
+        key = (x.device, x.dtype) + self._buffers_key()
+        if getattr(self, "_kernel_key", None) != key:
+            self._kernel, self._kernel_key = qw.fast_kernel(x.dtype, x.device), key
+        return self._kernel
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through the fast kernel where one applies, else dequantize and multiply."""
+        kernel = self.kernel(x)
+        return kernel(x) if kernel is not None else self.qweight().linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantMatmul.apply(x, self)
@@ -75,43 +108,11 @@ class QuantizedLinear(nn.Module):
         return self.qweight().nbytes + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.cfg.format.value}, group_size={self.cfg.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.cfg.describe()}"
 
 
 # Every linear layer inside the repeated decoder blocks; never lm_head or embeddings.
 DECODER_LINEARS = r"(^|\.)(layers|h|blocks)\.\d+\."
-
-
-@dataclass
-class QuantReport:
-    """What quantize_model did: per-module and total storage, error, time."""
-
-    modules: dict[str, dict] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def n_weights(self) -> int:
-        return sum(m["numel"] for m in self.modules.values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * sum(m["nbytes"] for m in self.modules.values()) / max(self.n_weights, 1)
-
-    @property
-    def rel_error(self) -> float:
-        """Relative Frobenius error ||W - Q||_F / ||W||_F over all quantized matrices together."""
-        num = sum(m["err_sq"] for m in self.modules.values())
-        den = sum(m["norm_sq"] for m in self.modules.values())
-        return (num / den) ** 0.5 if den else 0.0
-
-    def summary(self) -> dict:
-        return {
-            "quantized_modules": len(self.modules),
-            "quantized_weights": self.n_weights,
-            "bits_per_weight": round(self.bits_per_weight, 4),
-            "relative_error": round(self.rel_error, 6),
-            "seconds": round(self.seconds, 2),
-        }
 
 
 def match_modules(model: nn.Module, patterns: list[str], kinds: tuple[type, ...]) -> list[str]:
@@ -127,25 +128,17 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
-def quantize_model(model: nn.Module, rules: list[tuple[str, FormatConfig]], progress: bool = True) -> QuantReport:
-    """Replace every nn.Linear matched by a rule (first match wins) with a QuantizedLinear."""
-    report = QuantReport()
-    start = time.perf_counter()
-    plan = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        cfg = next((c for p, c in rules if re.search(p, name)), None)
-        if cfg is not None and QuantFormat(cfg.format) is not QuantFormat.NONE:
-            plan.append((name, mod, cfg))
-    for name, mod, cfg in tqdm(plan, desc="quantize", unit="layer", disable=not progress):
-        q = QuantizedLinear.from_linear(mod, cfg)
-        w = mod.weight.data.float()
-        err = (q.qweight().dequantize(torch.float32) - w).pow(2).sum().item()
-        report.modules[name] = {
-            "format": cfg.format.value, "numel": w.numel(), "nbytes": q.qweight().nbytes,
-            "err_sq": err, "norm_sq": w.pow(2).sum().item(),
-        }
-        set_module(model, name, q)
-    report.seconds = time.perf_counter() - start
-    return report
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every float parameter and buffer to dtype, except the stored quantized tensors.
+
+    model.to(dtype) would also cast QuantizedLinear's fp16/fp32 scales and change the codes'
+    meaning; this leaves them exactly as quantized (they are dequantized to the input dtype).
+    """
+    for mod in model.modules():
+        keep = set(mod._names) if isinstance(mod, QuantizedLinear) else set()
+        for name, p in mod.named_parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, b in mod.named_buffers(recurse=False):
+            if b.is_floating_point() and name not in keep:
+                mod._buffers[name] = b.to(dtype)
+    return model

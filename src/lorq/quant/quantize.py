@@ -1,0 +1,192 @@
+"""Model quantization: ordered per-module rules, the algorithms that choose codes, the report.
+
+A rule maps a module-name pattern (regex, searched) to a format config and an algorithm; the
+first rule that matches a linear layer decides it. RTN and HQQ need only the weight; GPTQ
+needs each layer's input Hessian, so with any GPTQ rule the decoder layers are processed in
+order on calibration activations (calibration.py), one layer's activations in memory at once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import LorqError
+from ..options import opt
+from .base import FORMATS, FormatConfig, QuantFormat
+from .gptq import GPTQConfig, quantize_gptq
+from .hqq import HQQConfig, quantize_hqq
+from .linear import QuantizedLinear, set_module
+
+
+class QuantMethod(str, Enum):
+    """How codes are chosen."""
+
+    RTN = "rtn"
+    HQQ = "hqq"
+    GPTQ = "gptq"
+
+
+@dataclass
+class MethodConfig(HQQConfig, GPTQConfig):
+    method: QuantMethod = opt(QuantMethod.RTN, "algorithm: rtn (round to nearest), hqq (calibration-free zero-point optimization) or gptq (Hessian-aware, needs calibration)")
+    calib_samples: int = opt(32, "gptq: calibration sequences from the training split (or --calib-file)")
+    calib_seq_len: int = opt(512, "gptq: tokens per calibration sequence")
+    calib_file: str | None = opt(None, "gptq: calibration text (.txt or .jsonl) instead of the embedded training split")
+
+    def validate(self) -> "MethodConfig":
+        self.method = QuantMethod(self.method)
+        if self.calib_samples <= 0 or self.calib_seq_len <= 1 or self.hqq_iters < 0 or self.gptq_block <= 0:
+            raise LorqError("calib-samples, gptq-block and calib-seq-len (> 1) must be positive and hqq-iters >= 0")
+        if not 0 <= self.gptq_damp < 1:
+            raise LorqError(f"gptq-damp must be in [0, 1), got {self.gptq_damp}")
+        return self
+
+
+# Each algorithm: (float weight, format config, method config, Hessian or None) -> QuantizedWeight.
+METHODS = {
+    QuantMethod.RTN: lambda w, cfg, m, h: FORMATS.get(cfg.format).from_float(w, cfg),
+    QuantMethod.HQQ: lambda w, cfg, m, h: quantize_hqq(w, cfg, m),
+    QuantMethod.GPTQ: lambda w, cfg, m, h: quantize_gptq(w, h, cfg, m),
+}
+
+
+@dataclass
+class Rule:
+    """Module-name regex -> how to quantize the matching linear layers."""
+
+    pattern: str
+    quant: FormatConfig
+    method: QuantMethod = QuantMethod.RTN
+
+    def to_json(self) -> dict:
+        return {"pattern": self.pattern, "method": QuantMethod(self.method).value, **self.quant.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict, default_quant: FormatConfig | None = None, default_method: QuantMethod = QuantMethod.RTN) -> "Rule":
+        """A rule from a mapping; settings it leaves out come from the defaults."""
+        if not isinstance(d, dict) or not isinstance(d.get("pattern"), str):
+            raise LorqError(f"a quantization rule needs a 'pattern' string, got {d!r}")
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        if "group" in d:
+            d["group_size"] = d.pop("group")
+        try:
+            re.compile(d["pattern"])
+        except re.error as e:
+            raise LorqError(f"rule pattern {d['pattern']!r} is not a valid regex: {e}")
+        method = d.pop("method", default_method)
+        try:
+            method = QuantMethod(method)
+        except ValueError:
+            raise LorqError(f"unknown quantization method {method!r} (known: {', '.join(m.value for m in QuantMethod)})")
+        base = (default_quant or FormatConfig()).to_json()
+        if "format" in d and "bits" not in d:
+            base["bits"] = None  # a new format starts from its own default width
+        quant = FormatConfig.from_json({**base, **{k: v for k, v in d.items() if k != "pattern"}})
+        return cls(d["pattern"], quant, method)
+
+
+def load_rules(path: str | Path, default_quant: FormatConfig, default_method: QuantMethod) -> list[Rule]:
+    """A YAML (or JSON) list of rules: `- {pattern: 'mlp\\.down_proj', format: int, bits: 8}`."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LorqError(f"rules file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise LorqError(f"rules file {p} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, list) or not data:
+        raise LorqError(f"rules file {p} must hold a non-empty list of rules")
+    return [Rule.from_json(d, default_quant, default_method) for d in data]
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model did: per-module and total storage, error, time."""
+
+    modules: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, name: str, w: torch.Tensor, qw, method: QuantMethod) -> None:
+        w = w.float()
+        err = (qw.dequantize(torch.float32) - w).pow(2).sum().item()
+        self.modules[name] = {
+            "format": qw.cfg.describe(), "method": QuantMethod(method).value, "numel": w.numel(),
+            "nbytes": qw.nbytes, "err_sq": err, "norm_sq": w.pow(2).sum().item(),
+        }
+
+    @property
+    def n_weights(self) -> int:
+        return sum(m["numel"] for m in self.modules.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage of codes and every piece of metadata, per quantized weight."""
+        return 8 * sum(m["nbytes"] for m in self.modules.values()) / max(self.n_weights, 1)
+
+    @property
+    def rel_error(self) -> float:
+        """Relative Frobenius error ||W - Q||_F / ||W||_F over all quantized matrices together."""
+        num = sum(m["err_sq"] for m in self.modules.values())
+        den = sum(m["norm_sq"] for m in self.modules.values())
+        return (num / den) ** 0.5 if den else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "quantized_modules": len(self.modules),
+            "quantized_weights": self.n_weights,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "relative_error": round(self.rel_error, 6),
+            "seconds": round(self.seconds, 2),
+            "formats": sorted({f"{m['method']} {m['format']}" for m in self.modules.values()}),
+        }
+
+
+def plan_modules(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[nn.Linear, Rule]]:
+    """Linear layer name -> (layer, first matching rule), in model order; format none is skipped."""
+    plan = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            rule = next((r for r in rules if re.search(r.pattern, name)), None)
+            if rule is not None and QuantFormat(rule.quant.format) is not QuantFormat.NONE:
+                plan[name] = (mod, rule)
+    return plan
+
+
+def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: MethodConfig, report: QuantReport, hessian=None) -> None:
+    qw = METHODS[rule.method](linear.weight.data, rule.quant, mcfg, hessian)
+    report.add(name, linear.weight.data, qw, rule.method)
+    set_module(model, name, QuantizedLinear.from_weight(qw, linear.bias))
+
+
+def quantize_model(model: nn.Module, rules: list[Rule | tuple[str, FormatConfig]], mcfg: MethodConfig | None = None,
+                   calibration: torch.Tensor | None = None, progress: bool = True) -> QuantReport:
+    """Replace every nn.Linear matched by a rule (first match wins) with a QuantizedLinear.
+
+    rules: Rule objects, or (pattern, FormatConfig) pairs meaning round-to-nearest.
+    calibration: (n, seq) token ids, needed when any rule uses GPTQ.
+    """
+    from .calibration import quantize_sequential
+
+    mcfg = (mcfg or MethodConfig()).validate()
+    rules = [r if isinstance(r, Rule) else Rule(r[0], r[1].validate()) for r in rules]
+    report, start = QuantReport(), time.perf_counter()
+    plan = plan_modules(model, rules)
+    if any(rule.method is QuantMethod.GPTQ for _, rule in plan.values()):
+        if calibration is None:
+            raise LorqError("gptq needs calibration data")
+        quantize_sequential(model, plan, mcfg, calibration, report, progress)
+    else:
+        for name, (mod, rule) in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
+            quantize_linear(model, name, mod, rule, mcfg, report)
+    report.seconds = time.perf_counter() - start
+    return report
