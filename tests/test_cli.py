@@ -53,9 +53,9 @@ def test_finetune_writes_a_peft_adapter_that_peft_loads(tiny_model_dir, tmp_path
 
 def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     q = tmp_path / "q"
-    code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, "--format", "int4", "--group-size", "32")
+    code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, "--format", "int", "--group", "32")
     assert code == 0, err and "bits/weight" in stdout
-    assert json.loads((q / "lorq_quant.json").read_text())["format_version"] == 1
+    assert json.loads((q / "lorq_quant.json").read_text())["format_version"] == 2
     code, stdout, err = run(capsys, "eval", "--model", q, "--eval-blocks", "2", "--block-size", "32")
     assert code == 0, err
     assert "perplexity" in stdout
@@ -67,6 +67,28 @@ def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--config", cfg, "--output", tmp_path / "y", "--precision", "fp32")
     assert code == 0, err
     assert json.loads((tmp_path / "y" / "adapter" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_quantize_methods_rules_and_report(tiny_model_dir, tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- {pattern: 'mlp\\.down_proj', format: int, bits: 8, method: rtn}\n- {pattern: q_proj, format: nf, bits: 3}\n")
+    q = tmp_path / "q"
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text("quant: {format: int, bits: 3, group: 32}\nmethod: gptq\n")  # the --group alias works in YAML too
+    code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, "--config", cfg,
+                            "--rules", rules, "--calib-samples", "4", "--calib-seq-len", "64", "--eval-blocks", "2")
+    assert code == 0, err
+    assert "bits/weight" in stdout and "validation perplexity" in stdout and "MiB on disk" in stdout
+    report = json.loads((q / "report.json").read_text())
+    assert set(report) >= {"bits_per_weight", "relative_error", "val_ppl", "seconds", "size_on_disk_mb"}
+    modules = json.loads((q / "lorq_quant.json").read_text())["modules"]
+    assert modules["model.layers.0.mlp.down_proj"]["bits"] == 8 and modules["model.layers.0.mlp.down_proj"]["method"] == "rtn"
+    assert modules["model.layers.0.self_attn.q_proj"]["format"] == "nf" and modules["model.layers.0.self_attn.q_proj"]["method"] == "gptq"
+    assert modules["model.layers.0.mlp.up_proj"] | {"method": "gptq", "bits": 3, "group_size": 32} == modules["model.layers.0.mlp.up_proj"]
+    # the saved model evaluates to the perplexity the report printed
+    code, stdout, err = run(capsys, "eval", "--model", q, "--eval-blocks", "2")
+    assert code == 0, err
+    assert f"perplexity {report['val_ppl']:.3f}" in stdout
 
 
 def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
@@ -95,7 +117,12 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     bad.write_text("{not json\n")
     one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", bad, *FAST, match="not valid JSON")
     one_line_error(capsys, "finetune", "--rank", "0", match="rank must be a positive integer")
-    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "3", "--output", tmp_path / "q3", match="unsupported bits 3")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "5", "--output", tmp_path / "q3", match="unsupported bits 5")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "hqq", "--format", "nf", match="asymmetric affine")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", tmp_path / "missing.yaml", match="rules file")
+    one_line_error(capsys, "quantize", "--format", "int7", match="invalid choice")
+    one_line_error(capsys, "quantize", "--group", "3", match="group size must be")
+    one_line_error(capsys, "quantize", "--method", "gptq", "--calib-samples", "0", match="must be positive")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")

@@ -52,25 +52,38 @@ def leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, type
     return out
 
 
+def _canonical(enum: type[Enum]):
+    """Option value -> the enum's canonical value, so names the enum also accepts (e.g. the
+    release-1 format `nf4`) pass argparse's choices; anything else is left for it to reject."""
+
+    def convert(value: str) -> str:
+        try:
+            return enum(value).value
+        except ValueError:
+            return value
+
+    return convert
+
+
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
     defaults = cls()
     for name, (path, f, tp) in leaf_fields(cls).items():
         default = defaults
         for p in path:
             default = getattr(default, p)
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         base = _base_type(tp)
         shown = default.value if isinstance(default, Enum) else default
         kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})")
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, nargs="+", type=typing.get_args(base)[0], metavar="X", **kw)
+            parser.add_argument(*flags, nargs="+", type=typing.get_args(base)[0], metavar="X", **kw)
         elif isinstance(base, type) and issubclass(base, Enum):
-            parser.add_argument(flag, choices=[e.value for e in base], **kw)
+            parser.add_argument(*flags, choices=[e.value for e in base], type=_canonical(base), **kw)
         else:
-            parser.add_argument(flag, type=base, metavar=base.__name__.upper(), **kw)
+            parser.add_argument(*flags, type=base, metavar=base.__name__.upper(), **kw)
 
 
 def _flatten_yaml(data: dict, cls, where: str) -> dict:
@@ -84,6 +97,8 @@ def _flatten_yaml(data: dict, cls, where: str) -> dict:
                 flat[k.replace("-", "_")] = v
         else:
             flat[key] = value
+    aliases = {a.lstrip("-").replace("-", "_"): name for name, (_, f, _) in fields.items() for a in f.metadata.get("aliases", ())}
+    flat = {aliases.get(k, k): v for k, v in flat.items()}
     unknown = [k for k in flat if k not in fields]
     if unknown:
         raise LorqError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")

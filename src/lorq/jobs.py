@@ -18,7 +18,10 @@ from .eval import generate_text, perplexity
 from .io import write_json
 from .models.loading import DEFAULT_MODEL, load_model
 from .options import opt
-from .quant import DECODER_LINEARS, FormatConfig, QuantFormat, QuantizedLinear, quantize_model, save_quantized
+from .quant import (
+    DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, load_rules,
+    quantize_model, save_quantized,
+)
 from .train.data import DataConfig, eval_blocks, load_blocks
 from .train.loop import TrainConfig, train
 from .train.plot import plot_loss
@@ -36,6 +39,9 @@ class QuantizeConfig:
     model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     output: str = opt("runs/quantized", "directory of the quantized checkpoint")
     quant: FormatConfig = field(default_factory=FormatConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    rules: str | None = opt(None, "YAML list of per-module rules ({pattern, format, bits, group_size, method, ...}), first match wins; unmatched decoder linears use the options above")
+    eval_blocks: int = opt(16, "validation blocks of 256 tokens for the report's perplexity (0 = skip)")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class FinetuneConfig:
     model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     output: str = opt("runs/finetune", "run directory: adapter/, metrics.jsonl, loss.png, checkpoints/")
     quant: FormatConfig = field(default_factory=FormatConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -77,28 +84,55 @@ def is_quantized(model) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def prepare_base(model_name: str, quant: FormatConfig):
-    """Load a model and quantize its decoder linears unless it is already quantized."""
+def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None = None) -> list[Rule]:
+    """The rules file's rules, then the default rule: every decoder linear with the options given."""
     quant.validate()
+    mcfg.validate()
+    rules = load_rules(rules_file, quant, mcfg.method) if rules_file else []
+    return rules + [Rule(DECODER_LINEARS, quant, mcfg.method)]
+
+
+def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
+    """calib_samples token sequences spread evenly over the calibration data."""
+    train_blocks, _ = load_blocks(tok, DataConfig(train_file=mcfg.calib_file, block_size=mcfg.calib_seq_len))
+    n = min(mcfg.calib_samples, len(train_blocks))
+    return train_blocks.input_ids[torch.linspace(0, len(train_blocks) - 1, n).long()]
+
+
+def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None):
+    """Load a model and quantize its linears by the rules unless it is already quantized."""
+    mcfg = mcfg or MethodConfig()
+    rules = quant_rules(quant, mcfg, rules_file)
     model, tok, path = load_model(model_name)
-    report = None
-    if quant.format is not QuantFormat.NONE and not is_quantized(model):
-        report = quantize_model(model, [(DECODER_LINEARS, quant)])
-    return model, tok, path, report
+    if is_quantized(model) or all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
+        return model, tok, path, None, rules
+    needs_calibration = any(r.method is QuantMethod.GPTQ for r in rules)
+    calibration = calibration_ids(tok, mcfg) if needs_calibration else None
+    report = quantize_model(model, rules, mcfg, calibration)
+    if not report.modules:
+        raise LorqError("no linear layer matched the quantization rules")
+    return model, tok, path, report, rules
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict:
-    if cfg.quant.validate().format is QuantFormat.NONE:
-        raise LorqError("lorq quantize needs a format (nf4 or int4)")
-    model, tok, path, report = prepare_base(cfg.model, cfg.quant)
+    if cfg.quant.validate().format is QuantFormat.NONE and not cfg.rules:
+        raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
+    if cfg.eval_blocks < 0:
+        raise LorqError("eval-blocks must be >= 0")
+    model, tok, path, report, rules = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules)
     if report is None:
         raise LorqError(f"{path} is already quantized")
-    out = save_quantized(model, tok, cfg.output, report, source=str(cfg.model))
+    out = save_quantized(model, tok, cfg.output, report, source=str(cfg.model), rules=rules)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     summary = {**report.summary(), "output": str(out), "size_on_disk_mb": round(size / 2**20, 2)}
-    print(f"quantized {summary['quantized_modules']} layers to {cfg.quant.format.value} (group {cfg.quant.group_size}): "
-          f"{summary['bits_per_weight']:.3f} bits/weight, relative error {summary['relative_error']:.4f}, "
-          f"{summary['seconds']:.1f} s, {summary['size_on_disk_mb']} MiB on disk -> {out}")
+    if cfg.eval_blocks:
+        val = eval_blocks(tok, DataConfig()).take(cfg.eval_blocks)
+        summary["val_ppl"] = round(perplexity(model, val, progress=True, desc="eval")["ppl"], 4)
+    write_json(Path(out) / "report.json", summary)
+    ppl = f", validation perplexity {summary['val_ppl']:.3f}" if "val_ppl" in summary else ""
+    print(f"quantized {summary['quantized_modules']} layers ({', '.join(summary['formats'])}): "
+          f"{summary['bits_per_weight']:.3f} bits/weight (all metadata counted), relative weight error "
+          f"{summary['relative_error']:.4f}{ppl}, {summary['seconds']:.1f} s, {summary['size_on_disk_mb']} MiB on disk -> {out}")
     return summary
 
 
@@ -114,13 +148,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.output)
     if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
         print(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
-    model, tok, path, report = prepare_base(cfg.model, cfg.quant)
+    model, tok, path, report, _ = prepare_base(cfg.model, cfg.quant, cfg.method)
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     torch.manual_seed(cfg.train.seed)
     wrapped = add_adapters(model, cfg.lora)
     precision = resolve(cfg.train.precision, next(model.parameters()).device)
     val_eval = val_blocks.take(cfg.train.eval_blocks or None)
-    print(f"lorq: base {path}{' quantized to ' + cfg.quant.format.value if report else ''}; "
+    print(f"lorq: base {path}{' quantized to ' + cfg.quant.describe() if report else ''}; "
           f"LoRA r={cfg.lora.rank} on {len(wrapped)} layers, {trainable_count(model):,} trainable parameters; "
           f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute", flush=True)
     before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval before")
@@ -142,7 +176,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 
 def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None):
-    model, tok, path, _ = prepare_base(model_name, quant)
+    model, tok, path, _, _ = prepare_base(model_name, quant)
     if adapter:
         load_peft(model, adapter)
     return model, tok, path
