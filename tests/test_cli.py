@@ -123,6 +123,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--format", "int7", match="invalid choice")
     one_line_error(capsys, "quantize", "--group", "3", match="group size must be")
     one_line_error(capsys, "quantize", "--method", "gptq", "--calib-samples", "0", match="must be positive")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "gptq", "--calib-file", tmp_path / "nope.txt", match="not found")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")

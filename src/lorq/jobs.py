@@ -22,7 +22,7 @@ from .quant import (
     DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, load_rules,
     quantize_model, save_quantized,
 )
-from .train.data import DataConfig, eval_blocks, load_blocks
+from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
 from .train.loop import TrainConfig, train
 from .train.plot import plot_loss
 from .train.precision import Precision, resolve
@@ -93,10 +93,14 @@ def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None 
 
 
 def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
-    """calib_samples token sequences spread evenly over the calibration data."""
-    train_blocks, _ = load_blocks(tok, DataConfig(train_file=mcfg.calib_file, block_size=mcfg.calib_seq_len))
-    n = min(mcfg.calib_samples, len(train_blocks))
-    return train_blocks.input_ids[torch.linspace(0, len(train_blocks) - 1, n).long()]
+    """calib_samples token sequences spread evenly over the calibration data: all of
+    --calib-file, or the embedded training split (never the validation split)."""
+    if mcfg.calib_file:
+        blocks = pack(*tokenize_records(tok, read_records(mcfg.calib_file)), mcfg.calib_seq_len, mcfg.calib_file)
+    else:
+        blocks, _ = load_blocks(tok, DataConfig(block_size=mcfg.calib_seq_len))
+    n = min(mcfg.calib_samples, len(blocks))
+    return blocks.input_ids[torch.linspace(0, len(blocks) - 1, n).long()]
 
 
 def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None):

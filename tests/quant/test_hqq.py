@@ -44,3 +44,17 @@ def test_zero_iterations_is_rtn():
 def test_needs_an_asymmetric_affine_format():
     with pytest.raises(LorqError, match="asymmetric affine"):
         quantize_hqq(torch.randn(4, 64), FormatConfig(QuantFormat.NF).validate(), HQQConfig())
+
+
+def test_padding_of_a_short_last_group_does_not_count():
+    from lorq.quant.affine import as_groups, fit_affine, group_mask
+    from lorq.quant.hqq import hqq_zero
+
+    w = heavy_tailed(8, 40)
+    wg = as_groups(w, 64)  # one group of 40 real weights + 24 copies of the last one
+    params = fit_affine(wg, 3, symmetric=False)
+    scale = params["scale"].float()
+    z0 = -params["min"].float() / scale
+    masked = hqq_zero(wg, scale, z0, 3, HQQConfig(), group_mask(40, 64))
+    real_only = hqq_zero(wg[..., :40], scale, z0, 3, HQQConfig())
+    assert torch.allclose(masked, real_only)

@@ -84,3 +84,13 @@ def test_clip_search_lowers_the_error(fmt, bits):
     searched = FORMATS.get(fmt).from_float(w, c)
     err = lambda q: (q.dequantize() - w).pow(2).view(32, -1, 64).sum(-1)
     assert (err(searched) <= err(plain) + 1e-6).all() and err(searched).sum() < 0.95 * err(plain).sum()
+
+
+@pytest.mark.parametrize("fmt,bits", [(QuantFormat.NF, 4), (QuantFormat.NF, 3), (QuantFormat.NF, 2), (QuantFormat.FP8, 8), (QuantFormat.INT, 4), (QuantFormat.INT, 3)])
+def test_half_precision_dequantization_is_the_rounded_float_one(fmt, bits):
+    w = torch.randn(24, 192)
+    qw = FORMATS.get(fmt).from_float(w, cfg(fmt, bits))
+    exact = qw.dequantize(torch.float32)
+    half = qw.dequantize(torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), exact, rtol=2e-2, atol=1e-3 * exact.abs().max().item())

@@ -117,9 +117,14 @@ def test_rules_file(tmp_path):
     rules = load_rules(f, FormatConfig(QuantFormat.INT, 3, 64).validate(), QuantMethod.HQQ)
     assert rules[0].quant == FormatConfig(QuantFormat.INT, 8, 128).validate() and rules[0].method is QuantMethod.HQQ
     assert rules[1].quant.bits == 8 and rules[1].quant.group_size == 64 and rules[1].method is QuantMethod.RTN
+    f.write_text("- {pattern: x, format: int, group: 32}\n")  # same format as the default: its bits stay
+    assert load_rules(f, FormatConfig(QuantFormat.INT, 3, 64).validate(), QuantMethod.RTN)[0].quant.bits == 3
     for text, msg in [("- {format: int}", "needs a 'pattern'"), ("- {pattern: '(', bits: 4}", "not a valid regex"),
                       ("- {pattern: x, method: awq}", "unknown quantization method"), ("{}", "non-empty list"),
-                      ("- {pattern: x, bits: 5}", "unsupported bits 5"), ("- {pattern: x, colour: red}", "unknown quantization setting")]:
+                      ("- {pattern: x, bits: 5}", "unsupported bits 5"), ("- {pattern: x, colour: red}", "unknown quantization setting"),
+                      ("- {pattern: x, format: nf5}", "unknown quantization format"), ("- {pattern: x, format: [nf]}", "unknown quantization format"),
+                      ("- {pattern: x, group_size: '64'}", "group-size must be a number"), ("- {pattern: x, bits: 4.0}", "bits must be a number"),
+                      ("- {pattern: x, symmetric: 'yes'}", "symmetric must be true or false")]:
         f.write_text(text)
         with pytest.raises(LorqError, match=msg):
             load_rules(f, FormatConfig().validate(), QuantMethod.RTN)

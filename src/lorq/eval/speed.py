@@ -43,4 +43,6 @@ def decode_tokens_per_s(model, new_tokens: int = 32, prompt_tokens: int = 16, re
     gen(2)()  # warm-up of both the prefill and the decode step
     first = _median_seconds(gen(1), repeats, warmup=False)  # prompt + first token
     total = _median_seconds(gen(new_tokens + 1), repeats, warmup=False)
-    return new_tokens / max(total - first, 1e-9)
+    if total <= first:  # timing noise larger than the decode itself: no meaningful rate
+        return float("nan")
+    return new_tokens / (total - first)

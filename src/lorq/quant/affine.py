@@ -38,6 +38,13 @@ def as_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1, group)
 
 
+def group_mask(in_features: int, group: int, device=None) -> torch.Tensor:
+    """(groups, group) float: 1 for real weights, 0 for as_groups' padding (so means and error
+    sums over a short last group count each real weight once)."""
+    n = -(-in_features // group) * group
+    return (torch.arange(n, device=device) < in_features).float().view(-1, group)
+
+
 def from_groups(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of as_groups: (out, groups, group) -> (out, in_features), padding dropped."""
     return x.reshape(x.shape[0], -1)[:, :in_features]
@@ -54,13 +61,6 @@ def fit_affine(wg: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0
     return {"scale": scale, "min": lo.to(torch.float16)}
 
 
-def zero_point(params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """The code that represents 0.0: -min / scale (float) or 2^(k-1) when symmetric."""
-    if "min" in params:
-        return -params["min"].float() / params["scale"].float()
-    return torch.full_like(params["scale"], 1 << (bits - 1), dtype=torch.float32)
-
-
 def encode_affine(wg: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """Nearest codes (uint8, same shape as wg) under per-group params (out, groups)."""
     scale = params["scale"].float().unsqueeze(-1)
@@ -71,11 +71,12 @@ def encode_affine(wg: torch.Tensor, params: dict[str, torch.Tensor], bits: int) 
     return q.clamp(0, qmax(bits)).to(torch.uint8)
 
 
-def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    scale = params["scale"].float().unsqueeze(-1)
+def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of codes (out, groups, g) in dtype (codes < 256 are exact even in bf16)."""
+    scale = params["scale"].to(dtype).unsqueeze(-1)
     if "min" in params:
-        return codes.float() * scale + params["min"].float().unsqueeze(-1)
-    return (codes.float() - (1 << (bits - 1))) * scale
+        return torch.addcmul(params["min"].to(dtype).unsqueeze(-1), codes.to(dtype), scale)
+    return (codes.to(dtype) - (1 << (bits - 1))) * scale
 
 
 @FORMATS.register("int")
@@ -116,8 +117,14 @@ class AffineWeight(GroupCodec, TensorFormat):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, cfg: FormatConfig) -> "AffineWeight":
+        group = cfg.group_for(w.shape[1])
+        wg = as_groups(w, group)
+        return cls.from_params(w, cfg, cls.fit_best(wg, cfg, group_mask(w.shape[1], group, w.device)))
+
+    @classmethod
+    def from_params(cls, w: torch.Tensor, cfg: FormatConfig, params: dict[str, torch.Tensor]) -> "AffineWeight":
+        """Nearest codes of w under the given per-group parameters."""
         wg = as_groups(w, cfg.group_for(w.shape[1]))
-        params = cls.fit_best(wg, cfg)
         return cls.from_codes(w.shape, cfg, from_groups(cls.encode(wg, params, cfg), w.shape[1]), params)
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -128,12 +135,21 @@ class AffineWeight(GroupCodec, TensorFormat):
         return unpack_bits(self.codes, self.cfg.bits, self.shape[0] * self.shape[1]).view(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = as_groups(self.int_codes(), self.group)  # exact: codes < 256 are exact in fp32
-        return from_groups(decode_affine(codes, self.params(), self.cfg.bits), self.shape[1]).to(dtype)
+        # Half-precision results are computed in that dtype (one pass, the decode hot path).
+        work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        out_f, in_f = self.shape
+        codes = self.int_codes()
+        grouped = codes.view(out_f, -1, self.group) if in_f % self.group == 0 else as_groups(codes, self.group)
+        return from_groups(decode_affine(grouped, self.params(), self.cfg.bits, work), in_f).to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, **self.params()}
 
     def fast_kernel(self, dtype: torch.dtype, device: torch.device):
         """PyTorch's int4 weight-only kernel for int4 asymmetric weights and bf16 inputs, else None."""
-        return prepare_int4_kernel(self, device) if int4_kernel_applies(self, dtype, device) else None
+        if not int4_kernel_applies(self, dtype, device):
+            return None
+        try:
+            return prepare_int4_kernel(self, device)
+        except (RuntimeError, AttributeError):  # a torch build without the op, or a shape it refuses
+            return None

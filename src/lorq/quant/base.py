@@ -27,6 +27,8 @@ class QuantFormat(str, Enum):
     FP4 = "fp4"
     INT8_OUTLIER = "int8-outlier"
     NONE = "none"
+    NF4 = "nf"  # release-1 names, kept as aliases for Python callers
+    INT4 = "int"
 
     @classmethod
     def _missing_(cls, value):
@@ -50,7 +52,18 @@ class FormatConfig:
     clip_search: bool = opt(False, "search each group's range, shrunk by up to 30%, for the least squared error instead of taking min/max or absmax (GPTQ's mse option; nf4 then no longer equals bitsandbytes)")
 
     def validate(self) -> "FormatConfig":
-        self.format = QuantFormat(self.format)
+        try:
+            self.format = QuantFormat(self.format)
+        except (ValueError, TypeError):
+            known = ", ".join(f.value for f in QuantFormat)
+            raise LorqError(f"unknown quantization format {self.format!r} (known: {known})")
+        for name, kind in (("bits", int), ("group_size", int), ("outlier_threshold", (int, float))):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise LorqError(f"{name.replace('_', '-')} must be a number, got {value!r}")
+        for name in ("double_quant", "symmetric", "clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorqError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
         if self.format is QuantFormat.NONE:
             return self
         cls = FORMATS.get(self.format)
@@ -76,7 +89,8 @@ class FormatConfig:
     def describe(self) -> str:
         group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
         extra = " sym" if self.format is QuantFormat.INT and self.symmetric else ""
-        return f"{self.format.value}{self.bits} {group}{extra}"
+        bits = "" if str(self.bits) in self.format.value else str(self.bits)  # fp8, not fp88
+        return f"{self.format.value}{bits} {group}{extra}"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -89,7 +103,7 @@ class FormatConfig:
         unknown = set(d) - known
         if unknown:
             raise LorqError(f"unknown quantization setting(s) {', '.join(sorted(unknown))}")
-        return cls(**{**d, "format": QuantFormat(d["format"])}).validate()
+        return cls(**d).validate()
 
 
 class QuantizedWeight(Protocol):
@@ -125,14 +139,16 @@ class GroupCodec:
     """
 
     @classmethod
-    def fit_best(cls, wg: torch.Tensor, cfg: FormatConfig) -> dict[str, torch.Tensor]:
-        """cls.fit, or with cfg.clip_search the per-group shrink of the range with least squared error."""
+    def fit_best(cls, wg: torch.Tensor, cfg: FormatConfig, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """cls.fit, or with cfg.clip_search the per-group shrink of the range with least squared
+        error (mask (groups, g): which entries are real weights rather than padding)."""
         if not cfg.clip_search:
             return cls.fit(wg, cfg)
         best = best_err = None
         for shrink in CLIP_SHRINKS:
             params = cls.fit(wg, cfg, shrink)
-            err = (cls.decode(cls.encode(wg, params, cfg), params, cfg) - wg).pow(2).sum(dim=-1)
+            sq = (cls.decode(cls.encode(wg, params, cfg), params, cfg) - wg).pow(2)
+            err = (sq if mask is None else sq * mask).sum(dim=-1)
             if best is None:
                 best, best_err = params, err
                 continue

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from ..errors import LorqError
 from .gptq import GramCache, HessianAccumulator
+from .linear import DECODER_BLOCKS
 from .quantize import MethodConfig, QuantMethod, QuantReport, Rule, quantize_linear
 
-LAYER_LISTS = r"(^|\.)(layers|h|blocks)$"
 CALIB_BATCH = 4
 
 
@@ -28,7 +28,7 @@ class _StopForward(Exception):
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and re.search(LAYER_LISTS, name):
+        if isinstance(mod, nn.ModuleList) and re.search(DECODER_BLOCKS + "$", name):
             return name, mod
     raise LorqError("gptq: no list of decoder layers found in this model")
 
@@ -90,13 +90,14 @@ def quantize_sequential(model: nn.Module, plan: dict[str, tuple[nn.Linear, Rule]
             for h in hooks:
                 h.remove()
         for n, (mod, rule) in targets.items():
-            quantize_linear(model, n, mod, rule, mcfg, report, accs[n].hessian() if n in accs else None)
+            if n in accs and accs[n].n == 0:  # never ran on the calibration data (e.g. an unrouted expert)
+                tqdm.write(f"lorq: note: {n} saw no calibration tokens; quantized with rtn instead of gptq")
+                rule = Rule(rule.pattern, rule.quant, QuantMethod.RTN)
+            quantize_linear(model, n, mod, rule, mcfg, report, accs[n].hessian() if n in accs and accs[n].n else None)
             done.add(n)
         if idx + 1 < len(layers):
             inputs = run_layer(layer, inputs)
-    for n, (mod, rule) in plan.items():  # layers outside the decoder blocks (e.g. a matched lm_head)
+    for n, (mod, rule) in plan.items():  # layers outside the decoder blocks (rtn/hqq rules, e.g. lm_head)
         if n not in done:
-            if rule.method is QuantMethod.GPTQ:
-                raise LorqError(f"gptq applies to linear layers inside decoder blocks; {n} is not one (give it an rtn or hqq rule)")
             quantize_linear(model, n, mod, rule, mcfg, report)
     model.train(was_training)

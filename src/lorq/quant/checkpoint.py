@@ -76,7 +76,7 @@ def load_quantized(path: str | Path):
             raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
         try:
             cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in MODULE_KEYS})
-        except (TypeError, ValueError, KeyError) as e:
+        except (LorqError, TypeError, ValueError, KeyError) as e:
             raise LorqError(f"{path / QUANT_CONFIG}: invalid settings for {name}: {e}")
         prefix = name + "."
         own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}

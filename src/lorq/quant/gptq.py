@@ -18,7 +18,7 @@ import torch
 
 from ..errors import LorqError
 from ..options import opt
-from .affine import as_groups
+from .affine import as_groups, group_mask
 from .base import FORMATS, FormatConfig
 
 
@@ -37,15 +37,16 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.h = None  # allocated on the first input's device
         self.n = 0
 
     def add(self, x: torch.Tensor, gram: "GramCache | None" = None) -> None:
-        self.h += (gram or GramCache())(x).double()
+        g = (gram or GramCache())(x).double()
+        self.h = g.clone() if self.h is None else self.h + g
         self.n += x.numel() // x.shape[-1]
 
     def hessian(self) -> torch.Tensor:
-        return (2.0 / max(self.n, 1)) * self.h
+        return (2.0 / max(self.n, 1)) * self.h if self.h is not None else None
 
 
 class GramCache:
@@ -66,7 +67,7 @@ class GramCache:
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H)."""
     h = h.clone()
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     try:
         lower = torch.linalg.cholesky(h)
         return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
@@ -89,18 +90,20 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, cfg: FormatConfig, gcfg: GPT
     h[dead, dead] = 1.0
     W[:, dead] = 0.0
     static = gcfg.act_order or group == in_f
-    perm = torch.argsort(torch.diag(h), descending=True) if gcfg.act_order else torch.arange(in_f)
-    params = cls.fit_best(as_groups(W, group), cfg) if static else None
+    h = h.to(W.device)
+    perm = torch.argsort(torch.diag(h), descending=True) if gcfg.act_order else torch.arange(in_f, device=W.device)
+    params = cls.fit_best(as_groups(W, group), cfg, group_mask(in_f, group, W.device)) if static else None
     fitted = [static] * -(-in_f // group)
     W, h = W[:, perm], h[perm][:, perm]
     U = inverse_hessian_factor(h, gcfg.gptq_damp)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    order = perm.tolist()
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     block = max(gcfg.gptq_block // group, 1) * group if not static else gcfg.gptq_block
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype), U[i1:i2, i1:i2]
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype, device=W.device), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = int(perm[i1 + i])  # original column
+            j = order[i1 + i]  # original column
             g = j // group
             if not fitted[g]:  # in sweep order group g starts here, inside this block
                 fresh = cls.fit_best(W1[:, i:i + group].float().unsqueeze(1), cfg)

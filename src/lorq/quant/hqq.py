@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LorqError
 from ..options import opt
-from .affine import as_groups, fit_affine, from_groups, qmax
+from .affine import as_groups, fit_affine, group_mask, qmax
 from .base import FORMATS, FormatConfig, QuantFormat
 
 
@@ -36,19 +36,22 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp(min=1e-12).pow(p - 1) / beta)
 
 
-def hqq_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cfg: HQQConfig) -> torch.Tensor:
-    """Optimized zero points (out, groups) for wg (out, groups, g) under fixed scales."""
+def hqq_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cfg: HQQConfig,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Optimized zero points (out, groups) for wg (out, groups, g) under fixed scales; mask
+    (groups, g) marks real weights (a padded short last group must not count twice)."""
+    mask = torch.ones_like(wg[0]) if mask is None else mask
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1).clone()
     beta, best_err, best_z = cfg.hqq_beta, float("inf"), z.clone()
     for _ in range(cfg.hqq_iters):
         wq = torch.round(wg / s + z).clamp(0, qmax(bits))
         wr = (wq - z) * s
-        err = (wg - wr).abs().mean().item()
+        err = ((wg - wr).abs() * mask).sum().item() / (mask.sum().item() * wg.shape[0])
         if err >= best_err:
             break
         best_err, best_z = err, z.clone()
         we = shrink_lp(wg - wr, beta, cfg.hqq_lp_norm)
-        z = (wq - (wg - we) / s).mean(dim=-1, keepdim=True)
+        z = ((wq - (wg - we) / s) * mask).sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True)
         beta *= cfg.hqq_kappa
     return best_z.squeeze(-1)
 
@@ -57,10 +60,9 @@ def quantize_hqq(w: torch.Tensor, cfg: FormatConfig, hcfg: HQQConfig):
     """An asymmetric int weight whose zero points HQQ optimized (scales stay min-max)."""
     if cfg.format is not QuantFormat.INT or cfg.symmetric:
         raise LorqError("hqq optimizes the zero point of asymmetric affine formats: use --format int --no-symmetric")
-    cls = FORMATS.get(cfg.format)
-    wg = as_groups(w, cfg.group_for(w.shape[1]))
+    group = cfg.group_for(w.shape[1])
+    wg = as_groups(w, group)
     params = fit_affine(wg, cfg.bits, symmetric=False)
     scale = params["scale"].float()
-    zero = hqq_zero(wg, scale, -params["min"].float() / scale, cfg.bits, hcfg)
-    params = {"scale": params["scale"], "min": (-zero * scale).to(torch.float16)}
-    return cls.from_codes(w.shape, cfg, from_groups(cls.encode(wg, params, cfg), w.shape[1]), params)
+    zero = hqq_zero(wg, scale, -params["min"].float() / scale, cfg.bits, hcfg, group_mask(w.shape[1], group, w.device))
+    return FORMATS.get(cfg.format).from_params(w, cfg, {"scale": params["scale"], "min": (-zero * scale).to(torch.float16)})

@@ -33,12 +33,22 @@ class Int4Kernel:
         return mm(x2, self.packed, self.group, self.scales_zeros).view(*x.shape[:-1], self.out_features)
 
 
+def inner_k_tiles(in_features: int, device: torch.device) -> int | None:
+    """The kernels' K tiling: CPU packs in tiles of 16·8; CUDA takes 8, 4 or 2 tiles of 16."""
+    if device.type == "cpu":
+        return INNER_K_TILES
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
 def int4_kernel_applies(qw, dtype: torch.dtype, device: torch.device) -> bool:
     cfg = qw.cfg
+    out_f, in_f = qw.shape
+    out_multiple = 16 if device.type == "cpu" else 8  # the packing functions' N tiling
     return (
         cfg.format is QuantFormat.INT and cfg.bits == 4 and not cfg.symmetric
         and dtype == torch.bfloat16 and device.type in ("cpu", "cuda")
-        and qw.group in KERNEL_GROUPS and qw.shape[1] % qw.group == 0
+        and qw.group in KERNEL_GROUPS and in_f % qw.group == 0 and out_f % out_multiple == 0
+        and inner_k_tiles(in_f, device) is not None
     )
 
 
@@ -48,9 +58,10 @@ def prepare_int4_kernel(qw, device: torch.device) -> Int4Kernel:
     scale = qw.scale.to(device).float()
     zero = qw.min.to(device).float() + 8 * scale
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    tiles = inner_k_tiles(qw.shape[1], device)
     if device.type == "cpu":
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
     else:  # CUDA takes two codes per byte, even column in the high nibble
         pairs = codes.to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack((pairs[:, 0::2] << 4) | pairs[:, 1::2], INNER_K_TILES)
+        packed = torch.ops.aten._convert_weight_to_int4pack((pairs[:, 0::2] << 4) | pairs[:, 1::2], tiles)
     return Int4Kernel(packed, scales_zeros, qw.group, qw.shape[0])

@@ -127,7 +127,7 @@ class LevelWeight(GroupCodec, TensorFormat):
             params = cls.fit_best(wg, cfg)
             return cls.from_codes(w.shape, cfg, cls.encode(wg, params, cfg), params)
         scaled, absmax = absmax_scale(w.detach(), cfg.group_for(w.shape[1]))
-        codes = nearest_level(scaled.reshape(-1), cls.levels(cfg))[: w.numel()]
+        codes = nearest_level(scaled.reshape(-1), cls.levels(cfg).to(w.device))[: w.numel()]
         return cls.from_codes(w.shape, cfg, codes, {"absmax": absmax})
 
     def block_absmax(self) -> torch.Tensor:
@@ -136,12 +136,6 @@ class LevelWeight(GroupCodec, TensorFormat):
         if getattr(self, "_absmax", None) is None:  # computed once per view (QuantizedLinear caches the view)
             self._absmax = dequantize_dynamic_8bit(self.absmax_codes, self.absmax_scale) + self.absmax_offset
         return self._absmax
-
-    def params(self) -> dict[str, torch.Tensor]:
-        """Row-group parameters (out, groups); needs group | in_features."""
-        if self.shape[1] % self.block:
-            raise LorqError(f"block {self.block} does not divide the input dimension {self.shape[1]}")
-        return {"absmax": self.block_absmax().view(self.shape[0], -1)}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = self.shape[0] * self.shape[1]

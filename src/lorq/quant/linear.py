@@ -64,8 +64,9 @@ class QuantizedLinear(nn.Module):
     use_kernels = True  # class-wide switch; benchmarks and tests turn fast kernels off to compare
 
     def _buffers_key(self) -> tuple:
-        """Changes whenever a stored tensor is replaced (.to(), load) or modified in place."""
-        return tuple((id(t), t._version) for t in (getattr(self, n) for n in self._names))
+        """Changes whenever a stored tensor is replaced (.to(), load) or modified in place (but not
+        through .data, which bypasses version counting; inference tensors have no counter)."""
+        return tuple((id(t), 0 if t.is_inference() else t._version) for t in (getattr(self, n) for n in self._names))
 
     def qweight(self) -> QuantizedWeight:
         """The format's view over the buffers, cached while they are unchanged (formats may cache
@@ -111,8 +112,9 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.cfg.describe()}"
 
 
-# Every linear layer inside the repeated decoder blocks; never lm_head or embeddings.
-DECODER_LINEARS = r"(^|\.)(layers|h|blocks)\.\d+\."
+# The list of repeated decoder blocks, and every linear layer inside it (never lm_head or embeddings).
+DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)"
+DECODER_LINEARS = DECODER_BLOCKS + r"\.\d+\."
 
 
 def match_modules(model: nn.Module, patterns: list[str], kinds: tuple[type, ...]) -> list[str]:

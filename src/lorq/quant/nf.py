@@ -106,11 +106,11 @@ def quantize_dynamic_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[t
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     scaled = torch.clamp(xb * inv.unsqueeze(1), -1, 1)
     grid_index = ((scaled + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).to(torch.int64)
-    codes = _dynamic_map_lut()[grid_index]
+    codes = _dynamic_map_lut().to(x.device)[grid_index]
     codes = torch.where(absmax.unsqueeze(1) > 0, codes, torch.zeros_like(codes))
     return codes.reshape(-1)[: x.numel()], absmax
 
 
 def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, block: int = ABSMAX_BLOCK) -> torch.Tensor:
-    values = dynamic_map_8bit()[codes.long()]
+    values = dynamic_map_8bit().to(codes.device)[codes.long()]
     return (blocks(values, block) * absmax.unsqueeze(1)).reshape(-1)[: codes.numel()]

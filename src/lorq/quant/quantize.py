@@ -23,7 +23,7 @@ from ..options import opt
 from .base import FORMATS, FormatConfig, QuantFormat
 from .gptq import GPTQConfig, quantize_gptq
 from .hqq import HQQConfig, quantize_hqq
-from .linear import QuantizedLinear, set_module
+from .linear import DECODER_LINEARS, QuantizedLinear, set_module
 
 
 class QuantMethod(str, Enum):
@@ -87,8 +87,8 @@ class Rule:
         except ValueError:
             raise LorqError(f"unknown quantization method {method!r} (known: {', '.join(m.value for m in QuantMethod)})")
         base = (default_quant or FormatConfig()).to_json()
-        if "format" in d and "bits" not in d:
-            base["bits"] = None  # a new format starts from its own default width
+        if "format" in d and "bits" not in d and FormatConfig(d["format"]).validate().format.value != base["format"]:
+            base["bits"] = None  # another format starts from its own default width
         quant = FormatConfig.from_json({**base, **{k: v for k, v in d.items() if k != "pattern"}})
         return cls(d["pattern"], quant, method)
 
@@ -178,12 +178,15 @@ def quantize_model(model: nn.Module, rules: list[Rule | tuple[str, FormatConfig]
     from .calibration import quantize_sequential
 
     mcfg = (mcfg or MethodConfig()).validate()
-    rules = [r if isinstance(r, Rule) else Rule(r[0], r[1].validate()) for r in rules]
+    rules = [Rule(r.pattern, r.quant.validate(), QuantMethod(r.method)) if isinstance(r, Rule) else Rule(r[0], r[1].validate()) for r in rules]
     report, start = QuantReport(), time.perf_counter()
     plan = plan_modules(model, rules)
     if any(rule.method is QuantMethod.GPTQ for _, rule in plan.values()):
         if calibration is None:
             raise LorqError("gptq needs calibration data")
+        outside = [n for n, (_, rule) in plan.items() if rule.method is QuantMethod.GPTQ and not re.search(DECODER_LINEARS, n)]
+        if outside:
+            raise LorqError(f"gptq applies to linear layers inside decoder blocks; {outside[0]} is not one (give it an rtn or hqq rule)")
         quantize_sequential(model, plan, mcfg, calibration, report, progress)
     else:
         for name, (mod, rule) in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
