@@ -135,8 +135,9 @@ class AffineWeight(GroupCodec, TensorFormat):
         return unpack_bits(self.codes, self.cfg.bits, self.shape[0] * self.shape[1]).view(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # Half-precision results are computed in that dtype (one pass, the decode hot path).
-        work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        # fp32 arithmetic even for half-precision results: min + q·s cancels near zero, and bf16
+        # intermediate rounding there would cost far more than one final rounding
+        work = torch.float32
         out_f, in_f = self.shape
         codes = self.int_codes()
         grouped = codes.view(out_f, -1, self.group) if in_f % self.group == 0 else as_groups(codes, self.group)
