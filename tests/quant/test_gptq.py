@@ -30,7 +30,7 @@ def test_beats_rtn_on_the_layer_output(cfg, act_order):
     cfg.validate()
     torch.manual_seed(0)
     w, x = torch.randn(48, 128), correlated_inputs()
-    acc = HessianAccumulator(128)
+    acc = HessianAccumulator()
     acc.add(x)
     gptq = quantize_gptq(w, acc.hessian(), cfg, GPTQConfig(act_order=act_order))
     rtn = FORMATS.get(cfg.format).from_float(w, cfg)
@@ -48,7 +48,7 @@ def test_identity_hessian_reduces_to_rtn(cfg):
 
 def test_hessian_accumulator():
     x = torch.randn(3, 10, 8)
-    acc = HessianAccumulator(8)
+    acc = HessianAccumulator()
     acc.add(x[:1])
     acc.add(x[1:])
     flat = x.reshape(-1, 8).double()
@@ -75,7 +75,7 @@ def test_layerwise_gptq_on_a_model_beats_rtn(tiny_llama):
 
 def test_short_last_group_and_its_limits():
     w, x = torch.randn(16, 96), correlated_inputs(d=96)
-    acc = HessianAccumulator(96)
+    acc = HessianAccumulator()
     acc.add(x)
     cfg = FormatConfig(QuantFormat.INT, 4, 64).validate()  # groups of 64 and 32
     q = quantize_gptq(w, acc.hessian(), cfg, GPTQConfig())

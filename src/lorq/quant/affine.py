@@ -71,12 +71,12 @@ def encode_affine(wg: torch.Tensor, params: dict[str, torch.Tensor], bits: int) 
     return q.clamp(0, qmax(bits)).to(torch.uint8)
 
 
-def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Values of codes (out, groups, g) in dtype (codes < 256 are exact even in bf16)."""
-    scale = params["scale"].to(dtype).unsqueeze(-1)
+def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """fp32 values of codes (out, groups, g)."""
+    scale = params["scale"].float().unsqueeze(-1)
     if "min" in params:
-        return torch.addcmul(params["min"].to(dtype).unsqueeze(-1), codes.to(dtype), scale)
-    return (codes.to(dtype) - (1 << (bits - 1))) * scale
+        return torch.addcmul(params["min"].float().unsqueeze(-1), codes.float(), scale)
+    return (codes.float() - (1 << (bits - 1))) * scale
 
 
 @FORMATS.register("int")
@@ -137,11 +137,10 @@ class AffineWeight(GroupCodec, TensorFormat):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # fp32 arithmetic even for half-precision results: min + q·s cancels near zero, and bf16
         # intermediate rounding there would cost far more than one final rounding
-        work = torch.float32
         out_f, in_f = self.shape
         codes = self.int_codes()
         grouped = codes.view(out_f, -1, self.group) if in_f % self.group == 0 else as_groups(codes, self.group)
-        return from_groups(decode_affine(grouped, self.params(), self.cfg.bits, work), in_f).to(dtype)
+        return from_groups(decode_affine(grouped, self.params(), self.cfg.bits), in_f).to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, **self.params()}

@@ -80,7 +80,7 @@ def quantize_sequential(model: nn.Module, plan: dict[str, tuple[nn.Linear, Rule]
     for idx, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
         prefix = f"{list_name}.{idx}." if list_name else f"{idx}."
         targets = {n: v for n, v in plan.items() if n.startswith(prefix)}
-        accs = {n: HessianAccumulator(mod.in_features) for n, (mod, rule) in targets.items() if rule.method is QuantMethod.GPTQ}
+        accs = {n: HessianAccumulator() for n, (mod, rule) in targets.items() if rule.method is QuantMethod.GPTQ}
         gram = GramCache()
         hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=acc: acc.add(a[0], gram)) for n, acc in accs.items()]
         try:

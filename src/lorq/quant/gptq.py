@@ -36,7 +36,7 @@ class HessianAccumulator:
     same input tensor (q/k/v, gate/up) share one product through `gram`.
     """
 
-    def __init__(self, in_features: int):
+    def __init__(self):
         self.h = None  # allocated on the first input's device
         self.n = 0
 
@@ -78,8 +78,6 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 def quantize_gptq(w: torch.Tensor, h: torch.Tensor, cfg: FormatConfig, gcfg: GPTQConfig):
     """Quantize w (out, in) to cfg's format with GPTQ, given the layer's Hessian h (in, in)."""
     cls = FORMATS.get(cfg.format)
-    if not hasattr(cls, "fit_best"):
-        raise LorqError(f"gptq cannot target format {cfg.format.value}")
     out_f, in_f = w.shape
     group = cfg.group_for(in_f)
     if in_f % group and not getattr(cls, "partial_groups", False):

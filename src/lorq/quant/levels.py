@@ -17,7 +17,7 @@ import torch
 
 from ..errors import LorqError
 from .base import FORMATS, FormatConfig, GroupCodec, QuantFormat, TensorFormat
-from .nf import absmax_scale, blocks, dequantize_dynamic_8bit, nf_levels, quantize_dynamic_8bit
+from .nf import absmax_scale, blocks, dequantize_dynamic_8bit, nf_levels, quantize_dynamic_8bit, scale_by
 from .packing import pack_bits, unpack_bits
 
 
@@ -65,13 +65,6 @@ def byte_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.de
 def nearest_level(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level (ties to the lower one, as bitsandbytes) of values in [-1, 1]."""
     return torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2).to(torch.uint8)
-
-
-def scale_by(wg: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """wg (..., g) times 1/absmax (...), clamped to [-1, 1]; multiplying by the reciprocal is
-    what bitsandbytes does, and bit-exactness depends on it."""
-    inv = 1.0 / absmax.clamp(min=1e-38)
-    return torch.clamp(wg * inv.unsqueeze(-1), -1, 1)
 
 
 @dataclass

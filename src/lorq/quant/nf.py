@@ -84,15 +84,21 @@ def blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(flat, (0, pad)).view(-1, block)
 
 
+def scale_by(wg: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """wg (..., g) times 1/absmax (...), clamped to [-1, 1]; multiplying by the reciprocal is
+    what bitsandbytes does, and bit-exactness depends on it."""
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    return torch.clamp(wg * inv.unsqueeze(-1), -1, 1)
+
+
 def absmax_scale(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks of w scaled into [-1, 1], absmax per block)."""
     wb = blocks(w, block)  # (n_blocks, block)
     absmax = wb.abs().amax(dim=1)  # (n_blocks,)
-    safe = absmax.clamp(min=1e-38)
-    scaled = wb * (1.0 / safe).unsqueeze(1)
+    scaled = scale_by(wb, absmax)
     if w.numel() % block:  # bitsandbytes divides (not multiplies) in the last partial block
-        scaled[-1] = wb[-1] / safe[-1]
-    return torch.clamp(scaled, -1, 1), absmax
+        scaled[-1] = torch.clamp(wb[-1] / absmax[-1].clamp(min=1e-38), -1, 1)
+    return scaled, absmax
 
 
 def quantize_dynamic_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
