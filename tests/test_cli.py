@@ -91,6 +91,44 @@ def test_quantize_methods_rules_and_report(tiny_model_dir, tmp_path, capsys):
     assert f"perplexity {report['val_ppl']:.3f}" in stdout
 
 
+def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys):
+    q = tmp_path / "lr"
+    code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, "--lowrank", "lq-lora", "--rank", "4",
+                            "--group", "32", "--budget-bits", "5.9", "--budget-ranks", "4", "--budget-weighting", "none", "--eval-blocks", "2")
+    assert code == 0, err
+    assert "| layer |" in stdout and "lq-lora r4" in stdout  # the per-layer plan and the report
+    report = json.loads((q / "report.json").read_text())
+    assert report["bits_per_weight"] <= 5.9 and report["budget"]["target_bits"] == 5.9
+    meta = json.loads((q / "lorq_quant.json").read_text())
+    assert meta["budget"]["allocation"] == "ilp" and len(meta["rules"]) == 15  # 14 per-matrix rules + the default
+    assert any(m.get("rank") == 4 and m["lowrank"] == "lq-lora" for m in meta["modules"].values())
+    code, stdout, err = run(capsys, "eval", "--model", q, "--eval-blocks", "2")
+    assert code == 0, err
+    assert float(stdout.split("perplexity ")[1].split()[0]) == pytest.approx(report["val_ppl"], rel=1e-6)
+    # eora computes input covariances on calibration data, whatever the rounding method
+    code, _, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "eora", "--lowrank", "eora", "--rank", "2",
+                       "--calibration", tiny_model_dir / "config.json", "--calib-samples", "2", "--calib-seq-len", "16", "--eval-blocks", "0")
+    assert code == 0, err
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "lorc", "--rank", "0", match="needs --rank >= 1")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "svd", match="invalid choice")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "1.5", "--budget-weighting", "none", match="below the cheapest")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "40", match="budget-bits must be")
+
+
+def test_finetune_from_lq_lora_factors(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "lq"
+    code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--format", "nf", "--bits", "3",
+                            "--group", "32", "--lowrank", "lq-lora", "--dropout", "0")
+    assert code == 0, err
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base")  # the adapter belongs to that Q
+    assert not any("rank" in m for m in json.loads((out / "base" / "lorq_quant.json").read_text())["modules"].values())
+    summary = json.loads((out / "summary.json").read_text())
+    code, stdout, err = run(capsys, "eval", "--model", out / "base", "--adapter", out / "adapter", "--eval-blocks", "2", "--block-size", "32")
+    assert code == 0, err
+    assert f"perplexity {summary['ppl_after']:.3f}" in stdout
+
+
 def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r"
     args = ["finetune", "--model", tiny_model_dir, "--output", out, *FAST]

@@ -18,10 +18,15 @@ from .eval import generate_text, perplexity
 from .io import write_json
 from .models.loading import DEFAULT_MODEL, load_model
 from .options import opt
+from .adapters.init import LowRankUse, init_from_factors, pop_compensation
 from .quant import (
-    DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, load_rules,
+    DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
     quantize_model, save_quantized,
 )
+from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate
+from .quant.fisher import fisher_weights
+from .quant.lowrank import LowRankMethod
+from .quant.quantize import needs_calibration, plan_modules
 from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
 from .train.loop import TrainConfig, train
 from .train.plot import plot_loss
@@ -40,7 +45,9 @@ class QuantizeConfig:
     output: str = opt("runs/quantized", "directory of the quantized checkpoint")
     quant: FormatConfig = field(default_factory=FormatConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    rules: str | None = opt(None, "YAML list of per-module rules ({pattern, format, bits, group_size, method, ...}), first match wins; unmatched decoder linears use the options above")
+    rank: int = opt(16, "rank r of the low-rank part with --lowrank")
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    rules: str | None = opt(None, "YAML list of per-module rules ({pattern, format, bits, group_size, method, lowrank, rank, ...}), first match wins; unmatched decoder linears use the options above")
     eval_blocks: int = opt(16, "validation blocks of 256 tokens for the report's perplexity (0 = skip)")
 
 
@@ -50,6 +57,8 @@ class FinetuneConfig:
     output: str = opt("runs/finetune", "run directory: adapter/, metrics.jsonl, loss.png, checkpoints/")
     quant: FormatConfig = field(default_factory=FormatConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    lowrank_as: LowRankUse = opt(LowRankUse.INIT, "with --lowrank: the factors (rank = --rank) initialize the trainable LoRA (init) or stay a frozen branch under a fresh LoRA (compensate)")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -84,12 +93,15 @@ def is_quantized(model) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None = None) -> list[Rule]:
+def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None = None, rank: int = 0) -> list[Rule]:
     """The rules file's rules, then the default rule: every decoder linear with the options given."""
     quant.validate()
     mcfg.validate()
-    rules = load_rules(rules_file, quant, mcfg.method) if rules_file else []
-    return rules + [Rule(DECODER_LINEARS, quant, mcfg.method)]
+    if mcfg.lowrank is not LowRankMethod.NONE and rank <= 0:
+        raise LorqError(f"--lowrank {mcfg.lowrank.value} needs --rank >= 1")
+    rank = rank if mcfg.lowrank is not LowRankMethod.NONE else 0
+    rules = load_rules(rules_file, quant, mcfg.method, mcfg.lowrank, rank) if rules_file else []
+    return rules + [Rule(DECODER_LINEARS, quant, mcfg.method, mcfg.lowrank, rank)]
 
 
 def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
@@ -103,19 +115,47 @@ def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
     return blocks.input_ids[torch.linspace(0, len(blocks) - 1, n).long()]
 
 
-def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None):
-    """Load a model and quantize its linears by the rules unless it is already quantized."""
-    mcfg = mcfg or MethodConfig()
-    rules = quant_rules(quant, mcfg, rules_file)
+@dataclass
+class Base:
+    """A loaded base model and what was done to it."""
+
+    model: torch.nn.Module
+    tok: object
+    path: Path
+    report: QuantReport | None = None  # None: loaded as it was (dense, or already quantized)
+    rules: list[Rule] = field(default_factory=list)
+    budget: BudgetPlan | None = None
+
+
+def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None,
+                 rank: int = 0, budget: BudgetConfig | None = None) -> Base:
+    """Load a model and quantize its linears by the rules (and the bit budget, if any) unless it
+    is already quantized."""
+    mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
+    rules = quant_rules(quant, mcfg, rules_file, rank)
     model, tok, path = load_model(model_name)
     if is_quantized(model) or all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
-        return model, tok, path, None, rules
-    needs_calibration = any(r.method is QuantMethod.GPTQ for r in rules)
-    calibration = calibration_ids(tok, mcfg) if needs_calibration else None
-    report = quantize_model(model, rules, mcfg, calibration)
+        if budget.budget_bits is not None and not is_quantized(model):
+            raise LorqError("--budget-bits needs a quantization format")
+        return Base(model, tok, path, None, rules)
+    use_budget = budget.budget_bits is not None
+    fisher_for_budget = use_budget and budget.budget_weighting is ErrorWeighting.FISHER
+    stats = use_budget and (budget.allocation is Allocation.LAYERWISE or budget.budget_weighting is ErrorWeighting.ACTIVATION)
+    needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in plan_modules(model, rules).values())
+    calibration = calibration_ids(tok, mcfg) if needs else None
+    fisher = None
+    if mcfg.fisher or fisher_for_budget:
+        fisher = fisher_weights(model, list(plan_modules(model, rules)), calibration)
+    plan = None
+    if use_budget:
+        plan = allocate(model, rules, budget, rank if mcfg.lowrank is not LowRankMethod.NONE else 0, calibration, fisher)
+        rules = plan.rules + rules
+        print(f"lorq: bit budget {plan.target_bits} -> {plan.bits_per_weight:.4f} bits/weight planned "
+              f"({plan.allocation}, {plan.weighting}-weighted error; solved in {plan.solve_seconds:.2f} s):\n{plan.table()}", flush=True)
+    report = quantize_model(model, rules, mcfg, calibration, fisher=fisher if mcfg.fisher else None)
     if not report.modules:
         raise LorqError("no linear layer matched the quantization rules")
-    return model, tok, path, report, rules
+    return Base(model, tok, path, report, rules, plan)
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict:
@@ -123,12 +163,16 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
     if cfg.eval_blocks < 0:
         raise LorqError("eval-blocks must be >= 0")
-    model, tok, path, report, rules = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules)
+    base = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules, cfg.rank, cfg.budget)
+    model, tok, path, report = base.model, base.tok, base.path, base.report
     if report is None:
         raise LorqError(f"{path} is already quantized")
-    out = save_quantized(model, tok, cfg.output, report, source=str(cfg.model), rules=rules)
+    budget = base.budget.summary() if base.budget else None
+    out = save_quantized(model, tok, cfg.output, report, source=str(cfg.model), rules=base.rules, budget=budget)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     summary = {**report.summary(), "output": str(out), "size_on_disk_mb": round(size / 2**20, 2)}
+    if budget:
+        summary["budget"] = budget
     if cfg.eval_blocks:
         val = eval_blocks(tok, DataConfig()).take(cfg.eval_blocks)
         summary["val_ppl"] = round(perplexity(model, val, progress=True, desc="eval")["ppl"], 4)
@@ -152,20 +196,34 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.output)
     if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
         print(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
-    model, tok, path, report, _ = prepare_base(cfg.model, cfg.quant, cfg.method)
+    lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
+    cfg.lowrank_as = LowRankUse(cfg.lowrank_as)
+    if lowrank and cfg.lowrank_as is LowRankUse.INIT and not cfg.budget.budget_ranks:
+        cfg.budget.budget_ranks = [cfg.lora.rank]  # every matrix needs factors of the adapter's rank
+    base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget)
+    model, tok, path, report = base.model, base.tok, base.path, base.report
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
+    adapter_base, factors = str(cfg.model), {}
+    if report is not None and (lowrank or base.budget):
+        if cfg.lowrank_as is LowRankUse.INIT:
+            factors = pop_compensation(model)
+        # the adapter belongs to this exact quantized base (Q was chosen together with the factors)
+        budget = base.budget.summary() if base.budget else None
+        adapter_base = str(save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget))
     torch.manual_seed(cfg.train.seed)
     wrapped = add_adapters(model, cfg.lora)
+    if factors:
+        init_from_factors(model, cfg.lora.adapter_name, factors)
     precision = resolve(cfg.train.precision, next(model.parameters()).device)
     val_eval = val_blocks.take(cfg.train.eval_blocks or None)
-    print(f"lorq: base {path}{' quantized to ' + cfg.quant.describe() if report else ''}; "
+    print(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
           f"LoRA r={cfg.lora.rank} on {len(wrapped)} layers, {trainable_count(model):,} trainable parameters; "
           f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute", flush=True)
     before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval before")
     print(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
     final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before)
     after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval after")
-    save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=str(cfg.model))
+    save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=adapter_base)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     summary = {
         "base": str(path), "quantization": report.summary() if report else None,
@@ -180,7 +238,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 
 def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None):
-    model, tok, path, _, _ = prepare_base(model_name, quant)
+    base = prepare_base(model_name, quant)
+    model, tok, path = base.model, base.tok, base.path
     if adapter:
         load_peft(model, adapter)
     return model, tok, path

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import LorqError
 from .gptq import GramCache, HessianAccumulator
 from .linear import DECODER_BLOCKS
-from .quantize import MethodConfig, QuantMethod, QuantReport, Rule, quantize_linear
+from .quantize import MethodConfig, QuantMethod, QuantReport, Rule, needs_calibration, quantize_linear
 
 CALIB_BATCH = 4
 
@@ -30,7 +30,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and re.search(DECODER_BLOCKS + "$", name):
             return name, mod
-    raise LorqError("gptq: no list of decoder layers found in this model")
+    raise LorqError("calibrated quantization: no list of decoder layers found in this model")
 
 
 @torch.no_grad()
@@ -71,16 +71,16 @@ def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 
 
 def quantize_sequential(model: nn.Module, plan: dict[str, tuple[nn.Linear, Rule]], mcfg: MethodConfig,
-                        calibration: torch.Tensor, report: QuantReport, progress: bool = True) -> None:
+                        calibration: torch.Tensor, report: QuantReport, progress: bool = True, fisher: dict | None = None) -> None:
     list_name, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
     inputs = first_layer_inputs(model, layers[0], calibration)
     done = set()
-    for idx, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
+    for idx, layer in enumerate(tqdm(layers, desc="quantize (calibrated)", unit="layer", disable=not progress)):
         prefix = f"{list_name}.{idx}." if list_name else f"{idx}."
         targets = {n: v for n, v in plan.items() if n.startswith(prefix)}
-        accs = {n: HessianAccumulator() for n, (mod, rule) in targets.items() if rule.method is QuantMethod.GPTQ}
+        accs = {n: HessianAccumulator() for n, (mod, rule) in targets.items() if needs_calibration(rule)}
         gram = GramCache()
         hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=acc: acc.add(a[0], gram)) for n, acc in accs.items()]
         try:
@@ -91,13 +91,14 @@ def quantize_sequential(model: nn.Module, plan: dict[str, tuple[nn.Linear, Rule]
                 h.remove()
         for n, (mod, rule) in targets.items():
             if n in accs and accs[n].n == 0:  # never ran on the calibration data (e.g. an unrouted expert)
-                tqdm.write(f"lorq: note: {n} saw no calibration tokens; quantized with rtn instead of gptq")
-                rule = Rule(rule.pattern, rule.quant, QuantMethod.RTN)
-            quantize_linear(model, n, mod, rule, mcfg, report, accs[n].hessian() if n in accs and accs[n].n else None)
+                tqdm.write(f"lorq: note: {n} saw no calibration tokens; quantized with rtn (and lorc for eora) instead")
+                rule = Rule(rule.pattern, rule.quant, QuantMethod.RTN, "lorc" if rule.compensated else "none", rule.rank)
+            hessian = accs[n].hessian() if n in accs and accs[n].n else None
+            quantize_linear(model, n, mod, rule, mcfg, report, hessian, (fisher or {}).get(n))
             done.add(n)
         if idx + 1 < len(layers):
             inputs = run_layer(layer, inputs)
     for n, (mod, rule) in plan.items():  # layers outside the decoder blocks (rtn/hqq rules, e.g. lm_head)
         if n not in done:
-            quantize_linear(model, n, mod, rule, mcfg, report)
+            quantize_linear(model, n, mod, rule, mcfg, report, fisher=(fisher or {}).get(n))
     model.train(was_training)

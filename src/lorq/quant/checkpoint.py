@@ -2,7 +2,9 @@
 (format_version, the rules, per-module format config) + the HF config and tokenizer.
 
 Version history: 1 (formats "nf4" and "int4", 4-bit only); 2 (formats nf/int/fp8/fp4/
-int8-outlier with bits, symmetric and outlier settings, per-module method, the rule list).
+int8-outlier with bits, symmetric and outlier settings, per-module method, the rule list;
+optionally per-module `lowrank`/`rank` with fp16 factors `<module>.lowrank_b` (out, r) and
+`<module>.lowrank_a` (r, in), and the bit-budget plan under `budget`).
 Version 1 files load unchanged: their tensors have the same names and packing, and their
 format names map onto nf/int with 4 bits.
 """
@@ -17,11 +19,11 @@ from safetensors.torch import save_file
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
 from .base import FormatConfig
-from .linear import QuantizedLinear, set_module
+from .linear import LOWRANK, QuantizedLinear, set_module
 from .quantize import QuantReport, Rule
 
 FORMAT_VERSION = 2
-MODULE_KEYS = ("in_features", "out_features", "method")  # per-module keys that are not format settings
+MODULE_KEYS = ("in_features", "out_features", "method", "lowrank", "rank")  # per-module keys that are not format settings
 QUANT_CONFIG = "lorq_quant.json"
 
 
@@ -32,14 +34,21 @@ def _state_without_tied(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "", rules: list[Rule] | None = None) -> Path:
+def module_spec(name: str, m: QuantizedLinear, report: QuantReport | None) -> dict:
+    entry = report.modules.get(name, {}) if report else {}
+    spec = {"in_features": m.in_features, "out_features": m.out_features, "method": entry.get("method", "rtn")}
+    if m.rank:
+        spec.update(lowrank=entry.get("lowrank", "lorc"), rank=m.rank)
+    return {**spec, **m.cfg.to_json()}
+
+
+def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "",
+                   rules: list[Rule] | None = None, budget: dict | None = None) -> Path:
     """Write a quantized model atomically; `lorq.models.load_model(out)` rebuilds it exactly."""
-    methods = {n: m["method"] for n, m in (report.modules.items() if report else ())}
-    modules = {
-        name: {"in_features": m.in_features, "out_features": m.out_features, "method": methods.get(name, "rtn"), **m.cfg.to_json()}
-        for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
-    }
+    modules = {name: module_spec(name, m, report) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     meta = {"format_version": FORMAT_VERSION, "source": source, "rules": [r.to_json() for r in rules or []], "modules": modules}
+    if budget is not None:
+        meta["budget"] = budget
     if report is not None:
         meta["report"] = {**report.summary(), "per_module": report.modules}
     out = Path(out)
@@ -81,7 +90,14 @@ def load_quantized(path: str | Path):
         prefix = name + "."
         own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         bias = own.pop("bias", None)
-        set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], cfg, own, bias))
+        factors = [own.pop(k, None) for k in LOWRANK]
+        if (factors[0] is None) != (factors[1] is None) or (factors[0] is not None) != bool(spec.get("rank")):
+            raise LorqError(f"{path}: the low-rank factors of {name} are missing or do not match its config")
+        try:
+            layer = QuantizedLinear(spec["in_features"], spec["out_features"], cfg, own, bias, factors if factors[0] is not None else None)
+        except ValueError as e:
+            raise LorqError(f"{path}: {name}: {e}")
+        set_module(model, name, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

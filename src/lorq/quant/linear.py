@@ -6,6 +6,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import FORMATS, FormatConfig, QuantizedWeight
 
@@ -37,20 +38,39 @@ class _DequantMatmul(torch.autograd.Function):
         return (grad_out @ w).to(ctx.x_dtype), None
 
 
+LOWRANK = ("lowrank_b", "lowrank_a")  # buffer names of the frozen compensation L1 (out, r), L2 (r, in)
+
+
 class QuantizedLinear(nn.Module):
-    """A frozen linear layer whose weight lives in a QuantizedWeight format.
+    """A frozen linear layer whose weight lives in a QuantizedWeight format, optionally plus a
+    frozen low-rank compensation: y = x Qᵀ + (x L2ᵀ) L1ᵀ (+ bias).
 
     The format's tensors are buffers (they move with .to() and appear in state_dict as
     `<module>.<tensor>`); the QuantizedWeight view over them is rebuilt per call, for free.
     """
 
-    def __init__(self, in_features: int, out_features: int, cfg: FormatConfig, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+    def __init__(self, in_features: int, out_features: int, cfg: FormatConfig, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
         self._names = tuple(tensors)
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.set_lowrank(lowrank)
+
+    def set_lowrank(self, lowrank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Attach (L1 (out, r), L2 (r, in)) as the frozen compensation branch, or drop it (None)."""
+        if lowrank is not None:
+            l1, l2 = lowrank
+            if l1.dim() != 2 or l2.dim() != 2 or l1.shape[0] != self.out_features or l2.shape[1] != self.in_features or l1.shape[1] != l2.shape[0]:
+                raise ValueError(f"low-rank factors {tuple(l1.shape)} x {tuple(l2.shape)} do not fit a {self.out_features}x{self.in_features} layer")
+        for name, t in zip(LOWRANK, lowrank or (None, None)):
+            self.register_buffer(name, t.detach().contiguous() if t is not None else None)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank_a is None else self.lowrank_a.shape[0]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: FormatConfig) -> "QuantizedLinear":
@@ -58,8 +78,8 @@ class QuantizedLinear(nn.Module):
         return cls.from_weight(FORMATS.get(cfg.format).from_float(linear.weight.data, cfg), linear.bias)
 
     @classmethod
-    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantizedLinear":
-        return cls(qw.shape[1], qw.shape[0], qw.cfg, qw.state_dict(), bias)
+    def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, lowrank=None) -> "QuantizedLinear":
+        return cls(qw.shape[1], qw.shape[0], qw.cfg, qw.state_dict(), bias, lowrank)
 
     use_kernels = True  # class-wide switch; benchmarks and tests turn fast kernels off to compare
 
@@ -100,16 +120,25 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantMatmul.apply(x, self)
+        if self.lowrank_a is not None:  # (..., in) -> (..., r) -> (..., out)
+            y = y + F.linear(F.linear(x.to(y.dtype), self.lowrank_a.to(y.dtype)), self.lowrank_b.to(y.dtype))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     linear = forward
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight Q + L1 L2 (out, in)."""
+        w = self.qweight().dequantize(dtype)
+        return w + (self.lowrank_b.to(dtype) @ self.lowrank_a.to(dtype)) if self.rank else w
+
     @property
     def nbytes(self) -> int:
-        return self.qweight().nbytes + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        extra = [t for t in (self.bias, self.lowrank_a, self.lowrank_b) if t is not None]
+        return self.qweight().nbytes + sum(t.numel() * t.element_size() for t in extra)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.cfg.describe()}"
+        rank = f", lowrank={self.rank}" if self.rank else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.cfg.describe()}{rank}"
 
 
 # The list of repeated decoder blocks, and every linear layer inside it (never lm_head or embeddings).
@@ -134,10 +163,10 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every float parameter and buffer to dtype, except the stored quantized tensors.
 
     model.to(dtype) would also cast QuantizedLinear's fp16/fp32 scales and change the codes'
-    meaning; this leaves them exactly as quantized (they are dequantized to the input dtype).
+    meaning; this leaves them (and the fp16 low-rank factors) exactly as stored.
     """
     for mod in model.modules():
-        keep = set(mod._names) if isinstance(mod, QuantizedLinear) else set()
+        keep = set(mod._names) | set(LOWRANK) if isinstance(mod, QuantizedLinear) else set()
         for name, p in mod.named_parameters(recurse=False):
             p.data = p.data.to(dtype)
         for name, b in mod.named_buffers(recurse=False):

@@ -24,6 +24,7 @@ from .base import FORMATS, FormatConfig, QuantFormat
 from .gptq import GPTQConfig, quantize_gptq
 from .hqq import HQQConfig, quantize_hqq
 from .linear import DECODER_LINEARS, QuantizedLinear, set_module
+from .lowrank import Context, LowRankConfig, LowRankMethod, decompose
 
 
 class QuantMethod(str, Enum):
@@ -35,13 +36,14 @@ class QuantMethod(str, Enum):
 
 
 @dataclass
-class MethodConfig(HQQConfig, GPTQConfig):
+class MethodConfig(LowRankConfig, HQQConfig, GPTQConfig):
     method: QuantMethod = opt(QuantMethod.RTN, "algorithm: rtn (round to nearest), hqq (calibration-free zero-point optimization) or gptq (Hessian-aware, needs calibration)")
     calib_samples: int = opt(32, "gptq: calibration sequences from the training split (or --calib-file)")
     calib_seq_len: int = opt(512, "gptq: tokens per calibration sequence")
-    calib_file: str | None = opt(None, "gptq: calibration text (.txt or .jsonl) instead of the embedded training split")
+    calib_file: str | None = opt(None, "calibration text (.txt or .jsonl) for gptq, eora, --fisher and budgets, instead of the embedded training split", aliases=("--calibration",))
 
     def validate(self) -> "MethodConfig":
+        LowRankConfig.validate(self)
         self.method = QuantMethod(self.method)
         if self.calib_samples <= 0 or self.calib_seq_len <= 1 or self.hqq_iters < 0 or self.gptq_block <= 0:
             raise LorqError("calib-samples, gptq-block and calib-seq-len (> 1) must be positive and hqq-iters >= 0")
@@ -65,12 +67,27 @@ class Rule:
     pattern: str
     quant: FormatConfig
     method: QuantMethod = QuantMethod.RTN
+    lowrank: LowRankMethod = LowRankMethod.NONE
+    rank: int = 0
+
+    def __post_init__(self):
+        self.method, self.lowrank = QuantMethod(self.method), LowRankMethod(self.lowrank)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise LorqError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if self.lowrank is not LowRankMethod.NONE and self.rank == 0:
+            raise LorqError(f"low-rank method {self.lowrank.value} needs rank >= 1")
+
+    @property
+    def compensated(self) -> bool:
+        return self.lowrank is not LowRankMethod.NONE and self.rank > 0
 
     def to_json(self) -> dict:
-        return {"pattern": self.pattern, "method": QuantMethod(self.method).value, **self.quant.to_json()}
+        extra = {"lowrank": self.lowrank.value, "rank": self.rank} if self.compensated else {}
+        return {"pattern": self.pattern, "method": QuantMethod(self.method).value, **extra, **self.quant.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict, default_quant: FormatConfig | None = None, default_method: QuantMethod = QuantMethod.RTN) -> "Rule":
+    def from_json(cls, d: dict, default_quant: FormatConfig | None = None, default_method: QuantMethod = QuantMethod.RTN,
+                  default_lowrank: LowRankMethod = LowRankMethod.NONE, default_rank: int = 0) -> "Rule":
         """A rule from a mapping; settings it leaves out come from the defaults."""
         if not isinstance(d, dict) or not isinstance(d.get("pattern"), str):
             raise LorqError(f"a quantization rule needs a 'pattern' string, got {d!r}")
@@ -86,14 +103,21 @@ class Rule:
             method = QuantMethod(method)
         except ValueError:
             raise LorqError(f"unknown quantization method {method!r} (known: {', '.join(m.value for m in QuantMethod)})")
+        lowrank = d.pop("lowrank", default_lowrank)
+        try:
+            lowrank = LowRankMethod(lowrank)
+        except ValueError:
+            raise LorqError(f"unknown low-rank method {lowrank!r} (known: {', '.join(m.value for m in LowRankMethod)})")
+        rank = d.pop("rank", default_rank if lowrank is not LowRankMethod.NONE else 0)
         base = (default_quant or FormatConfig()).to_json()
         if "format" in d and "bits" not in d and FormatConfig(d["format"]).validate().format.value != base["format"]:
             base["bits"] = None  # another format starts from its own default width
         quant = FormatConfig.from_json({**base, **{k: v for k, v in d.items() if k != "pattern"}})
-        return cls(d["pattern"], quant, method)
+        return cls(d["pattern"], quant, method, lowrank, rank)
 
 
-def load_rules(path: str | Path, default_quant: FormatConfig, default_method: QuantMethod) -> list[Rule]:
+def load_rules(path: str | Path, default_quant: FormatConfig, default_method: QuantMethod,
+               default_lowrank: LowRankMethod = LowRankMethod.NONE, default_rank: int = 0) -> list[Rule]:
     """A YAML (or JSON) list of rules: `- {pattern: 'mlp\\.down_proj', format: int, bits: 8}`."""
     import yaml
 
@@ -106,7 +130,7 @@ def load_rules(path: str | Path, default_quant: FormatConfig, default_method: Qu
         raise LorqError(f"rules file {p} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(data, list) or not data:
         raise LorqError(f"rules file {p} must hold a non-empty list of rules")
-    return [Rule.from_json(d, default_quant, default_method) for d in data]
+    return [Rule.from_json(d, default_quant, default_method, default_lowrank, default_rank) for d in data]
 
 
 @dataclass
@@ -116,13 +140,17 @@ class QuantReport:
     modules: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def add(self, name: str, w: torch.Tensor, qw, method: QuantMethod) -> None:
+    def add(self, name: str, w: torch.Tensor, layer: QuantizedLinear, rule: "Rule") -> None:
+        """Record layer (Q, plus L1 L2 if compensated) made from float weight w by rule."""
         w = w.float()
-        err = (qw.dequantize(torch.float32) - w).pow(2).sum().item()
+        err = (layer.dequantize(torch.float32) - w).pow(2).sum().item()
+        bias = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
         self.modules[name] = {
-            "format": qw.cfg.describe(), "method": QuantMethod(method).value, "numel": w.numel(),
-            "nbytes": qw.nbytes, "err_sq": err, "norm_sq": w.pow(2).sum().item(),
+            "format": layer.cfg.describe(), "method": rule.method.value, "numel": w.numel(),
+            "nbytes": layer.nbytes - bias, "err_sq": err, "norm_sq": w.pow(2).sum().item(),
         }
+        if layer.rank:
+            self.modules[name].update(lowrank=rule.lowrank.value, rank=layer.rank)
 
     @property
     def n_weights(self) -> int:
@@ -147,8 +175,13 @@ class QuantReport:
             "bits_per_weight": round(self.bits_per_weight, 4),
             "relative_error": round(self.rel_error, 6),
             "seconds": round(self.seconds, 2),
-            "formats": sorted({f"{m['method']} {m['format']}" for m in self.modules.values()}),
+            "formats": sorted({describe_module(m) for m in self.modules.values()}),
         }
+
+
+def describe_module(m: dict) -> str:
+    """'gptq nf3 g64 + lq-lora r16' from a report entry."""
+    return f"{m['method']} {m['format']}" + (f" + {m['lowrank']} r{m['rank']}" if m.get("rank") else "")
 
 
 def plan_modules(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[nn.Linear, Rule]]:
@@ -162,34 +195,60 @@ def plan_modules(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[nn.Line
     return plan
 
 
-def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: MethodConfig, report: QuantReport, hessian=None) -> None:
-    qw = METHODS[rule.method](linear.weight.data, rule.quant, mcfg, hessian)
-    report.add(name, linear.weight.data, qw, rule.method)
-    set_module(model, name, QuantizedLinear.from_weight(qw, linear.bias))
+def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: MethodConfig, report: QuantReport,
+                    hessian=None, fisher: tuple | None = None) -> None:
+    """Quantize one layer by its rule (Q, or Q + L1 L2) and put the QuantizedLinear in its place."""
+    w = linear.weight.data
+
+    def quantize(target: torch.Tensor):
+        return METHODS[rule.method](target, rule.quant, mcfg, hessian)
+
+    if rule.compensated:
+        ctx = Context(mcfg.lowrank_iters, *(fisher or (None, None)), hessian)
+        qw, l1, l2 = decompose(rule.lowrank, w, rule.rank, quantize, ctx)
+        layer = QuantizedLinear.from_weight(qw, linear.bias, (l1, l2))
+    else:
+        layer = QuantizedLinear.from_weight(quantize(w), linear.bias)
+    report.add(name, w, layer, rule)
+    set_module(model, name, layer)
+
+
+def needs_calibration(rule: Rule) -> bool:
+    """GPTQ needs each layer's Hessian; EoRA its input covariance (the same matrix)."""
+    return rule.method is QuantMethod.GPTQ or (rule.compensated and rule.lowrank is LowRankMethod.EORA)
 
 
 def quantize_model(model: nn.Module, rules: list[Rule | tuple[str, FormatConfig]], mcfg: MethodConfig | None = None,
-                   calibration: torch.Tensor | None = None, progress: bool = True) -> QuantReport:
+                   calibration: torch.Tensor | None = None, progress: bool = True, fisher: dict | None = None) -> QuantReport:
     """Replace every nn.Linear matched by a rule (first match wins) with a QuantizedLinear.
 
     rules: Rule objects, or (pattern, FormatConfig) pairs meaning round-to-nearest.
-    calibration: (n, seq) token ids, needed when any rule uses GPTQ.
+    calibration: (n, seq) token ids, needed when any rule uses GPTQ or EoRA, or with mcfg.fisher.
+    fisher: precomputed Fisher row/column weights (name -> (d_r, d_c)); computed here when
+    mcfg.fisher asks for them and none are given.
     """
     from .calibration import quantize_sequential
 
+    from .fisher import fisher_weights
+
     mcfg = (mcfg or MethodConfig()).validate()
-    rules = [Rule(r.pattern, r.quant.validate(), QuantMethod(r.method)) if isinstance(r, Rule) else Rule(r[0], r[1].validate()) for r in rules]
+    rules = [Rule(r.pattern, r.quant.validate(), r.method, r.lowrank, r.rank) if isinstance(r, Rule) else Rule(r[0], r[1].validate()) for r in rules]
     report, start = QuantReport(), time.perf_counter()
     plan = plan_modules(model, rules)
-    if any(rule.method is QuantMethod.GPTQ for _, rule in plan.values()):
+    if fisher is None and mcfg.fisher and any(rule.compensated for _, rule in plan.values()):
         if calibration is None:
-            raise LorqError("gptq needs calibration data")
-        outside = [n for n, (_, rule) in plan.items() if rule.method is QuantMethod.GPTQ and not re.search(DECODER_LINEARS, n)]
+            raise LorqError("--fisher needs calibration data")
+        fisher = fisher_weights(model, [n for n, (_, rule) in plan.items() if rule.compensated], calibration, progress)
+    fisher = fisher or {}
+    if any(needs_calibration(rule) for _, rule in plan.values()):
+        if calibration is None:
+            raise LorqError("gptq and eora need calibration data")
+        outside = [n for n, (_, rule) in plan.items() if needs_calibration(rule) and not re.search(DECODER_LINEARS, n)]
         if outside:
-            raise LorqError(f"gptq applies to linear layers inside decoder blocks; {outside[0]} is not one (give it an rtn or hqq rule)")
-        quantize_sequential(model, plan, mcfg, calibration, report, progress)
+            raise LorqError(f"gptq and eora apply to linear layers inside decoder blocks; {outside[0]} is not one (give it an rtn or hqq rule without eora)")
+        quantize_sequential(model, plan, mcfg, calibration, report, progress, fisher)
     else:
         for name, (mod, rule) in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
-            quantize_linear(model, name, mod, rule, mcfg, report)
+            quantize_linear(model, name, mod, rule, mcfg, report, fisher=fisher.get(name))
     report.seconds = time.perf_counter() - start
     return report
