@@ -5,8 +5,8 @@ from .errors import LorqError
 from .eval import generate_text, perplexity
 from .models.loading import load_model
 from .quant import (
-    FORMATS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, load_quantized, quantize_model,
-    save_quantized,
+    FORMATS, BudgetConfig, FormatConfig, LowRankMethod, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, Rule, allocate,
+    load_quantized, quantize_model, save_quantized,
 )
 from .train.data import DataConfig, load_blocks
 from .train.loop import TrainConfig, train
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig", "LoRALinear", "add_adapters", "load_peft", "save_peft", "LorqError", "generate_text",
     "perplexity", "load_model", "FORMATS", "FormatConfig", "MethodConfig", "QuantFormat", "QuantMethod", "Rule",
-    "QuantizedLinear", "load_quantized",
+    "QuantizedLinear", "load_quantized", "LowRankMethod", "BudgetConfig", "allocate",
     "quantize_model", "save_quantized", "DataConfig", "TrainConfig", "load_blocks", "train",
 ]

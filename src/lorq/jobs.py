@@ -128,9 +128,10 @@ class Base:
 
 
 def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None,
-                 rank: int = 0, budget: BudgetConfig | None = None) -> Base:
+                 rank: int = 0, budget: BudgetConfig | None = None, adapter_rank: int = 0) -> Base:
     """Load a model and quantize its linears by the rules (and the bit budget, if any) unless it
-    is already quantized."""
+    is already quantized. adapter_rank: low-rank factors that will become the trainable
+    adapter, so the budget does not count them (see budget.allocate)."""
     mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
     rules = quant_rules(quant, mcfg, rules_file, rank)
     model, tok, path = load_model(model_name)
@@ -148,7 +149,8 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
         fisher = fisher_weights(model, list(plan_modules(model, rules)), calibration)
     plan = None
     if use_budget:
-        plan = allocate(model, rules, budget, rank if mcfg.lowrank is not LowRankMethod.NONE else 0, calibration, fisher)
+        plan = allocate(model, rules, budget, rank if mcfg.lowrank is not LowRankMethod.NONE else 0, calibration, fisher,
+                        adapter_rank=adapter_rank if mcfg.lowrank is not LowRankMethod.NONE else 0)
         rules = plan.rules + rules
         print(f"lorq: bit budget {plan.target_bits} -> {plan.bits_per_weight:.4f} bits/weight planned "
               f"({plan.allocation}, {plan.weighting}-weighted error; solved in {plan.solve_seconds:.2f} s):\n{plan.table()}", flush=True)
@@ -198,15 +200,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         print(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
     cfg.lowrank_as = LowRankUse(cfg.lowrank_as)
-    if lowrank and cfg.lowrank_as is LowRankUse.INIT and not cfg.budget.budget_ranks:
-        cfg.budget.budget_ranks = [cfg.lora.rank]  # every matrix needs factors of the adapter's rank
-    base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget)
+    # as the LoRA init, every matrix gets factors of the adapter's rank, outside the bit budget
+    adapter_rank = cfg.lora.rank if lowrank and cfg.lowrank_as is LowRankUse.INIT else 0
+    base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget, adapter_rank)
     model, tok, path, report = base.model, base.tok, base.path, base.report
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     adapter_base, factors = str(cfg.model), {}
     if report is not None and (lowrank or base.budget):
         if cfg.lowrank_as is LowRankUse.INIT:
             factors = pop_compensation(model)
+            for n in factors:  # the factors are the adapter now: the base stores Q only
+                report.modules[n].update(nbytes=model.get_submodule(n).qweight().nbytes, lowrank_as="init")
         # the adapter belongs to this exact quantized base (Q was chosen together with the factors)
         budget = base.budget.summary() if base.budget else None
         adapter_base = str(save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget))

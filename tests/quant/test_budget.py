@@ -66,12 +66,16 @@ def test_layerwise_raises_the_most_important_layers_first():
     assert layer_index("model.layers.17.mlp.up_proj") == 17 and layer_index("lm_head") == -1
 
 
-@pytest.mark.parametrize("allocation,weighting", [("ilp", "none"), ("ilp", "activation"), ("layerwise", "none")])
+@pytest.mark.parametrize("allocation,weighting", [("ilp", "none"), ("ilp", "activation"), ("ilp", "fisher"), ("layerwise", "none")])
 def test_allocated_plan_meets_the_budget_everything_counted(tiny_llama, allocation, weighting):
+    from lorq.quant.fisher import fisher_weights
+    from lorq.quant.quantize import plan_modules
+
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     rules = [Rule(DECODER_LINEARS, NF, lowrank="lorc", rank=4)]
+    fisher = fisher_weights(tiny_llama, list(plan_modules(tiny_llama, rules)), ids, progress=False) if weighting == "fisher" else None
     bcfg = BudgetConfig(budget_bits=3.4, allocation=allocation, budget_weighting=weighting, budget_groups=[32, 64])
-    plan = allocate(tiny_llama, rules, bcfg, rank=4, calibration=ids, progress=False)
+    plan = allocate(tiny_llama, rules, bcfg, rank=4, calibration=ids, fisher=fisher, progress=False)
     assert plan.bits_per_weight <= 3.4 and len(plan.choices) == 14
     assert "| layer |" in plan.table() and plan.summary()["allocation"] == allocation
     report = quantize_model(tiny_llama, plan.rules + rules, progress=False)
@@ -95,9 +99,18 @@ def test_budget_errors(tiny_llama):
     with pytest.raises(LorqError, match="below the cheapest"):
         allocate(tiny_llama, rules, BudgetConfig(budget_bits=1.5, budget_weighting="none"), 0, None, progress=False)
     with pytest.raises(LorqError, match="needs calibration"):
+        allocate(tiny_llama, rules, BudgetConfig(budget_bits=3.0, budget_weighting="activation"), 0, None, progress=False)
+    with pytest.raises(LorqError, match="Fisher weights"):
         allocate(tiny_llama, rules, BudgetConfig(budget_bits=3.0), 0, None, progress=False)
     with pytest.raises(LorqError, match="budget-bits must be"):
         BudgetConfig(budget_bits=0.5).validate()
     with pytest.raises(LorqError, match="no valid budget choice"):
         candidates(NF, BudgetConfig(budget_choices=[5]), [0])
     assert Candidate(NF, 8).describe() == "nf4 g32 r8"
+
+
+def test_adapter_factors_are_outside_the_budget(tiny_llama):
+    rules = [Rule(DECODER_LINEARS, NF, lowrank="lq-lora", rank=4)]
+    plan = allocate(tiny_llama, rules, BudgetConfig(budget_bits=3.2, budget_weighting="none"), 4, None, progress=False, adapter_rank=4)
+    assert all(r.rank == 4 and r.lowrank.value == "lq-lora" for r in plan.rules)
+    assert plan.bits_per_weight <= 3.2 and not any("r4" in c for c in plan.choices.values())

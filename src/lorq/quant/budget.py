@@ -8,7 +8,10 @@ factors (their storage comes from the formats' own `nbytes`).
   solved exactly by scipy's HiGHS (`scipy.optimize.milp`), no commercial solver.
   err[m, c] = ‖diag(d_r)(W - Q_c - L_c)diag(d_c)‖² for round-to-nearest Q_c and the best
   rank-r L_c of the (weighted) error — every rank from one SVD: err(r) = ‖E‖² - Σ_{k<=r} σ_k².
-  Weights: none, activation (d_c = √E[x_j²], the input's second moment) or Fisher.
+  Weights: Fisher (default), activation (d_c = √E[x_j²], the input's second moment) or none.
+  Measured on the embedded model at 3.25 bits: Fisher-weighted 29.2 perplexity, unweighted 41.7,
+  activation-weighted 397 (it sends 2-bit codes to the early layers, whose errors the residual
+  stream carries everywhere): only the loss gradient sees that sensitivity.
 - Layer-wise (Dumitru et al., "Layer-Wise Quantization", 2024): a decoder layer's importance is
   1 - cos(its input, its output) on calibration tokens; the most important layers are raised
   to more bits first, as far as the budget allows.
@@ -52,7 +55,7 @@ class BudgetConfig:
     budget_choices: list[int] = opt([2, 3, 4], "bit widths the allocation may pick from (the format's supported ones)")
     budget_groups: list[int] = opt([64], "group sizes the allocation may pick from")
     budget_ranks: list[int] = opt([], "ranks the allocation may pick from (default: 0 and --rank when --lowrank is set, else 0)")
-    budget_weighting: ErrorWeighting = opt(ErrorWeighting.ACTIVATION, "error the ILP minimizes: none (plain Frobenius), activation (columns weighted by the input's second moment) or fisher (squared gradients)")
+    budget_weighting: ErrorWeighting = opt(ErrorWeighting.FISHER, "error the allocation minimizes: fisher (weighted by squared gradients on calibration batches; best measured), activation (columns weighted by the input's second moment) or none (plain Frobenius)")
 
     def validate(self) -> "BudgetConfig":
         try:
@@ -225,11 +228,13 @@ class BudgetPlan:
 
 
 def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int, calibration: torch.Tensor | None,
-             fisher: dict | None = None, progress: bool = True) -> BudgetPlan:
+             fisher: dict | None = None, progress: bool = True, adapter_rank: int = 0) -> BudgetPlan:
     """Per-matrix rules that spend bcfg.budget_bits on the linears the rules select.
 
     Each matrix keeps its rule's method and low-rank method; bits, group and rank come from
     the budget. calibration: token ids for activation weighting and layer-wise importance.
+    adapter_rank: factors of this rank go to every matrix outside the budget, because they
+    become the trainable adapter (LQ-LoRA's fine-tuning setting, like QLoRA's uncounted LoRA).
     """
     start = time.perf_counter()
     bcfg.validate()
@@ -240,14 +245,14 @@ def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
     if any(QuantFormat(r.quant.format) is not QuantFormat(base.quant.format) for _, r in plan.values()):
         raise LorqError("--budget-bits allocates within one format; the rules name several")
     lowrank = any(r.lowrank is not LowRankMethod.NONE for _, r in plan.values())
-    ranks = (bcfg.budget_ranks or [0, rank]) if lowrank and rank else [0]
+    ranks = (bcfg.budget_ranks or [0, rank]) if lowrank and rank and not adapter_rank else [0]
     cands = candidates(base.quant, bcfg, ranks)
     needs_stats = bcfg.allocation is Allocation.LAYERWISE or bcfg.budget_weighting is ErrorWeighting.ACTIVATION
     if needs_stats and calibration is None:
         raise LorqError(f"{bcfg.allocation.value} allocation with {bcfg.budget_weighting.value} weighting needs calibration data")
     moments, importance = calibration_stats(model, list(plan), calibration, progress) if needs_stats else ({}, {})
     if bcfg.budget_weighting is ErrorWeighting.FISHER and not fisher:
-        raise LorqError("fisher weighting needs --fisher")
+        raise LorqError("fisher weighting needs Fisher weights from calibration data")
 
     def weights(name: str, w: torch.Tensor):
         if bcfg.budget_weighting is ErrorWeighting.ACTIVATION and name in moments:
@@ -271,8 +276,8 @@ def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
     new_rules = []
     for n, c in zip(names, choice):
         rule, cand = plan[n][1], cands[c]
-        method = rule.lowrank if cand.rank else LowRankMethod.NONE
-        new_rules.append(Rule("^" + re.escape(n) + "$", cand.quant, rule.method, method, cand.rank))
+        r = cand.rank or (adapter_rank if rule.lowrank is not LowRankMethod.NONE else 0)
+        new_rules.append(Rule("^" + re.escape(n) + "$", cand.quant, rule.method, rule.lowrank if r else LowRankMethod.NONE, r))
     return BudgetPlan(
         new_rules, {n: cands[c].describe() for n, c in zip(names, choice)}, bcfg.budget_bits,
         float(bits[np.arange(len(names)), choice].sum() / numel.sum()), bcfg.allocation.value,
