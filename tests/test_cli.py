@@ -129,6 +129,19 @@ def test_finetune_from_lq_lora_factors(tiny_model_dir, tmp_path, capsys):
     assert f"perplexity {summary['ppl_after']:.3f}" in stdout
 
 
+def test_finetune_over_a_frozen_compensation(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "comp"
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--format", "nf", "--bits", "3",
+                       "--group", "32", "--lowrank", "lorc", "--lowrank-as", "compensate")
+    assert code == 0, err
+    modules = json.loads((out / "base" / "lorq_quant.json").read_text())["modules"]
+    assert all(m["rank"] == 4 and m["lowrank"] == "lorc" for m in modules.values())  # the branch stays in the base
+    summary = json.loads((out / "summary.json").read_text())
+    code, stdout, err = run(capsys, "eval", "--model", out / "base", "--adapter", out / "adapter", "--eval-blocks", "2", "--block-size", "32")
+    assert code == 0, err
+    assert f"perplexity {summary['ppl_after']:.3f}" in stdout
+
+
 def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r"
     args = ["finetune", "--model", tiny_model_dir, "--output", out, *FAST]

@@ -38,8 +38,8 @@ class QuantMethod(str, Enum):
 @dataclass
 class MethodConfig(LowRankConfig, HQQConfig, GPTQConfig):
     method: QuantMethod = opt(QuantMethod.RTN, "algorithm: rtn (round to nearest), hqq (calibration-free zero-point optimization) or gptq (Hessian-aware, needs calibration)")
-    calib_samples: int = opt(32, "gptq: calibration sequences from the training split (or --calib-file)")
-    calib_seq_len: int = opt(512, "gptq: tokens per calibration sequence")
+    calib_samples: int = opt(32, "calibration sequences (gptq, eora, --fisher, budgets) from the training split (or --calib-file)")
+    calib_seq_len: int = opt(512, "tokens per calibration sequence")
     calib_file: str | None = opt(None, "calibration text (.txt or .jsonl) for gptq, eora, --fisher and budgets, instead of the embedded training split", aliases=("--calibration",))
 
     def validate(self) -> "MethodConfig":
