@@ -246,14 +246,18 @@ def plot(rows, ref, anchor, ft, path: Path) -> None:
     for r in rows:
         if r.get("series"):
             series.setdefault(r["series"], []).append((r["bits_per_weight"], r["ppl"]))
-    for label, pts in sorted(series.items()):
+    top = 300.0  # 2-bit points diverge (10^3 to 10^9): drawn at the top edge, values in the table
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) > 1 else "s", label=label, linestyle="-" if len(pts) > 1 else "none")
+        xs, ys = [p[0] for p in pts], [min(p[1], top) for p in pts]
+        ax.plot(xs, ys, marker="osD^v<>"[i % 7], color=colors[i % len(colors)], label=label, linestyle="-" if len(pts) > 1 else "none")
     ax.axhline(ref["ppl"], color="k", linestyle="--", label=f"fp32 ({ref['ppl']:.2f})")
     ax.axhline(anchor["ppl"], color="red", linestyle=":", label=f"bitsandbytes nf4 ({anchor['ppl']:.2f}, {anchor['bits_per_weight']:.2f} bits)")
     ax.set_yscale("log")
+    ax.set_ylim(ref["ppl"] * 0.9, top * 1.05)
     ax.set_xlabel("bits per weight (codes, metadata and low-rank factors counted)")
-    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_ylabel(f"validation perplexity (log scale; >= {top:.0f} = diverged)")
     ax.set_title("SmolLM2-135M: perplexity vs bits, low-rank compensation and budgets")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
