@@ -115,31 +115,28 @@ def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "40", match="budget-bits must be")
 
 
-def test_finetune_from_lq_lora_factors(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "lq"
-    code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--format", "nf", "--bits", "3",
-                            "--group", "32", "--lowrank", "lq-lora", "--dropout", "0")
+def finetune_lowrank(capsys, tiny_model_dir, out, *extra) -> dict:
+    """Fine-tune on a 3-bit compensated base; the saved base + adapter evaluate to the final perplexity."""
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--format", "nf", "--bits", "3", "--group", "32", *extra)
     assert code == 0, err
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(out / "base")  # the adapter belongs to that Q
-    assert not any("rank" in m for m in json.loads((out / "base" / "lorq_quant.json").read_text())["modules"].values())
     summary = json.loads((out / "summary.json").read_text())
     code, stdout, err = run(capsys, "eval", "--model", out / "base", "--adapter", out / "adapter", "--eval-blocks", "2", "--block-size", "32")
     assert code == 0, err
     assert f"perplexity {summary['ppl_after']:.3f}" in stdout
+    return json.loads((out / "base" / "lorq_quant.json").read_text())["modules"]
+
+
+def test_finetune_from_lq_lora_factors(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "lq"
+    modules = finetune_lowrank(capsys, tiny_model_dir, out, "--lowrank", "lq-lora", "--dropout", "0")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base")  # the adapter belongs to that Q
+    assert not any("rank" in m for m in modules.values())  # the factors moved into the adapter
 
 
 def test_finetune_over_a_frozen_compensation(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "comp"
-    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--format", "nf", "--bits", "3",
-                       "--group", "32", "--lowrank", "lorc", "--lowrank-as", "compensate")
-    assert code == 0, err
-    modules = json.loads((out / "base" / "lorq_quant.json").read_text())["modules"]
+    modules = finetune_lowrank(capsys, tiny_model_dir, tmp_path / "comp", "--lowrank", "lorc", "--lowrank-as", "compensate")
     assert all(m["rank"] == 4 and m["lowrank"] == "lorc" for m in modules.values())  # the branch stays in the base
-    summary = json.loads((out / "summary.json").read_text())
-    code, stdout, err = run(capsys, "eval", "--model", out / "base", "--adapter", out / "adapter", "--eval-blocks", "2", "--block-size", "32")
-    assert code == 0, err
-    assert f"perplexity {summary['ppl_after']:.3f}" in stdout
 
 
 def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
