@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantization import bnb_bits_per_weight, bnb_model, machine  # noqa: E402  (shared anchor helpers)
 
 from lorq.eval import perplexity  # noqa: E402
-from lorq.io import atomic_write_text, write_json  # noqa: E402
+from lorq.io import atomic_write_text, save_figure, write_json  # noqa: E402
 from lorq.jobs import FinetuneConfig, calibration_ids, run_finetune  # noqa: E402
 from lorq.models.loading import load_model, resolve_model  # noqa: E402
 from lorq.quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantMethod, Rule, quantize_model  # noqa: E402
 from lorq.quant.budget import Allocation, BudgetConfig, allocate  # noqa: E402
+from lorq.quant.linear import match_modules  # noqa: E402
 from lorq.quant.fisher import fisher_weights  # noqa: E402
 from lorq.quant.lowrank import LowRankMethod  # noqa: E402
 from lorq.train.data import DataConfig, eval_blocks  # noqa: E402
@@ -105,7 +106,7 @@ class Bench:
     def fisher(self) -> dict:
         """Fisher row/column weights of every decoder linear of the dense model (computed once)."""
         if self._fisher is None:
-            names = [n for n, _ in _decoder_linears(self.base)]
+            names = match_modules(self.base, [DECODER_LINEARS], (torch.nn.Linear,))
             self._fisher = fisher_weights(self.base, names, self.calib)
         return self._fisher
 
@@ -127,12 +128,6 @@ class Bench:
         if plan is not None:
             row.update(ilp_solve_s=plan.solve_seconds, plan_s=plan.seconds, plan_table=plan.table())
         return row
-
-
-def _decoder_linears(model):
-    import re
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.search(DECODER_LINEARS, n)]
 
 
 def finetune_phase(args, out_dir: Path, done: dict | None = None) -> dict:
@@ -202,7 +197,7 @@ def fmt(v, spec=".3f"):
 
 def markdown(result) -> str:
     m, a = result["machine"], result["settings"]
-    rows, ref, anchor = result["rows"], result["rows"][0], result["rows"][1]
+    rows, anchor = result["rows"], result["rows"][1]
     lines = [
         "# Low-rank + quantized decompositions and bit budgets (SmolLM2-135M-Instruct, embedded)", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}; torch {m['torch']}, "
@@ -234,8 +229,6 @@ def markdown(result) -> str:
 
 
 def plot(rows, ref, anchor, ft, path: Path) -> None:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +254,7 @@ def plot(rows, ref, anchor, ft, path: Path) -> None:
     ax.set_title("SmolLM2-135M: perplexity vs bits, low-rank compensation and budgets")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     if ft:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, r in ft["runs"].items():
@@ -272,18 +265,7 @@ def plot(rows, ref, anchor, ft, path: Path) -> None:
         ax.set_title("QLoRA vs LQ-LoRA fine-tuning")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        _save(fig, path.with_name(path.stem + "_finetune.png"))
-
-
-def _save(fig, path: Path) -> None:
-    import os
-
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+        save_figure(fig, path.with_name(path.stem + "_finetune.png"))
 
 
 def main(argv=None) -> int:

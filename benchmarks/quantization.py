@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from lorq.eval import perplexity
 from lorq.eval.speed import decode_tokens_per_s, prefill_tokens_per_s
-from lorq.io import atomic_write_text, write_json
+from lorq.io import atomic_write_text, save_figure, write_json
 from lorq.jobs import calibration_ids
 from lorq.models.loading import load_model, resolve_model
 from lorq.quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantMethod, Rule, cast_unquantized, quantize_model
@@ -356,10 +355,7 @@ def plot(rows, ref, anchor, path: Path) -> None:
     ax.set_title("SmolLM2-135M: perplexity vs bits")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -142,15 +142,13 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     use_budget = budget.budget_bits is not None
     fisher_for_budget = use_budget and budget.budget_weighting is ErrorWeighting.FISHER
     stats = use_budget and (budget.allocation is Allocation.LAYERWISE or budget.budget_weighting is ErrorWeighting.ACTIVATION)
-    needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in plan_modules(model, rules).values())
+    targets = plan_modules(model, rules)
+    needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in targets.values())
     calibration = calibration_ids(tok, mcfg) if needs else None
-    fisher = None
-    if mcfg.fisher or fisher_for_budget:
-        fisher = fisher_weights(model, list(plan_modules(model, rules)), calibration)
+    fisher = fisher_weights(model, list(targets), calibration) if mcfg.fisher or fisher_for_budget else None
     plan = None
     if use_budget:
-        plan = allocate(model, rules, budget, rank if mcfg.lowrank is not LowRankMethod.NONE else 0, calibration, fisher,
-                        adapter_rank=adapter_rank if mcfg.lowrank is not LowRankMethod.NONE else 0)
+        plan = allocate(model, rules, budget, rank, calibration, fisher, adapter_rank=adapter_rank)
         rules = plan.rules + rules
         print(f"lorq: bit budget {plan.target_bits} -> {plan.bits_per_weight:.4f} bits/weight planned "
               f"({plan.allocation}, {plan.weighting}-weighted error; solved in {plan.solve_seconds:.2f} s):\n{plan.table()}", flush=True)

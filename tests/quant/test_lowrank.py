@@ -6,7 +6,7 @@ import torch
 
 from lorq.errors import LorqError
 from lorq.quant import FORMATS, DECODER_LINEARS, FormatConfig, MethodConfig, QuantizedLinear, Rule, quantize_model
-from lorq.quant.checkpoint import load_quantized, save_quantized
+from lorq.quant.checkpoint import save_quantized
 from lorq.quant.fisher import fisher_weights, rank1_sqrt
 from lorq.quant.lowrank import Context, LowRankMethod, decompose, factor_nbytes, svd_r, weighted_svd_r
 

@@ -12,8 +12,6 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-BATCH = 4
-
 
 def rank1_sqrt(rowsum: torch.Tensor, colsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_r, d_c) with d_r[i]·d_c[j] = √(rowsum_i · colsum_j / total); zero rows/columns get a
@@ -26,6 +24,7 @@ def rank1_sqrt(rowsum: torch.Tensor, colsum: torch.Tensor) -> tuple[torch.Tensor
 
 def fisher_weights(model: nn.Module, names: list[str], calibration: torch.Tensor, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (d_r (out,), d_c (in,)) for each nn.Linear `name`, from the LM loss on calibration."""
+    from .calibration import CALIB_BATCH
     layers = {n: model.get_submodule(n) for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -37,8 +36,8 @@ def fisher_weights(model: nn.Module, names: list[str], calibration: torch.Tensor
     rows = {n: torch.zeros(l.out_features, dtype=torch.float64) for n, l in layers.items()}
     cols = {n: torch.zeros(l.in_features, dtype=torch.float64) for n, l in layers.items()}
     try:
-        for i in tqdm(range(0, len(calibration), BATCH), desc="fisher", unit="batch", disable=not progress):
-            ids = calibration[i:i + BATCH].to(next(model.parameters()).device)
+        for i in tqdm(range(0, len(calibration), CALIB_BATCH), desc="fisher", unit="batch", disable=not progress):
+            ids = calibration[i:i + CALIB_BATCH].to(next(model.parameters()).device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             for n, layer in layers.items():
                 g2 = layer.weight.grad.double().pow(2)  # (out, in)

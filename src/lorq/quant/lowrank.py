@@ -121,9 +121,9 @@ def round_factors(l1: torch.Tensor, l2: torch.Tensor) -> tuple[torch.Tensor, tor
     return l1.to(FACTOR_DTYPE), l2.to(FACTOR_DTYPE)
 
 
-def residual_sq(w: torch.Tensor, qw, l1: torch.Tensor, l2: torch.Tensor, ctx: Context) -> float:
-    """‖W - Q - L1 L2‖² (Fisher-weighted when the context has weights)."""
-    e = w.float() - dequant(qw) - l1.float() @ l2.float()
+def residual_sq(w: torch.Tensor, q: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, ctx: Context) -> float:
+    """‖W - Q - L1 L2‖² for dequantized Q (Fisher-weighted when the context has weights)."""
+    e = w.float() - q - l1.float() @ l2.float()
     if ctx.weighted():
         e = ctx.row_weight.float().unsqueeze(1) * e * ctx.col_weight.float()
     return e.pow(2).sum().item()
@@ -145,18 +145,23 @@ def alternate(w: torch.Tensor, r: int, quantize: Quantize, ctx: Context, randomi
     w = w.float()
     l1, l2 = round_factors(*weighted_svd_r(w, r, ctx, randomized)) if svd_first else (w.new_zeros(w.shape[0], r), w.new_zeros(r, w.shape[1]))
     best, best_err = None, float("inf")
+
+    def improved(qw, q, l1, l2) -> bool:
+        """Keep (Q, L) if it is the best so far; False when the error rose and that ends the run."""
+        nonlocal best, best_err
+        err = residual_sq(w, q, l1, l2, ctx)
+        if err < best_err:
+            best, best_err = (qw, l1, l2), err
+            return True
+        return not stop_on_rise
+
     for _ in range(ctx.iters):
         qw = quantize(w - l1.float() @ l2.float())
-        err = residual_sq(w, qw, l1, l2, ctx)
-        if err < best_err:
-            best, best_err = (qw, l1, l2), err
-        elif stop_on_rise:
+        q = dequant(qw)
+        if not improved(qw, q, l1, l2):
             break
-        l1, l2 = round_factors(*weighted_svd_r(w - dequant(qw), r, ctx, randomized))
-        err = residual_sq(w, qw, l1, l2, ctx)
-        if err < best_err:
-            best, best_err = (qw, l1, l2), err
-        elif stop_on_rise:
+        l1, l2 = round_factors(*weighted_svd_r(w - q, r, ctx, randomized))
+        if not improved(qw, q, l1, l2):
             break
     return best
 

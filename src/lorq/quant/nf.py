@@ -10,7 +10,6 @@ values equal bitsandbytes' CPU `quantize_4bit` / `dequantize_4bit` bit for bit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from ..io import save_figure
 
 
 def plot_loss(metrics_file: str | Path, png: str | Path, title: str = "lorq finetune") -> Path:
@@ -29,9 +30,4 @@ def plot_loss(metrics_file: str | Path, png: str | Path, title: str = "lorq fine
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    png = Path(png)
-    tmp = png.with_name(f".{png.stem}.tmp{png.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png, dpi=110)
