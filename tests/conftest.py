@@ -47,3 +47,27 @@ def tiny_model_dir(tmp_path_factory, real_tokenizer_dir):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_adapter(model_dir, out, seed: int, **lora) -> str:
+    """A PEFT adapter with nonzero B for the model in model_dir (dense or lorq quantized)."""
+    from lorq.adapters import LoRAConfig, add_adapters, save_peft
+    from lorq.models.loading import load_model
+    from tests_helpers import randomize_B
+
+    torch.manual_seed(seed)
+    model, _, _ = load_model(str(model_dir))
+    add_adapters(model, LoRAConfig(dropout=0.0, **lora))
+    randomize_B(model, seed=seed)
+    save_peft(model, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Two adapters for the tiny model: rank 4 on every decoder linear, rank 8 rsLoRA on attention."""
+    root = tmp_path_factory.mktemp("adapters")
+    return (
+        make_adapter(tiny_model_dir, root / "a", 1, rank=4, alpha=8),
+        make_adapter(tiny_model_dir, root / "b", 2, rank=8, alpha=4, rslora=True, targets=[r"self_attn\.(q|k|v|o)_proj"]),
+    )

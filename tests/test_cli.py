@@ -189,3 +189,39 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"\x00\x01corrupt")
     one_line_error(capsys, "eval", "--model", tiny_model_dir, "--adapter", tmp_path / "other", match="not a readable safetensors")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written leftovers
+
+
+def test_every_command_has_help(capsys):
+    from lorq.cli import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and "--model" in capsys.readouterr().out, command
+
+
+def test_merge_and_export_via_cli(tiny_model_dir, adapters, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code, stdout, err = run(capsys, "merge", "--model", tiny_model_dir, "--adapter", *adapters, "--weights", "1", "0.5",
+                            "--format", "nf", "--output", out, "--eval-blocks", "1")
+    assert code == 0, err
+    assert "naive merge" in stdout and "peak memory" in stdout
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["kind"] == "quantized" and report["requant"] == "loftq" and report["ppl_merged"] > 0
+    code, stdout, err = run(capsys, "export", "--model", out, "--output", tmp_path / "m.gguf", "--outtype", "q8_0", "--no-verify")
+    assert code == 0, err and (tmp_path / "m.gguf").is_file()
+    code, stdout, err = run(capsys, "eval", "--model", out, "--eval-blocks", "1", "--block-size", "32")
+    assert code == 0, err
+
+
+def test_merge_and_export_bad_inputs(tiny_model_dir, adapters, tmp_path, capsys):
+    base = ["merge", "--model", tiny_model_dir, "--output", tmp_path / "m"]
+    one_line_error(capsys, *base, match="at least one adapter")
+    one_line_error(capsys, *base, "--adapter", tmp_path / "nope", match="not found")
+    one_line_error(capsys, *base, "--adapter", *adapters, "--weights", "1", match="one weight per adapter")
+    one_line_error(capsys, *base, "--adapter", adapters[0], "--requant", "fold", "--merge-rank", "4", match="does not apply")
+    one_line_error(capsys, *base, "--adapter", adapters[0], "--requant-method", "gptq", match="calibration")
+    one_line_error(capsys, "merge", "--model", tiny_model_dir, "--adapter", adapters[0], "--output", tiny_model_dir / "sub", match="overlaps")
+    one_line_error(capsys, "export", "--model", tiny_model_dir, "--outtype", "q4", match="invalid choice")
+    one_line_error(capsys, "export", "--model", tmp_path / "nope", match="not found")
+    assert not (tmp_path / "m").exists() and not (tiny_model_dir / "sub").exists()

@@ -22,6 +22,8 @@ COMMANDS = {
     "finetune": ("FinetuneConfig", "run_finetune", "fine-tune a LoRA adapter on a quantized base (the main job)"),
     "eval": ("EvalConfig", "run_eval", "perplexity of a base, a quantized checkpoint, or base + adapter"),
     "generate": ("GenerateConfig", "run_generate", "generate text from a prompt"),
+    "merge": ("MergeConfig", "run_merge", "fold adapters into a dense or quantized base (streaming) and report the accuracy kept"),
+    "export": ("ExportConfig", "export_gguf", "write a model (merged with adapters if given) as a GGUF file: f32, f16 or q8_0"),
 }
 
 
@@ -72,10 +74,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         for p in path:
             default = getattr(default, p)
         flags = ["--" + name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         base = _base_type(tp)
         shown = default.value if isinstance(default, Enum) else default
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})")
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default: {str(shown).replace('%', '%%')})")
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is list:

@@ -16,6 +16,7 @@ from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
 from .io import write_json
+from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, load_model
 from .options import opt
 from .adapters.init import LowRankUse, init_from_factors, pop_compensation
@@ -23,6 +24,7 @@ from .quant import (
     DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
     quantize_model, save_quantized,
 )
+from .quant.base import no_quant
 from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
@@ -33,10 +35,6 @@ from .train.plot import plot_loss
 from .train.precision import Precision, resolve
 
 MODEL_HELP = f"model: a local HF model directory, a lorq quantized checkpoint, a .gguf file, or {DEFAULT_MODEL} (embedded)"
-
-
-def no_quant() -> FormatConfig:
-    return FormatConfig(format=QuantFormat.NONE)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear, set_module
-from .lora import LoRALinear, lora_layers, mark_trainable
+from .lora import LoRALinear, lora_layers, lora_scaling, mark_trainable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -100,8 +100,9 @@ def _alpha_for(module: str, config: dict) -> float:
     return float(config["lora_alpha"])
 
 
-def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
-    """Add the PEFT adapter in `path` to the model as adapter `name`; returns the adapted modules."""
+def read_peft(path: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(adapter_config, {module: (A (r, in), B (out, r))}) of the PEFT adapter in `path`, checked
+    for what lorq supports and for pairs that fit each other (not yet for a base model)."""
     path = Path(path)
     if not path.is_dir():
         raise LorqError(f"adapter directory {path} not found")
@@ -119,27 +120,43 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainab
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise LorqError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        if ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["B"].shape[1] != ab["A"].shape[0]:
+            raise LorqError(f"{path}: {module} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, which do not multiply")
+    return config, {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}
+
+
+def adapter_scaling(module: str, rank: int, config: dict) -> float:
+    """The factor PEFT multiplies B A by for `module` (alpha_pattern and use_rslora honoured)."""
+    return lora_scaling(_alpha_for(module, config), rank, bool(config.get("use_rslora")))
+
+
+def check_fits(path: Path, module: str, layer, A: torch.Tensor, B: torch.Tensor) -> None:
+    if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+        raise LorqError(
+            f"adapter {path} does not fit the base model: {module} is {layer.out_features}x{layer.in_features}, "
+            f"adapter has A {tuple(A.shape)} and B {tuple(B.shape)}"
+        )
+
+
+def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
+    """Add the PEFT adapter in `path` to the model as adapter `name`; returns the adapted modules."""
+    path = Path(path)
+    config, pairs = read_peft(path)
+    for module, (A, B) in pairs.items():
         try:
             layer = model.get_submodule(module)
         except AttributeError:
             raise LorqError(f"adapter {path} targets {module}, which this base model does not have")
-        A, B = ab["A"], ab["B"]
-        rank = A.shape[0]
-        if B.shape[1] != rank or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
-            raise LorqError(
-                f"adapter {path} does not fit the base model: {module} is {layer.out_features}x{layer.in_features}, "
-                f"adapter has A {tuple(A.shape)} and B {tuple(B.shape)}"
-            )
-    for module, ab in pairs.items():
+        check_fits(path, module, layer, A, B)
+    for module, (A, B) in pairs.items():
         layer = model.get_submodule(module)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             set_module(model, module, layer)
-        rank = ab["A"].shape[0]
-        ad = layer.add(name, rank, _alpha_for(module, config), bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)))
+        ad = layer.add(name, A.shape[0], _alpha_for(module, config), bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)))
         with torch.no_grad():
-            ad.A.copy_(ab["A"])
-            ad.B.copy_(ab["B"])
+            ad.A.copy_(A)
+            ad.B.copy_(B)
     if trainable:
         mark_trainable(model, name)
     else:

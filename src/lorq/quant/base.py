@@ -106,6 +106,11 @@ class FormatConfig:
         return cls(**d).validate()
 
 
+def no_quant() -> FormatConfig:
+    """The default of commands that take a base as it is unless a format is given."""
+    return FormatConfig(format=QuantFormat.NONE)
+
+
 class QuantizedWeight(Protocol):
     """A frozen (out_features, in_features) weight stored in a low-bit format."""
 

@@ -42,22 +42,62 @@ def module_spec(name: str, m: QuantizedLinear, report: QuantReport | None) -> di
     return {**spec, **m.cfg.to_json()}
 
 
-def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "",
-                   rules: list[Rule] | None = None, budget: dict | None = None) -> Path:
-    """Write a quantized model atomically; `lorq.models.load_model(out)` rebuilds it exactly."""
-    modules = {name: module_spec(name, m, report) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    meta = {"format_version": FORMAT_VERSION, "source": source, "rules": [r.to_json() for r in rules or []], "modules": modules}
+def quant_meta(modules: dict[str, dict], report: QuantReport | None = None, source: str = "",
+               rules: list | None = None, budget: dict | None = None, **extra) -> dict:
+    """The lorq_quant.json of a checkpoint; rules are Rule objects or their JSON already."""
+    rules = [r.to_json() if isinstance(r, Rule) else r for r in rules or []]
+    meta = {"format_version": FORMAT_VERSION, "source": source, "rules": rules, "modules": modules}
     if budget is not None:
         meta["budget"] = budget
     if report is not None:
         meta["report"] = {**report.summary(), "per_module": report.modules}
+    return {**meta, **extra}
+
+
+def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "",
+                   rules: list[Rule] | None = None, budget: dict | None = None) -> Path:
+    """Write a quantized model atomically; `lorq.models.load_model(out)` rebuilds it exactly."""
+    modules = {name: module_spec(name, m, report) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_file(_state_without_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / QUANT_CONFIG, meta)
+        write_json(tmp / QUANT_CONFIG, quant_meta(modules, report, source, rules, budget))
     return out
+
+
+def read_meta(path: Path) -> dict:
+    """lorq_quant.json, its version checked."""
+    meta = read_json(path / QUANT_CONFIG)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise LorqError(
+            f"{path / QUANT_CONFIG} has format_version {version!r}; this lorq reads versions 1 to {FORMAT_VERSION}"
+            + (" (written by a newer lorq: upgrade lorq)" if isinstance(version, int) and version > FORMAT_VERSION else "")
+        )
+    if not isinstance(meta.get("modules", {}), dict):
+        raise LorqError(f"{path / QUANT_CONFIG}: 'modules' must be a mapping")
+    return meta
+
+
+def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.Tensor], shape: tuple[int, int]) -> QuantizedLinear:
+    """Module `name` of checkpoint `path` from its spec and its own tensors (prefix removed;
+    consumed). shape: (out, in) the model config gives the module."""
+    if (shape[1], shape[0]) != (spec.get("in_features"), spec.get("out_features")):
+        raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
+    try:
+        cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in MODULE_KEYS})
+    except (LorqError, TypeError, ValueError, KeyError) as e:
+        raise LorqError(f"{path / QUANT_CONFIG}: invalid settings for {name}: {e}")
+    bias = own.pop("bias", None)
+    factors = [own.pop(k, None) for k in LOWRANK]
+    if (factors[0] is None) != (factors[1] is None) or (factors[0] is not None) != bool(spec.get("rank")):
+        raise LorqError(f"{path}: the low-rank factors of {name} are missing or do not match its config")
+    try:
+        return QuantizedLinear(shape[1], shape[0], cfg, own, bias, factors if factors[0] is not None else None)
+    except ValueError as e:
+        raise LorqError(f"{path}: {name}: {e}")
 
 
 def load_quantized(path: str | Path):
@@ -66,13 +106,7 @@ def load_quantized(path: str | Path):
     from ..models.loading import check_causal_lm
 
     path = Path(path)
-    meta = read_json(path / QUANT_CONFIG)
-    version = meta.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise LorqError(
-            f"{path / QUANT_CONFIG} has format_version {version!r}; this lorq reads versions 1 to {FORMAT_VERSION}"
-            + (" (written by a newer lorq: upgrade lorq)" if isinstance(version, int) and version > FORMAT_VERSION else "")
-        )
+    meta = read_meta(path)
     config = check_causal_lm(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_safetensors(path / "model.safetensors")
@@ -81,23 +115,9 @@ def load_quantized(path: str | Path):
             base = model.get_submodule(name)
         except AttributeError:
             raise LorqError(f"quantized module {name} does not exist in the {config.model_type} model of {path}")
-        if (base.in_features, base.out_features) != (spec["in_features"], spec["out_features"]):
-            raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
-        try:
-            cfg = FormatConfig.from_json({k: v for k, v in spec.items() if k not in MODULE_KEYS})
-        except (LorqError, TypeError, ValueError, KeyError) as e:
-            raise LorqError(f"{path / QUANT_CONFIG}: invalid settings for {name}: {e}")
         prefix = name + "."
         own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        bias = own.pop("bias", None)
-        factors = [own.pop(k, None) for k in LOWRANK]
-        if (factors[0] is None) != (factors[1] is None) or (factors[0] is not None) != bool(spec.get("rank")):
-            raise LorqError(f"{path}: the low-rank factors of {name} are missing or do not match its config")
-        try:
-            layer = QuantizedLinear(spec["in_features"], spec["out_features"], cfg, own, bias, factors if factors[0] is not None else None)
-        except ValueError as e:
-            raise LorqError(f"{path}: {name}: {e}")
-        set_module(model, name, layer)
+        set_module(model, name, layer_from_tensors(path, name, spec, own, (base.out_features, base.in_features)))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -195,10 +195,9 @@ def plan_modules(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[nn.Line
     return plan
 
 
-def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: MethodConfig, report: QuantReport,
-                    hessian=None, fisher: tuple | None = None) -> None:
-    """Quantize one layer by its rule (Q, or Q + L1 L2) and put the QuantizedLinear in its place."""
-    w = linear.weight.data
+def quantize_weight(w: torch.Tensor, bias: torch.Tensor | None, rule: Rule, mcfg: MethodConfig,
+                    hessian=None, fisher: tuple | None = None) -> QuantizedLinear:
+    """A float weight (out, in) as a QuantizedLinear by `rule`: Q, or Q + L1 L2."""
 
     def quantize(target: torch.Tensor):
         return METHODS[rule.method](target, rule.quant, mcfg, hessian)
@@ -206,10 +205,15 @@ def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: Metho
     if rule.compensated:
         ctx = Context(mcfg.lowrank_iters, *(fisher or (None, None)), hessian)
         qw, l1, l2 = decompose(rule.lowrank, w, rule.rank, quantize, ctx)
-        layer = QuantizedLinear.from_weight(qw, linear.bias, (l1, l2))
-    else:
-        layer = QuantizedLinear.from_weight(quantize(w), linear.bias)
-    report.add(name, w, layer, rule)
+        return QuantizedLinear.from_weight(qw, bias, (l1, l2))
+    return QuantizedLinear.from_weight(quantize(w), bias)
+
+
+def quantize_linear(model, name: str, linear: nn.Linear, rule: Rule, mcfg: MethodConfig, report: QuantReport,
+                    hessian=None, fisher: tuple | None = None) -> None:
+    """Quantize one layer by its rule and put the QuantizedLinear in its place."""
+    layer = quantize_weight(linear.weight.data, linear.bias, rule, mcfg, hessian, fisher)
+    report.add(name, linear.weight.data, layer, rule)
     set_module(model, name, layer)
 
 

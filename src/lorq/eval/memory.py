@@ -1,0 +1,95 @@
+"""Peak resident memory of a phase of work, from the kernel's own accounting.
+
+Linux keeps a per-process high-water mark (VmHWM); writing 5 to /proc/self/clear_refs resets
+it to the current RSS (Linux >= 4.0), so the peak of one phase is measured exactly, not
+sampled. Elsewhere the process-lifetime peak (getrusage) is the fallback, an upper bound.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> float:
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else lifetime_peak_mib()
+
+
+def lifetime_peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Streaming work frees a layer's multi-MB buffers before allocating the next layer's; glibc
+    raises its mmap threshold after such frees and then serves them from the heap, which it
+    does not shrink, so without this the resident set grows by about a layer per layer.
+    """
+    trim = getattr(LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def reset_peak() -> bool:
+    """Reset the high-water mark to the current RSS; False where the kernel does not allow it."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakRSS:
+    """with PeakRSS() as m: ...  -> m.start_mib, m.peak_mib, m.phase_mib (= peak - start), m.exact."""
+
+    start_mib: float = 0.0
+    peak_mib: float = 0.0
+    exact: bool = False
+
+    def __enter__(self) -> "PeakRSS":
+        self.exact = reset_peak()
+        self.start_mib = rss_mib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_kib("VmHWM") if self.exact else None
+        self.peak_mib = hwm / 1024 if hwm is not None else lifetime_peak_mib()
+
+    @property
+    def phase_mib(self) -> float:
+        return max(self.peak_mib - self.start_mib, 0.0)
+
+    def to_json(self) -> dict:
+        return {"rss_start_mib": round(self.start_mib, 1), "rss_peak_mib": round(self.peak_mib, 1),
+                "phase_peak_mib": round(self.phase_mib, 1), "peak_exact": self.exact}
