@@ -17,7 +17,7 @@ from .errors import LorqError
 from .eval import generate_text, perplexity
 from .io import write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, load_model
+from .models.loading import DEFAULT_MODEL, MODEL_HELP, load_model
 from .options import opt
 from .adapters.init import LowRankUse, init_from_factors, pop_compensation
 from .quant import (
@@ -33,9 +33,6 @@ from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records
 from .train.loop import TrainConfig, train
 from .train.plot import plot_loss
 from .train.precision import Precision, resolve
-
-MODEL_HELP = f"model: a local HF model directory, a lorq quantized checkpoint, a .gguf file, or {DEFAULT_MODEL} (embedded)"
-
 
 @dataclass
 class QuantizeConfig:

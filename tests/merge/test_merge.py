@@ -157,3 +157,10 @@ def test_fold_and_requantize_unit(tiny_llama):
     for requant in (Requant.LORC, Requant.LOFTQ, Requant.QPISSA, Requant.LQ_LORA):
         merged, target, _ = requantize(layer, B, A, requant, 4, MethodConfig(method=QuantMethod.RTN))
         assert merged.rank == 4 and merged.cfg == layer.cfg
+
+
+def test_dequantized_merge_of_a_quantized_base_is_a_plain_hf_checkpoint(tiny_model_dir, adapters, tmp_path):
+    merge(tiny_model_dir, adapters[:1], tmp_path / "m", quant=nf4(), dequantize=True)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert not (tmp_path / "m" / "lorq_quant.json").exists()
+    assert (logits(dense) - logits(unmerged_quantized(tiny_model_dir, adapters[:1], nf4()))).abs().max() <= 1e-4

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorqError
-from ..models.loading import DEFAULT_MODEL, load_tokenizer
+from ..models.loading import DEFAULT_MODEL, MODEL_HELP, load_tokenizer
 from ..options import opt
 from .delta import AdapterUpdate
 from .merge import OutDtype, check_targets, dense_specs, dense_tensor, no_quant, open_source
@@ -36,7 +36,7 @@ class GGUFType(str, Enum):
 
 @dataclass
 class ExportConfig:
-    model: str = opt(DEFAULT_MODEL, "model: a local HF model directory, a lorq quantized checkpoint (dequantized), a .gguf file, or smollm2-135m-instruct")
+    model: str = opt(DEFAULT_MODEL, MODEL_HELP + "; a quantized checkpoint is dequantized")
     adapter: list[str] = opt([], "PEFT adapter directories merged into the exported weights (optional)")
     weights: list[float] = opt([], "weight of each adapter's update (default: 1 each)")
     output: str = opt("runs/model.gguf", "the GGUF file to write")
@@ -61,6 +61,7 @@ LLAMA_TENSORS = {
     r"model\.layers\.(\d+)\.mlp\.down_proj\.weight": "blk.{}.ffn_down.weight",
 }
 SUPPORTED = ("llama",)
+PROBE = "The with statement wraps a block in a context manager:\n\nwith open(path) as f:\n    data = f.read()\n"
 Q8_BLOCK = 32
 
 
@@ -215,14 +216,14 @@ def load_gguf(path: Path):
 @torch.no_grad()
 def verify_gguf(cfg: ExportConfig, update: AdapterUpdate, out: Path) -> float:
     """Largest |logit difference| between the source (+ adapters) and the GGUF file as
-    transformers loads it, on a fixed probe sequence."""
+    transformers loads it, on a fixed text."""
     from ..jobs import prepare_base
     from .delta import apply_unmerged
 
     base = prepare_base(cfg.model, no_quant())
     if update.paths:
         apply_unmerged(base.model, update)
-    probe = torch.tensor([list(range(1, min(65, base.model.config.vocab_size)))])
+    probe = base.tok(PROBE, return_tensors="pt").input_ids
     want = base.model(input_ids=probe).logits.float()
     got = load_gguf(out)(input_ids=probe).logits.float()
     return (got - want).abs().max().item()

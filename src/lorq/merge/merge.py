@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from ..errors import LorqError
 from ..eval.memory import release_freed_memory
-from ..models.loading import DEFAULT_MODEL, QUANT_CONFIG, check_causal_lm, load_tokenizer, resolve_model
+from ..models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, check_causal_lm, load_tokenizer, resolve_model
 from ..options import opt
 from ..quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, QuantReport, Rule
 from ..quant.base import no_quant
 from ..quant.checkpoint import layer_from_tensors, module_spec, quant_meta, read_meta
-from ..quant.lowrank import LowRankMethod
+from ..quant.lowrank import FACTOR_DTYPE, LowRankMethod
 from ..quant.quantize import plan_modules, quantize_weight
 from .delta import AdapterUpdate
 from .shards import CheckpointReader, TensorSpec, write_safetensors, write_sharded
@@ -69,7 +69,7 @@ TORCH_DTYPE = {OutDtype.FP32: torch.float32, OutDtype.FP16: torch.float16, OutDt
 
 @dataclass
 class MergeConfig:
-    model: str = opt(DEFAULT_MODEL, "base: a local HF model directory, a lorq quantized checkpoint, a .gguf file, or smollm2-135m-instruct (embedded)")
+    model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     adapter: list[str] = opt([], "PEFT adapter directories to fold in: one, or several for a weighted combination")
     weights: list[float] = opt([], "weight of each adapter's update (default: 1 each)")
     output: str = opt("runs/merged", "output directory (HF checkpoint for a dense base, lorq quantized checkpoint for a quantized one)")
@@ -106,7 +106,7 @@ def requantize(layer: QuantizedLinear, B: torch.Tensor, A: torch.Tensor, requant
     """(the merged layer, the exact merged weight W' = Q + L + B A, the rule that made it)."""
     target = layer.dequantize(torch.float32) + B @ A  # (out, in)
     if requant is Requant.FOLD:
-        l1, l2 = B.half(), A.half()
+        l1, l2 = B.to(FACTOR_DTYPE), A.to(FACTOR_DTYPE)
         if layer.rank:
             l1, l2 = torch.cat([layer.lowrank_b, l1], dim=1), torch.cat([layer.lowrank_a, l2], dim=0)
         tensors = {n: getattr(layer, n) for n in layer._names}
@@ -163,6 +163,10 @@ def open_source(model: str, quant: FormatConfig) -> Source:
         if QuantFormat(quant.format) is not QuantFormat.NONE:
             raise LorqError(f"{path} is already quantized; leave out --format")
         meta = read_meta(path)
+        linears = {n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+        unknown = [n for n in meta.get("modules", {}) if n not in linears]
+        if unknown:
+            raise LorqError(f"quantized module {unknown[0]} does not exist in the {config.model_type} model of {path}")
         return Source(path, reader, config, skeleton, dict(meta.get("modules", {})), meta, None)
     if QuantFormat(quant.format) is QuantFormat.NONE:
         return Source(path, reader, config, skeleton, {}, None, None)
@@ -239,8 +243,8 @@ def merge_quantized(src: Source, update: AdapterUpdate, out: Path, cfg: MergeCon
             rank = cfg.merge_rank or layer.rank + B.shape[1]
             layer, target, rule = requantize(layer, B, A, cfg.requant, rank, cfg.method_config)
             report.add(module, target, layer, rule)
-            entry = {"method": rule.method.value, "lowrank": cfg.requant.value} if layer.rank else {"method": rule.method.value}
-            report.modules[module].update(entry)
+            method = src.specs[module].get("method", "rtn") if cfg.requant is Requant.FOLD else rule.method.value  # fold keeps the codes
+            report.modules[module].update({"method": method, **({"lowrank": cfg.requant.value} if layer.rank else {})})
             specs[module] = module_spec(module, layer, report)
         else:
             specs[module] = src.specs[module]

