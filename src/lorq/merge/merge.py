@@ -8,11 +8,13 @@ Q' = quant(W') (`naive`), rounds away nearly all of a fine-tuned ΔW, whose entr
 smaller than a quantization step. lorq re-quantizes and puts what re-quantizing lost into a
 low-rank part with the low-rank machinery, at the rank of base + adapter by default (the merged
 file is the size of base + adapter, and no adapter is needed to run it):
-- `loftq` (default): alternate Q' = quant(W' - L'), L' = SVD_r(W' - Q'). The first round is
-  `lorc`; from the second, W' - L' is close to the old grid again, so Q' returns to the base's
-  codes and L' takes up ΔW: nearly lossless in two or three rounds.
-- `lorc`: one round (Q' = quant(W'), L' = SVD_r(W' - Q')); the codes that ΔW pushed over a
-  rounding threshold leave sparse errors that a low-rank part cannot hold.
+- `loftq` (default): LoftQ's alternation L' = SVD_r(W' - Q'), Q' = quant(W' - L'), started
+  from the base's own codes (Q' = Q) instead of L' = 0, the best iterate kept. At the rank of
+  base + adapter the start is already exact (L' = L + ΔW; re-quantizing is not quite idempotent,
+  e.g. NF4's double-quantized scales move), and at a smaller rank the alternation trades code
+  changes against the truncated update.
+- `lorc`: Q' = quant(W'), L' = SVD_r(W' - Q'); the codes that ΔW pushed over a rounding
+  threshold leave sparse errors that a low-rank part cannot hold.
 - `qpissa`, `lq-lora`: the other decompositions of the low-rank issue, for comparison.
 - `fold`: keep the codes, store ΔW as factors: exact, but always at the full rank.
 """
@@ -77,7 +79,7 @@ class MergeConfig:
     requant: Requant = opt(Requant.LOFTQ, "quantized base: naive (dequantize-add-requantize), loftq/lorc/qpissa/lq-lora (re-quantize, compensate the residual at --merge-rank), or fold (keep the codes, ΔW becomes frozen factors; exact)")
     requant_method: QuantMethod = opt(QuantMethod.RTN, "algorithm that re-chooses the codes: rtn or hqq (a GPTQ base is re-rounded to nearest: its codes lie on the grid)")
     merge_rank: int = opt(0, "rank of each merged quantized matrix's low-rank part (0 = base rank + adapter rank: the size of base + adapter)")
-    merge_iters: int = opt(3, "loftq: alternations of re-quantization and SVD; lq-lora: the most")
+    merge_iters: int = opt(2, "loftq: alternations of re-quantization and SVD; lq-lora: the most")
     dequantize: bool = opt(False, "write a dense HF checkpoint even from a quantized base (Q + L + ΔW in float)")
     dtype: OutDtype = opt(OutDtype.AUTO, "dense output: auto (as stored; dequantized weights fp32), fp32, fp16 or bf16")
     max_shard_mb: int = opt(1024, "dense output: largest safetensors shard in MiB")
@@ -106,15 +108,16 @@ def requantize(layer: QuantizedLinear, B: torch.Tensor, A: torch.Tensor, requant
     """(the merged layer, the exact merged weight W' = Q + L + B A, the rule that made it)."""
     target = layer.dequantize(torch.float32) + B @ A  # (out, in)
     if requant is Requant.FOLD:
-        l1, l2 = B.to(FACTOR_DTYPE), A.to(FACTOR_DTYPE)
+        l1, l2 = B, A
         if layer.rank:
-            l1, l2 = torch.cat([layer.lowrank_b, l1], dim=1), torch.cat([layer.lowrank_a, l2], dim=0)
+            l1, l2 = torch.cat([layer.lowrank_b.float(), l1], dim=1), torch.cat([layer.lowrank_a.float(), l2], dim=0)
         tensors = {n: getattr(layer, n) for n in layer._names}
-        merged = QuantizedLinear(layer.in_features, layer.out_features, layer.cfg, tensors, layer.bias, (l1, l2))
+        merged = QuantizedLinear(layer.in_features, layer.out_features, layer.cfg, tensors, layer.bias, (l1.to(FACTOR_DTYPE), l2.to(FACTOR_DTYPE)))
         return merged, target, Rule(".", layer.cfg, QuantMethod.RTN, LowRankMethod.LORC, merged.rank)
     lowrank = DECOMPOSITION.get(requant, LowRankMethod.NONE)
     rule = Rule(".", layer.cfg, mcfg.method, lowrank, rank if lowrank is not LowRankMethod.NONE else 0)
-    return quantize_weight(target, layer.bias, rule, mcfg), target, rule
+    codes = layer.qweight() if requant is Requant.LOFTQ else None  # LoftQ starts from the base's codes
+    return quantize_weight(target, layer.bias, rule, mcfg, codes=codes), target, rule
 
 
 @dataclass

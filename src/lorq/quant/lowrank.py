@@ -69,6 +69,7 @@ class Context:
     row_weight: torch.Tensor | None = None  # (out,)
     col_weight: torch.Tensor | None = None  # (in,)
     hessian: torch.Tensor | None = None  # (in, in), ∝ X Xᵀ
+    codes: object | None = None  # LoftQ: a QuantizedWeight to start from instead of L = 0 (merging: the base's)
 
     def weighted(self) -> bool:
         return self.row_weight is not None
@@ -140,10 +141,9 @@ def qpissa(w: torch.Tensor, r: int, quantize: Quantize, ctx: Context):
 
 
 def alternate(w: torch.Tensor, r: int, quantize: Quantize, ctx: Context, randomized: bool, stop_on_rise: bool, svd_first: bool):
-    """Alternate Q = quant(W - L) and L = SVD_r(W - Q), starting with L = 0 (quantize first) or
-    Q = 0 (svd_first); the best (Q, L) seen is kept."""
+    """Alternate Q = quant(W - L) and L = SVD_r(W - Q), starting with L = 0 (quantize first), with
+    Q = 0 (svd_first), or with the given ctx.codes; the best (Q, L) seen is kept."""
     w = w.float()
-    l1, l2 = round_factors(*weighted_svd_r(w, r, ctx, randomized)) if svd_first else (w.new_zeros(w.shape[0], r), w.new_zeros(r, w.shape[1]))
     best, best_err = None, float("inf")
 
     def improved(qw, q, l1, l2) -> bool:
@@ -155,6 +155,14 @@ def alternate(w: torch.Tensor, r: int, quantize: Quantize, ctx: Context, randomi
             return True
         return not stop_on_rise
 
+    if ctx.codes is not None:
+        q = dequant(ctx.codes)
+        l1, l2 = round_factors(*weighted_svd_r(w - q, r, ctx, randomized))
+        improved(ctx.codes, q, l1, l2)
+    elif svd_first:
+        l1, l2 = round_factors(*weighted_svd_r(w, r, ctx, randomized))
+    else:
+        l1, l2 = w.new_zeros(w.shape[0], r), w.new_zeros(r, w.shape[1])
     for _ in range(ctx.iters):
         qw = quantize(w - l1.float() @ l2.float())
         q = dequant(qw)

@@ -196,14 +196,15 @@ def plan_modules(model: nn.Module, rules: list[Rule]) -> dict[str, tuple[nn.Line
 
 
 def quantize_weight(w: torch.Tensor, bias: torch.Tensor | None, rule: Rule, mcfg: MethodConfig,
-                    hessian=None, fisher: tuple | None = None) -> QuantizedLinear:
-    """A float weight (out, in) as a QuantizedLinear by `rule`: Q, or Q + L1 L2."""
+                    hessian=None, fisher: tuple | None = None, codes=None) -> QuantizedLinear:
+    """A float weight (out, in) as a QuantizedLinear by `rule`: Q, or Q + L1 L2 (LoftQ's
+    alternation started from the QuantizedWeight `codes` when given)."""
 
     def quantize(target: torch.Tensor):
         return METHODS[rule.method](target, rule.quant, mcfg, hessian)
 
     if rule.compensated:
-        ctx = Context(mcfg.lowrank_iters, *(fisher or (None, None)), hessian)
+        ctx = Context(mcfg.lowrank_iters, *(fisher or (None, None)), hessian, codes)
         qw, l1, l2 = decompose(rule.lowrank, w, rule.rank, quantize, ctx)
         return QuantizedLinear.from_weight(qw, bias, (l1, l2))
     return QuantizedLinear.from_weight(quantize(w), bias)
