@@ -37,7 +37,7 @@ from ..models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, check_caus
 from ..options import opt
 from ..quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, QuantReport, Rule
 from ..quant.base import no_quant
-from ..quant.checkpoint import layer_from_tensors, module_spec, quant_meta, read_meta
+from ..quant.checkpoint import layer_from_tensors, module_spec, read_meta
 from ..quant.lowrank import FACTOR_DTYPE, LowRankMethod
 from ..quant.quantize import plan_modules, quantize_weight
 from .delta import AdapterUpdate

@@ -16,11 +16,12 @@ from ..eval.perplexity import perplexity
 from ..io import atomic_dir, write_json
 from ..models.loading import QUANT_CONFIG, load_model
 from ..quant import QuantizedLinear
+from ..quant.checkpoint import quant_meta
 from ..quant.linear import set_module
 from ..train.data import DataConfig, eval_blocks
 from .delta import AdapterUpdate, apply_unmerged
 from .merge import (
-    MergeConfig, Requant, Source, check_targets, merge_dense, merge_quantized, open_source, quant_meta, requantize,
+    MergeConfig, Requant, Source, check_targets, merge_dense, merge_quantized, open_source, requantize,
     rules_of, write_side_files,
 )
 
