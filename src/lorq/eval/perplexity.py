@@ -6,18 +6,55 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..train.data import IGNORE, Blocks
 from ..train.precision import Precision, autocast
 
 
-def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of -log p(label_{t+1} | tokens_<=t), number of labelled tokens) for one batch."""
-    logits = model(input_ids=input_ids).logits[:, :-1]  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return nll, int((target != IGNORE).sum())
+LOSS_CHUNK = 1024  # tokens per output-layer chunk: 1024 x 49k vocab x 4 B = 200 MB of logits at most
+
+
+def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(label_{t+1} | tokens_<=t), number of labelled tokens) for one batch.
+
+    With chunk > 0 the full (B, T, vocab) logits are never formed: the decoder's hidden states
+    of the labelled positions go through the output layer and the cross-entropy `chunk` tokens
+    at a time, each chunk recomputed in backward (activation checkpointing) instead of stored.
+    """
+    decoder, head = chunkable(model) if chunk > 0 else (None, None)
+    if decoder is None:
+        logits = model(input_ids=input_ids).logits[:, :-1]  # (B, T-1, V)
+        target = labels[:, 1:]  # (B, T-1)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return nll, int((target != IGNORE).sum())
+    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, H)
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE  # only labelled positions need logits
+    hidden, target = hidden.reshape(-1, hidden.shape[-1])[keep], target[keep]  # (N, H), (N,)
+    nll = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(target), chunk):
+        h, t = hidden[i : i + chunk], target[i : i + chunk]
+        nll = nll + (checkpoint(chunk_nll, head, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_nll(head, h, t))
+    return nll, len(target)
+
+
+def chunk_nll(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def chunkable(model):
+    """(decoder, output layer) of a causal LM whose logits are exactly head(decoder(x)), or
+    (None, None): models that scale or soft-cap their logits keep the full-logits path."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier")):
+        return None, None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    return (decoder, head) if decoder is not None and head is not None else (None, None)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LorqError
-from ..eval.perplexity import next_token_nll, perplexity
+from ..eval.perplexity import LOSS_CHUNK, next_token_nll, perplexity
+from ..eval.memory import lifetime_peak_mib
 from ..io import atomic_write_text
 from ..options import opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -42,14 +43,16 @@ class TrainConfig:
     eval_blocks: int = opt(16, "validation blocks used for perplexity (0 = all)")
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
     precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where the CPU/GPU supports it), bf16 or fp32")
+    loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
+    grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
 
     def validate(self) -> "TrainConfig":
         for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, k) <= 0:
                 raise LorqError(f"{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_blocks < 0:
-            raise LorqError("lr must be positive, warmup-steps and eval-blocks non-negative")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_blocks < 0 or self.loss_chunk < 0:
+            raise LorqError("lr must be positive, warmup-steps, eval-blocks and loss-chunk non-negative")
         self.precision = Precision(self.precision)
         return self
 
@@ -87,10 +90,23 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def peak_rss_mb() -> float:
-    import resource
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of the process so far (and peak CUDA memory on a GPU), MiB."""
+    out = {"peak_rss_mb": round(lifetime_peak_mib(), 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def set_grad_checkpointing(model, on: bool) -> None:
+    """transformers' per-layer activation checkpointing (non-reentrant: the frozen embeddings'
+    outputs need no grad for it to work)."""
+    if on and not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorqError(f"{type(model).__name__} does not support gradient checkpointing")
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
 
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
@@ -119,6 +135,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     if start == 0 and initial_val is not None:
         metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     model.train()
     last: dict = {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
@@ -134,7 +151,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
             x = train_blocks.input_ids[micro].to(device)
             y = train_blocks.labels[micro].to(device)
             with autocast(precision, device):
-                nll, n = next_token_nll(model, x, y)
+                nll, n = next_token_nll(model, x, y, cfg.loss_chunk)
             (nll / max(n, 1) / cfg.grad_accum).backward()
             loss_sum += nll.item()
             tokens += n
@@ -142,7 +159,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         optimizer.step()
         dt = time.perf_counter() - t0
         last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": x.numel() * cfg.grad_accum / dt, "step_s": dt, "peak_rss_mb": round(peak_rss_mb(), 1)}
+                "tokens_per_s": x.numel() * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device)}
         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
@@ -154,5 +171,6 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+    set_grad_checkpointing(model, False)
     model.eval()
     return {**last, "precision": precision.value}

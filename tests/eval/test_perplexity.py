@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from lorq.adapters import LoRAConfig, add_adapters
+from lorq.eval.perplexity import chunkable, next_token_nll
+from lorq.train.data import IGNORE
+
+from tests_helpers import randomize_B
+
+
+def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_llama):
+    add_adapters(tiny_llama, LoRAConfig(rank=4, dropout=0.0, targets=[r"layers\.\d+\.", "lm_head"]))
+    randomize_B(tiny_llama)
+    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[0, :10] = IGNORE  # unlabelled positions get no logits in the chunked path
+    out = {}
+    for chunk in (0, 7, 4096):
+        tiny_llama.zero_grad()
+        nll, n = next_token_nll(tiny_llama, x, y, chunk)
+        (nll / n).backward()
+        out[chunk] = (nll.item(), n, torch.cat([p.grad.flatten() for p in tiny_llama.parameters() if p.requires_grad]))
+    for chunk in (7, 4096):
+        assert out[chunk][1] == out[0][1] == 2 * 39 - 9
+        assert out[chunk][0] == pytest.approx(out[0][0], rel=1e-6)
+        assert torch.allclose(out[chunk][2], out[0][2], atol=1e-6)
+
+
+def test_models_that_rescale_logits_keep_the_full_path(tiny_llama):
+    assert chunkable(tiny_llama)[0] is not None
+    tiny_llama.config.final_logit_softcapping = 30.0
+    assert chunkable(tiny_llama) == (None, None)
