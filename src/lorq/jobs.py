@@ -30,6 +30,7 @@ from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
 from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
+from .train.distributed import check_divisible, finish, init_world
 from .train.loop import TrainConfig, train
 from .train.plot import plot_loss
 from .train.precision import Precision, resolve
@@ -187,10 +188,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     cfg.lora.validate()
     cfg.train.validate()
     cfg.data.validate()
+    world = init_world()  # torchrun: data-parallel ranks; rank 0 prints and writes
+    check_divisible(cfg.train.batch_size, world)
+    say = print if world.main else (lambda *a, **k: None)
     start = time.perf_counter()
     out = Path(cfg.output)
     if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
-        print(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
+        say(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
     cfg.lowrank_as = LowRankUse(cfg.lowrank_as)
     # as the LoRA init, every matrix gets factors of the adapter's rank, outside the bit budget
@@ -206,31 +210,36 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 report.modules[n].update(nbytes=model.get_submodule(n).qweight().nbytes, lowrank_as="init")
         # the adapter belongs to this exact quantized base (Q was chosen together with the factors)
         budget = base.budget.summary() if base.budget else None
-        adapter_base = str(save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget))
+        adapter_base = str(out / "base")
+        if world.main:
+            save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget)
     torch.manual_seed(cfg.train.seed)
     wrapped = add_adapters(model, cfg.lora)
     if factors:
         init_from_factors(model, cfg.lora.adapter_name, factors)
     precision = resolve(cfg.train.precision, next(model.parameters()).device)
     val_eval = val_blocks.take(cfg.train.eval_blocks or None)
-    print(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
+    say(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
           f"LoRA r={cfg.lora.rank} on {len(wrapped)} layers, {trainable_count(model):,} trainable parameters; "
-          f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute", flush=True)
-    before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval before")
-    print(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
-    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before)
-    after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=True, desc="eval after")
-    save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=adapter_base)
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
+          f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute"
+        + (f"; data-parallel over {world.size} processes" if world.distributed else ""), flush=True)
+    before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval before")
+    say(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
+    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world)
+    after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after")
     summary = {
         "base": str(path), "quantization": report.summary() if report else None,
         "trainable_parameters": trainable_count(model), "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "val_tokens": before["tokens"], "final": final, "seconds": round(time.perf_counter() - start, 1),
-        "adapter": str(out / "adapter"), "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "adapter": str(out / "adapter"), "config": json.loads(json.dumps(asdict(cfg), default=str)), "processes": world.size,
     }
-    write_json(out / "summary.json", summary)
-    print(f"validation perplexity: {before['ppl']:.3f} before -> {after['ppl']:.3f} after training "
+    if world.main:
+        save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=adapter_base)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        write_json(out / "summary.json", summary)
+    say(f"validation perplexity: {before['ppl']:.3f} before -> {after['ppl']:.3f} after training "
           f"({summary['seconds']:.0f} s). Adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
+    finish(world)
     return summary
 
 

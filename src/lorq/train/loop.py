@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import LorqError
@@ -23,7 +24,8 @@ from ..eval.memory import lifetime_peak_mib
 from ..io import atomic_write_text
 from ..options import opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Blocks
+from .data import IGNORE, Blocks
+from .distributed import World, check_divisible, no_sync, wrap
 from .precision import Precision, autocast, resolve
 
 
@@ -109,13 +111,28 @@ def set_grad_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+class NextTokenLoss(nn.Module):
+    """The model with its loss as forward, so that DistributedDataParallel sees the whole step."""
+
+    def __init__(self, model: nn.Module, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        return next_token_nll(self.model, input_ids, labels, self.chunk)
+
+
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
-          on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None,
+          world: World = World()) -> dict:
     """Train the parameters with requires_grad; returns the final metrics.
 
     `initial_val` (perplexity() of the untrained model) is logged as step 0 of a fresh run.
+    world: the data-parallel ranks (distributed.init_world() under torchrun); rank 0 writes.
     """
     cfg.validate()
+    check_divisible(cfg.batch_size, world)
+    progress = progress and world.main
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -131,11 +148,12 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
             raise LorqError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
         start = load_checkpoint(ckpt, model, optimizer)
         print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start if cfg.resume else -1)
-    if start == 0 and initial_val is not None:
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start if cfg.resume else -1) if world.main else None
+    if metrics is not None and start == 0 and initial_val is not None:
         metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
     set_grad_checkpointing(model, cfg.grad_checkpointing)
+    loss_fn = wrap(NextTokenLoss(model, cfg.loss_chunk), world)
     model.train()
     last: dict = {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
@@ -147,27 +165,34 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         optimizer.zero_grad(set_to_none=True)
         idx = batch_indices(step, len(train_blocks), per_step, cfg.seed)
         loss_sum, tokens = 0.0, 0
-        for micro in idx.split(cfg.batch_size):
-            x = train_blocks.input_ids[micro].to(device)
-            y = train_blocks.labels[micro].to(device)
-            with autocast(precision, device):
-                nll, n = next_token_nll(model, x, y, cfg.loss_chunk)
-            (nll / max(n, 1) / cfg.grad_accum).backward()
+        micros = idx.split(cfg.batch_size)
+        for i, micro in enumerate(micros):
+            mine = world.share(micro)
+            x = train_blocks.input_ids[mine].to(device)
+            y = train_blocks.labels[mine].to(device)
+            n_all = world.all_sum(int((y[:, 1:] != IGNORE).sum()))  # labelled tokens of the whole micro-batch
+            with no_sync(loss_fn, i < len(micros) - 1), autocast(precision, device):
+                nll, n = loss_fn(x, y)
+                # DDP averages over ranks: x world.size makes it the single-process gradient
+                (nll * world.size / max(n_all, 1) / cfg.grad_accum).backward()
             loss_sum += nll.item()
             tokens += n
+        loss_sum, tokens = world.all_sum(loss_sum), world.all_sum(tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         dt = time.perf_counter() - t0
         last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": x.numel() * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device)}
+                "tokens_per_s": x.numel() * world.size * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device)}
         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
             last.update(val_loss=val["loss"], val_ppl=val["ppl"])
-            bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
-        metrics.write(last)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out_dir, step + 1, model, optimizer)
+            if world.main:
+                bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
+        if world.main:
+            metrics.write(last)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(out_dir, step + 1, model, optimizer)
         if on_step is not None:
             on_step(step + 1)
     bar.close()
