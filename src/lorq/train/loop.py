@@ -102,12 +102,19 @@ def peak_memory(device: torch.device) -> dict:
 
 def set_grad_checkpointing(model, on: bool) -> None:
     """transformers' per-layer activation checkpointing (non-reentrant: the frozen embeddings'
-    outputs need no grad for it to work)."""
-    if on and not getattr(model, "supports_gradient_checkpointing", False):
+    outputs need no grad for it to work); its newer name where transformers has it."""
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if on and not supported:
         raise LorqError(f"{type(model).__name__} does not support gradient checkpointing")
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "supports_gradient_checkpointing", False):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif supported:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif supported:
         model.gradient_checkpointing_disable()
 
 
