@@ -231,6 +231,10 @@ def markdown(result) -> str:
         lines += ["", "Where one lorq step's time goes (torch.profiler, self CPU time, top operators):", "", "| operator | ms | share |", "|---|---|---|"]
         lines += [f"| `{e['op']}` | {e['self_ms']:.0f} | {100 * e['share']:.1f}% |" for e in prof]
     lines += ["", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
+    gemm = result["gemm_before"]
+    if gemm["bf16_gflops"] < gemm["fp32_gflops"]:
+        lines += ["", f"This CPU has no native bf16 (bf16 GEMM {gemm['bf16_gflops']} GFLOP/s against {gemm['fp32_gflops']} in fp32), so "
+                  "`--precision auto` trains in fp32 and the MFU against bf16 is not a meaningful figure here: read the fp32 column."]
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +244,7 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"wspace": 0.55})
     for r in rows:
         a.plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", ms=3, label=r["name"], lw=2.5 if r["name"] == ANCHOR else 1.2)
     a.set_xlabel("step")
