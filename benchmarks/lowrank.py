@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantization import bnb_bits_per_weight, bnb_model, machine  # noqa: E402  (shared anchor helpers)
+from quantization import bnb_bits_per_weight, bnb_model, fmt, machine  # noqa: E402  (shared anchor helpers)
 
 from lorq.eval import perplexity  # noqa: E402
 from lorq.io import atomic_write_text, save_figure, write_json  # noqa: E402
@@ -189,10 +189,6 @@ def breaking_points(rows, anchor) -> list[str]:
         out.append(f"- {series}: " + (f"within 2x of bitsandbytes NF4 down to {min(ok):.2f} bits/weight" if ok else "never within 2x of bitsandbytes NF4")
                    + "; measured " + ", ".join(f"{b:.2f} bits -> {p:.1f}" for b, p in pts))
     return out
-
-
-def fmt(v, spec=".3f"):
-    return "" if v is None else (f"{v:{spec}}" if isinstance(v, float) else str(v))
 
 
 def markdown(result) -> str:

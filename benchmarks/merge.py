@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantization import bnb_bits_per_weight, bnb_model, machine  # noqa: E402
+from quantization import bnb_bits_per_weight, bnb_model, fmt, machine  # noqa: E402
 
 from lorq.eval.memory import PeakRSS  # noqa: E402
 from lorq.eval.perplexity import perplexity  # noqa: E402
@@ -168,10 +168,6 @@ def targets(rows) -> dict:
         "dense merge matches unmerged logits within fp32 rounding (max |Δlogit| <= 1e-3)": dense["max_abs_logit_diff"] <= 1e-3,
         "peak memory <= final model + one shard + adapter (every lorq merge)": all(r["memory"]["phase_peak_mib"] <= r["memory_bound_mib"] for r in merges),
     }
-
-
-def fmt(v, spec=".3f"):
-    return "" if v is None else format(v, spec)
 
 
 def markdown(result) -> str:

@@ -54,9 +54,6 @@ class AdapterUpdate:
             for (B, A), path in zip(pairs, self.origin[module]):
                 check_fits(path, module, layer, A, B)
 
-    def rank(self, module: str) -> int:
-        return sum(A.shape[0] for _, A in self.factors.get(module, []))
-
     def stacked(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW as one pair of factors: [w1 s1 B1, w2 s2 B2, ...] (out, Σr) and [A1; A2; ...] (Σr, in)."""
         pairs = self.factors[module]

@@ -206,12 +206,10 @@ def dense_specs(src: Source, dtype: OutDtype) -> list[TensorSpec]:
 def dense_tensor(src: Source, update: AdapterUpdate, name: str) -> torch.Tensor:
     """Tensor `name` of the merged dense model, in fp32 where it is a merged or dequantized weight."""
     module, leaf = name.rsplit(".", 1)
-    if module in src.specs:
-        layer = src.layer(module)
-        t = layer.dequantize(torch.float32) if leaf == "weight" else layer.bias.detach()
-    else:
-        t = src.reader.get(name)
-    delta = update.delta(module) if leaf == "weight" else None
+    if leaf != "weight":  # a bias is stored under its own name, quantized module or not
+        return src.reader.get(name)
+    t = src.layer(module).dequantize(torch.float32) if module in src.specs else src.reader.get(name)
+    delta = update.delta(module)
     return t.float() + delta if delta is not None else t
 
 
