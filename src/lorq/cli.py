@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("GenerateConfig", "run_generate", "generate text from a prompt"),
     "merge": ("MergeConfig", "run_merge", "fold adapters into a dense or quantized base (streaming) and report the accuracy kept"),
     "export": ("ExportConfig", "export_gguf", "write a model (merged with adapters if given) as a GGUF file: f32, f16 or q8_0"),
+    "serve": ("ServeConfig", "run_serve", "serve the base model and many adapters behind an OpenAI-compatible HTTP API"),
 }
 
 

@@ -25,6 +25,7 @@ from .quant import (
     quantize_model, save_quantized,
 )
 from .quant.base import no_quant
+from .serve.server import ServeConfig, build_server, serve
 from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
@@ -273,3 +274,10 @@ def run_generate(cfg: GenerateConfig) -> str:
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
     print(text)
     return text
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    cfg.validate()
+    base = prepare_base(cfg.model, cfg.quant)
+    name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
+    serve(build_server(base.model, base.tok, name, cfg), cfg)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
+def chat_text(tok, messages: list[dict]) -> str:
+    """The conversation in the tokenizer's chat template, ready for the assistant's turn."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tok, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a prompt: as a user turn of the chat template (when the tokenizer has one), or raw."""
     if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
-    enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+        return tok(chat_text(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False)["input_ids"]
+    return tok(prompt, add_special_tokens=True)["input_ids"]
+
+
+def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
+    ids = torch.tensor([encode_prompt(tok, prompt, chat)])
     torch.manual_seed(seed)
     sample = temperature > 0
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,305 @@
+"""The serving engine: continuous batching of requests for many adapters over one base model.
+
+Each step packs, into one forward pass, the whole prompt of every newly admitted request and
+the last token of every running one (see kv.py); the adapters are applied per token by the
+step's plan (see multi_lora.py). New requests join between steps and finished ones leave, so a
+long generation never holds a short one back. The engine runs in its own thread; callers
+submit requests and receive text deltas through a callback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import LorqError
+from ..options import opt
+from ..quant.linear import DECODER_LINEARS
+from .kv import ATTENTION, PackedStep, SequenceKV
+from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = opt(32, "most sequences decoding together in one step")
+    max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
+    max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
+    targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
+
+    def validate(self) -> "EngineConfig":
+        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0:
+            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive")
+        return self
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        if self.max_tokens <= 0:
+            raise LorqError(f"max_tokens must be a positive integer, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise LorqError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LorqError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise LorqError("stop must be at most 4 non-empty strings")
+        return self
+
+
+class QueueFull(LorqError):
+    """The waiting queue is at its bound; the request is refused, not dropped later."""
+
+
+@dataclass
+class Sequence:
+    """One request in flight. `on_event(delta_text, finish_reason)` is called from the engine
+    thread; finish_reason is None until the last call ("stop", "length" or "abort")."""
+
+    prompt: list[int]
+    adapter: AdapterWeights | None
+    params: SamplingParams
+    on_event: Callable[[str, str | None], None]
+    id: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cache: SequenceKV | None = None
+    generator: torch.Generator | None = None
+    aborted: bool = False
+
+
+def greedy(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
+def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # tokens before which the mass is still short of top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_cut(text: str, stops: list[str]) -> int | None:
+    """Index where the first stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def safe_prefix(text: str, stops: list[str]) -> int:
+    """How much of text can be sent: not a trailing partial UTF-8 character, not a tail that may
+    still grow into a stop string."""
+    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k : end] == s[:k]:
+                end -= k
+                break
+    return end
+
+
+def eos_ids(model: nn.Module, tok) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tok.eos_token_id
+    return set(ids if isinstance(ids, (list, tuple)) else [ids]) - {None}
+
+
+class Engine:
+    """Continuous-batching generation over a base model with per-token adapters."""
+
+    def __init__(self, model: nn.Module, tok, cfg: EngineConfig | None = None):
+        self.cfg = (cfg or EngineConfig()).validate()
+        self.model, self.tok = model.eval(), tok
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.step_ref, self.layers = wrap_for_serving(model, self.cfg.targets)
+        model.config._attn_implementation = ATTENTION
+        self.num_layers = model.config.num_hidden_layers
+        self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.eos = eos_ids(model, tok)
+        self.dtype = next(model.parameters()).dtype
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.lock = threading.Condition()
+        self.ids = itertools.count(1)
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = 0
+        self.on_finish: Callable[[Sequence], None] | None = None
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, prompt: list[int], adapter: AdapterWeights | None, params: SamplingParams,
+               on_event: Callable[[str, str | None], None], bounded: bool = True) -> Sequence:
+        """Queue a request; QueueFull when max_queue requests already wait (unless not bounded)."""
+        params.validate()
+        if not prompt:
+            raise LorqError("the prompt is empty")
+        if len(prompt) + params.max_tokens > self.max_length:
+            raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
+        seq = Sequence(list(prompt), adapter, params, on_event)
+        if params.temperature > 0:
+            seq.generator = torch.Generator()
+            seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if bounded and len(self.waiting) >= self.cfg.max_queue:
+                raise QueueFull(f"the request queue is full ({self.cfg.max_queue} waiting); retry later")
+            seq.id = next(self.ids)
+            self.waiting.append(seq)
+            self.lock.notify()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (e.g. its client went away); it leaves at the next step."""
+        seq.aborted = True
+        with self.lock:
+            self.lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def admit(self) -> list[Sequence]:
+        """Move waiting requests into the batch: up to max_batch sequences and max_batch_tokens
+        prompt tokens per step (at least one request, so a long prompt is never stuck)."""
+        new, tokens = [], 0
+        with self.lock:
+            while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
+                seq = self.waiting[0]
+                if seq.aborted:
+                    self.waiting.popleft()
+                    self.finish(seq, "abort")
+                    continue
+                if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
+                    break
+                self.waiting.popleft()
+                seq.cache = SequenceKV(self.num_layers)
+                new.append(seq)
+                tokens += len(seq.prompt)
+        return new
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Run one packed forward pass; returns the number of tokens generated."""
+        for seq in [s for s in self.running if s.aborted]:
+            self.running.remove(seq)
+            self.finish(seq, "abort")
+        new = self.admit()
+        batch = self.running + new
+        if not batch:
+            return 0
+        ids, positions, lengths, prefill, decode = [], [], [], [], []
+        fresh = {s.id for s in new}
+        for seq in batch:
+            start = len(ids)
+            if seq.id in fresh:
+                ids += seq.prompt
+                positions += range(len(seq.prompt))
+                if seq.adapter is not None:
+                    prefill.append((seq.adapter, start, len(ids)))
+            else:
+                ids.append(seq.generated[-1])
+                positions.append(len(seq.prompt) + len(seq.generated) - 1)
+                if seq.adapter is not None:
+                    decode.append((seq.adapter, start))
+            lengths.append(len(ids) - start)
+        last = torch.tensor(list(itertools.accumulate(lengths))) - 1
+        self.step_ref.plan = StepPlan(prefill, decode) if prefill or decode else None
+        try:
+            logits = self.model(
+                input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False,
+                logits_to_keep=last, lorq_step=PackedStep([s.cache for s in batch], lengths),
+            ).logits[0]
+        finally:
+            self.step_ref.plan = None
+        self.running = batch
+        for seq, row in zip(batch, logits):
+            self.advance(seq, row)
+        self.running = [s for s in batch if s.finish_reason is None]
+        self.steps += 1
+        return len(batch)
+
+    def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        p = seq.params
+        token = greedy(logits) if p.temperature == 0 else nucleus_sample(logits, p.temperature, p.top_p, seq.generator)
+        if seq.first_token is None:
+            seq.first_token = time.perf_counter()
+        seq.generated.append(token)
+        if token in self.eos:
+            return self.finish(seq, "stop")
+        text = self.tok.decode(seq.generated, skip_special_tokens=True)
+        cut = stop_cut(text, p.stop) if p.stop else None
+        if cut is not None:
+            seq.text = text[:cut]
+            return self.finish(seq, "stop")
+        seq.text = text
+        if len(seq.generated) >= p.max_tokens:
+            return self.finish(seq, "length")
+        end = safe_prefix(text, p.stop)
+        if end > seq.sent:
+            delta, seq.sent = text[seq.sent : end], end
+            seq.on_event(delta, None)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.cache = None
+        delta = seq.text[seq.sent :] if reason != "abort" else ""
+        seq.sent = len(seq.text)
+        if self.on_finish is not None:
+            self.on_finish(seq)
+        seq.on_event(delta, reason)
+
+    # -- the engine thread --------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self.loop, name="lorq-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.busy and not self.stopping:
+                    self.lock.wait()
+                if self.stopping and not self.busy:
+                    return
+            self.step()
+
+    def stop(self) -> None:
+        """Finish everything admitted or waiting, then end the thread."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def generate(self, requests: list[tuple[list[int], AdapterWeights | None, SamplingParams]]) -> list[Sequence]:
+        """Offline: run the given requests to completion in this thread (no engine thread)."""
+        seqs = [self.submit(p, a, s, lambda d, r: None, bounded=False) for p, a, s in requests]
+        while self.busy:
+            self.step()
+        return seqs

@@ -1,0 +1,185 @@
+"""Batched heterogeneous LoRA: one forward pass, every token with its own adapter.
+
+S-LoRA (Sheng et al. 2023) / Punica's two kernels, in torch ops:
+- segment (prefill): tokens are sorted by adapter and each adapter's contiguous run gets one
+  GEMM pair, y_s += scaling · (x_s Aᵀ) Bᵀ — the same ops as `LoRALinear` for that run;
+- gather (decode): one token per sequence, so each token's (A, B) is gathered into a stack and
+  applied with one batched matmul pair per rank present — no adapter is padded to the largest
+  rank, and no Python loop runs over the adapters of the batch.
+Adapter weights live in the adapter cache, not in modules, so thousands of them cost no
+module surgery: `MultiLoRALinear` only holds its base layer and asks the step's plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..adapters.peft_format import adapter_scaling, check_fits, read_peft
+from ..errors import LorqError
+from ..quant.linear import QuantizedLinear, match_modules, set_module
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter in serving form: module -> (A (r, in), B (out, r), scaling)."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    path: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B, _ in self.modules.values())
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({A.shape[0] for A, _, _ in self.modules.values()})
+
+
+def read_adapter(name: str, path, layers: dict[str, nn.Module], dtype: torch.dtype) -> AdapterWeights:
+    """A PEFT adapter directory as AdapterWeights, checked against the served layers."""
+    config, pairs = read_peft(path)
+    modules = {}
+    for module, (A, B) in pairs.items():
+        if module not in layers:
+            raise LorqError(f"adapter {name!r} targets {module}, which is not an adaptable layer of the served model")
+        check_fits(path, module, layers[module], A, B)
+        modules[module] = (A.to(dtype).contiguous(), B.to(dtype).contiguous(), adapter_scaling(module, A.shape[0], config))
+    return AdapterWeights(name, modules, str(path))
+
+
+@dataclass
+class StepPlan:
+    """Which adapter each token of one packed step uses.
+
+    prefill: (adapter, start, end) token runs (a prompt each); decode: (adapter, token) pairs.
+    Base-only tokens (adapter None) are simply absent from both.
+    """
+
+    prefill: list[tuple[AdapterWeights, int, int]] = field(default_factory=list)
+    decode: list[tuple[AdapterWeights, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._segments = segment_order(self.prefill)
+        self._gather = gather_groups(self.decode)
+
+    def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (tokens, out) + the LoRA update of every adapted token at `module`."""
+        if self._segments is not None:
+            out = segment_lora(module, x, out, *self._segments)
+        if self._gather is not None:
+            out = gather_lora(module, x, out, *self._gather)
+        return out
+
+
+def segment_order(runs: list[tuple[AdapterWeights, int, int]]):
+    """(token permutation sorting the runs by adapter, [(adapter, start, end)] in sorted order)."""
+    if not runs:
+        return None
+    by_adapter: dict[int, tuple[AdapterWeights, list[torch.Tensor]]] = {}
+    for adapter, s, e in runs:
+        by_adapter.setdefault(id(adapter), (adapter, []))[1].append(torch.arange(s, e))
+    perm, segments, n = [], [], 0
+    for adapter, idx in by_adapter.values():
+        idx = torch.cat(idx)
+        perm.append(idx)
+        segments.append((adapter, n, n + len(idx)))
+        n += len(idx)
+    return torch.cat(perm), segments
+
+
+def segment_lora(module: str, x: torch.Tensor, out: torch.Tensor, perm: torch.Tensor, segments) -> torch.Tensor:
+    xs = x.index_select(0, perm)
+    delta = torch.zeros(len(perm), out.shape[-1], dtype=out.dtype, device=out.device)
+    hit = torch.zeros(len(perm), dtype=torch.bool)
+    for adapter, s, e in segments:
+        w = adapter.modules.get(module)
+        if w is None:
+            continue
+        A, B, scaling = w
+        delta[s:e] = F.linear(F.linear(xs[s:e], A), B) * scaling
+        hit[s:e] = True
+    return out.index_add(0, perm[hit], delta[hit]) if hit.any() else out
+
+
+def gather_groups(tokens: list[tuple[AdapterWeights, int]]):
+    """(distinct adapters, token positions, index of each token's adapter among them)."""
+    if not tokens:
+        return None
+    distinct: dict[int, int] = {}
+    adapters: list[AdapterWeights] = []
+    which = []
+    for adapter, _ in tokens:
+        if id(adapter) not in distinct:
+            distinct[id(adapter)] = len(adapters)
+            adapters.append(adapter)
+        which.append(distinct[id(adapter)])
+    return adapters, torch.tensor([t for _, t in tokens]), torch.tensor(which)
+
+
+def gather_lora(module: str, x: torch.Tensor, out: torch.Tensor, adapters, positions, which) -> torch.Tensor:
+    """Per rank r present at this module: stack the distinct adapters' factors, gather one per
+    token (index_select), and apply them with a batched matmul pair."""
+    by_rank: dict[int, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        w = adapter.modules.get(module)
+        if w is not None:
+            by_rank.setdefault(w[0].shape[0], []).append(i)
+    for group in by_rank.values():
+        local = torch.full((len(adapters),), -1, dtype=torch.long)
+        local[group] = torch.arange(len(group))
+        slot = local[which]
+        sel = slot >= 0
+        if not sel.any():
+            continue
+        slot, pos = slot[sel], positions[sel]
+        A = torch.stack([adapters[i].modules[module][0] for i in group]).index_select(0, slot)  # (n, r, in)
+        B = torch.stack([adapters[i].modules[module][1] for i in group]).index_select(0, slot)  # (n, out, r)
+        s = torch.tensor([adapters[i].modules[module][2] for i in group], dtype=out.dtype)[slot]
+        h = torch.bmm(x.index_select(0, pos).unsqueeze(1), A.transpose(1, 2))  # (n, 1, r)
+        delta = torch.bmm(h, B.transpose(1, 2)).squeeze(1) * s[:, None]
+        out = out.index_add(0, pos, delta)
+    return out
+
+
+class StepRef:
+    """The plan of the step being run, shared by every MultiLoRALinear of one model."""
+
+    plan: StepPlan | None = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A base linear layer (dense or quantized) whose adapters come from the step's plan."""
+
+    def __init__(self, base: nn.Module, name: str, step: StepRef):
+        super().__init__()
+        self.base, self.name, self.step = base, name, step
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        plan = self.step.plan
+        if plan is None:
+            return out
+        shape = out.shape
+        return plan.apply(self.name, x.reshape(-1, x.shape[-1]), out.reshape(-1, shape[-1])).reshape(shape)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+
+def wrap_for_serving(model: nn.Module, targets: list[str]) -> tuple[StepRef, dict[str, MultiLoRALinear]]:
+    """Make the target linear layers adaptable per token; returns the shared StepRef and the layers."""
+    names = match_modules(model, targets, (nn.Linear, QuantizedLinear))
+    if not names:
+        raise LorqError(f"target pattern(s) {targets} match no linear layer of the model")
+    step = StepRef()
+    layers = {}
+    for name in names:
+        layers[name] = MultiLoRALinear(model.get_submodule(name), name, step)
+        set_module(model, name, layers[name])
+    return step, layers

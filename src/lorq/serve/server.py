@@ -1,0 +1,286 @@
+"""`lorq serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+The request's `model` field picks the adapter (or the base model by its served name). Errors
+are OpenAI's error objects: 400 invalid request, 401 bad or missing API key, 404 unknown
+model or adapter, 429 queue full. /metrics and /health need no key (scrapers and probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..errors import LorqError
+from ..eval.generate import chat_text, encode_prompt
+from ..models.loading import DEFAULT_MODEL, MODEL_HELP
+from ..options import opt
+from ..quant import FormatConfig
+from ..quant.base import no_quant
+from .adapter_cache import AdapterNotFound, AdapterStore
+from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence
+from .metrics import Metrics
+from .protocol import (
+    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_object,
+    completion_choice, completion_object, new_id, usage,
+)
+
+
+@dataclass
+class ServeConfig:
+    model: str = opt(DEFAULT_MODEL, MODEL_HELP)
+    quant: FormatConfig = field(default_factory=no_quant)
+    adapters: str | None = opt(None, "adapter root: each subdirectory with an adapter_config.json is served under its name; load_lora_adapter loads only from here")
+    served_name: str | None = opt(None, "the base model's id in the API; unset: the model's directory name")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1; unset: $LORQ_API_KEY if set, else no key")
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on")
+    adapter_cache_mb: float = opt(2048.0, "memory budget of the adapter weight cache (LRU; adapters in use are kept)")
+    shutdown_timeout: float = opt(60.0, "seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> "ServeConfig":
+        self.engine.validate()
+        if not 0 < self.port < 65536:
+            raise LorqError(f"port must be in 1..65535, got {self.port}")
+        if self.adapter_cache_mb <= 0 or self.shutdown_timeout < 0:
+            raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
+        return self
+
+
+class Server:
+    """The state behind the routes: engine, adapter store, metrics, the base model's name."""
+
+    def __init__(self, engine: Engine, store: AdapterStore, base_name: str, api_key: str | None = None):
+        self.engine, self.store, self.base_name, self.api_key = engine, store, base_name, api_key
+        self.metrics = Metrics(engine, store)
+        self.created = int(time.time())
+        engine.on_finish = self.sequence_done
+
+    def sequence_done(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.store.release(seq.adapter.name)
+        self.metrics.sequence_done(seq, time.perf_counter())
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error")
+
+    async def adapter_for(self, model: str):
+        """None for the base model, else the adapter's weights (marked in use)."""
+        if model == self.base_name:
+            return None
+        try:
+            return await run_in_threadpool(self.store.acquire, model)
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), "not_found_error", "model")
+        except LorqError as e:
+            raise APIError(400, f"adapter {model!r} cannot be loaded: {e}", param="model")
+
+    async def start(self, model: str, prompts: list[list[int]], params: SamplingParams):
+        """Submit one sequence per prompt; events arrive on the returned queue as (index, delta, reason)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        seqs = []
+        try:
+            for i, prompt in enumerate(prompts):
+                adapter = await self.adapter_for(model)
+
+                def on_event(delta, reason, i=i):
+                    loop.call_soon_threadsafe(events.put_nowait, (i, delta, reason))
+
+                try:
+                    seqs.append(self.engine.submit(prompt, adapter, SamplingParams(**vars(params)), on_event))
+                except BaseException:
+                    if adapter is not None:
+                        self.store.release(adapter.name)
+                    raise
+        except QueueFull as e:
+            self.abort(seqs)
+            raise APIError(429, str(e), "rate_limit_error")
+        except LorqError as e:
+            self.abort(seqs)
+            raise e if isinstance(e, APIError) else APIError(400, str(e))
+        self.metrics.adapter_requests.labels(model).inc(len(prompts))
+        return seqs, events
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.finish_reason is None:
+                self.engine.abort(seq)
+
+    async def collect(self, seqs: list[Sequence], events: asyncio.Queue) -> list[tuple[str, str]]:
+        texts, reasons, left = [""] * len(seqs), [""] * len(seqs), len(seqs)
+        try:
+            while left:
+                i, delta, reason = await events.get()
+                texts[i] += delta
+                if reason is not None:
+                    reasons[i], left = reason, left - 1
+        finally:
+            self.abort(seqs)  # the client went away before the end
+        return list(zip(texts, reasons))
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def encode(server: Server, text: str, chat: bool) -> list[int]:
+    return server.engine.tok(text, add_special_tokens=False)["input_ids"] if chat else encode_prompt(server.engine.tok, text, chat=False)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        if server.engine.thread is None:
+            server.engine.start()
+        yield
+        await run_in_threadpool(server.engine.stop)  # after uvicorn has let in-flight requests finish
+
+    app = FastAPI(title="lorq", lifespan=lifespan)
+    auth = [Depends(server.check_key)]
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        return JSONResponse(APIError(400, f"invalid request: {where}: {first.get('msg')}", param=where).body(), status_code=400)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        server.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        def entry(name: str, parent: str | None) -> dict:
+            return {"id": name, "object": "model", "created": server.created, "owned_by": "lorq", "root": name, "parent": parent}
+
+        return {"object": "list", "data": [entry(server.base_name, None)] + [entry(n, server.base_name) for n in server.store.names]}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: CompletionRequest):
+        prompts = [encode(server, p, chat=False) for p in req.prompts()]
+        params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
+        seqs, events = await server.start(req.model, prompts, params)
+        rid = new_id("cmpl")
+        if req.stream:
+            return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
+        results = await server.collect(seqs, events)
+        choices = [completion_choice(i, text, reason) for i, (text, reason) in enumerate(results)]
+        return completion_object(rid, req.model, choices, usage(sum(len(s.prompt) for s in seqs), sum(len(s.generated) for s in seqs)))
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(req: ChatRequest):
+        try:
+            text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
+        except Exception as e:  # the template's own checks (e.g. roles out of order)
+            raise APIError(400, f"the messages do not fit the chat template: {str(e).splitlines()[0] if str(e) else type(e).__name__}", param="messages")
+        prompt = encode(server, text, chat=True)
+        limit = req.max_completion_tokens or req.max_tokens or max(server.engine.max_length - len(prompt), 1)
+        params = req.sampling(limit)
+        seqs, events = await server.start(req.model, [prompt], params)
+        rid = new_id("chatcmpl")
+        if req.stream:
+            return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
+        (text, reason), = await server.collect(seqs, events)
+        return chat_object(rid, req.model, text, reason, usage(len(seqs[0].prompt), len(seqs[0].generated)))
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_adapter(req: LoadAdapterRequest):
+        if req.lora_name == server.base_name:
+            raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
+        try:
+            await run_in_threadpool(server.store.register, req.lora_name, req.lora_path)
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), "not_found_error", "lora_path")
+        except LorqError as e:
+            raise APIError(400, str(e))
+        return PlainTextResponse(f"Success: adapter {req.lora_name!r} loaded")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_adapter(req: UnloadAdapterRequest):
+        try:
+            server.store.unregister(req.lora_name)
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), "not_found_error", "lora_name")
+        return PlainTextResponse(f"Success: adapter {req.lora_name!r} unloaded")
+
+    return app
+
+
+async def stream_completion(server: Server, req: CompletionRequest, rid: str, seqs, events):
+    left = len(seqs)
+    try:
+        while left:
+            i, delta, reason = await events.get()
+            left -= reason is not None
+            if delta or reason is not None:
+                yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
+        if req.include_usage:
+            yield sse(completion_object(rid, req.model, [], usage(sum(len(s.prompt) for s in seqs), sum(len(s.generated) for s in seqs)), chunk=True))
+        yield "data: [DONE]\n\n"
+    finally:
+        server.abort(seqs)
+
+
+async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
+    try:
+        yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}))
+        while True:
+            _, delta, reason = await events.get()
+            if delta:
+                yield sse(chat_chunk(rid, req.model, {"content": delta}))
+            if reason is not None:
+                yield sse(chat_chunk(rid, req.model, {}, reason))
+                break
+        if req.include_usage:
+            yield sse(chat_chunk(rid, req.model, None, use=usage(len(seqs[0].prompt), len(seqs[0].generated))))
+        yield "data: [DONE]\n\n"
+    finally:
+        server.abort(seqs)
+
+
+def build_server(model, tok, name: str, cfg: ServeConfig) -> Server:
+    """Engine + adapter store (adapters under --adapters registered, read on first use) + state."""
+    engine = Engine(model, tok, cfg.engine)
+    store = AdapterStore(cfg.adapters, engine.layers, int(cfg.adapter_cache_mb * 2**20), engine.dtype)
+    store.discover()
+    if name in store.names:
+        raise LorqError(f"an adapter directory is named {name!r} like the base model; pass --served-name")
+    return Server(engine, store, name, cfg.api_key if cfg.api_key is not None else os.environ.get("LORQ_API_KEY") or None)
+
+
+def serve(server: Server, cfg: ServeConfig) -> None:
+    import uvicorn
+
+    print(f"lorq: serving {server.base_name} + {len(server.store.names)} adapters on http://{cfg.host}:{cfg.port}/v1 "
+          f"(OpenAI-compatible; {'API key required' if server.api_key else 'no API key'})", flush=True)
+    config = uvicorn.Config(create_app(server), host=cfg.host, port=cfg.port, log_level="info",
+                            timeout_graceful_shutdown=cfg.shutdown_timeout or None)
+    uvicorn.Server(config).run()

@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from lorq.errors import LorqError
+from lorq.eval.generate import encode_prompt
+from lorq.models.loading import load_model
+from lorq.serve import AdapterStore, Engine, EngineConfig, QueueFull, SamplingParams
+from lorq.serve.engine import nucleus_sample, safe_prefix, stop_cut
+from serving_helpers import PROMPTS, References, many_adapters  # noqa: F401  (fixture)
+
+
+def engine_for(model_dir, root, **cfg):
+    model, tok, _ = load_model(str(model_dir))
+    engine = Engine(model, tok, EngineConfig(**cfg))
+    store = AdapterStore(root, engine.layers, 1 << 30)
+    store.discover()
+    return engine, store, tok
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_mixed_batch_greedy_equals_generate_per_adapter(tiny_model_dir, many_adapters):
+    """Base and 10 adapters of 4 ranks on 3 layer sets in one continuous batch of at most 4
+    sequences: every output equals `lorq generate` with that adapter alone."""
+    engine, store, tok = engine_for(tiny_model_dir, many_adapters, max_batch=4, max_batch_tokens=40)
+    names = [None] + store.names
+    jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)], 6 + i % 7) for i in range(22)]
+    seqs = engine.generate([(encode_prompt(tok, p), store.acquire(a) if a else None, greedy(n)) for a, p, n in jobs])
+    ref = References(tiny_model_dir, many_adapters)
+    assert [s.text for s in seqs] == [ref(a, p, n, chat=True) for a, p, n in jobs]
+    assert engine.steps < sum(n for _, _, n in jobs)  # batched, not one request after another
+    assert not engine.busy
+
+
+def test_requests_join_and_leave_between_steps(tiny_model_dir, many_adapters):
+    engine, store, tok = engine_for(tiny_model_dir, many_adapters)
+    done = []
+    long = engine.submit(encode_prompt(tok, PROMPTS[0]), store.acquire("ad1"), greedy(12), lambda d, r: done.append(("long", r)) if r else None)
+    for _ in range(3):
+        engine.step()
+    assert len(long.generated) == 3
+    short = engine.submit(encode_prompt(tok, PROMPTS[1]), store.acquire("ad2"), greedy(2), lambda d, r: done.append(("short", r)) if r else None)
+    engine.step()  # short's prompt is prefilled in the same pass as long's 4th token
+    assert len(long.generated) == 4 and len(short.generated) == 1 and len(engine.running) == 2
+    engine.step()
+    assert done == [("short", "length")] and engine.running == [long]
+    while engine.busy:
+        engine.step()
+    ref = References(tiny_model_dir, many_adapters)
+    assert long.text == ref("ad1", PROMPTS[0], 12, True) and short.text == ref("ad2", PROMPTS[1], 2, True)
+
+
+def test_stop_strings_cut_the_text_and_stream_in_pieces(tiny_model_dir, many_adapters):
+    engine, store, tok = engine_for(tiny_model_dir, many_adapters)
+    prompt = encode_prompt(tok, PROMPTS[3])
+    (full,) = engine.generate([(prompt, None, greedy(24))])
+    assert full.finish_reason == "length" and len(full.generated) == 24
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    deltas = []
+    seq = engine.submit(prompt, None, SamplingParams(max_tokens=24, temperature=0, stop=[stop]), lambda d, r: deltas.append((d, r)))
+    while engine.busy:
+        engine.step()
+    assert seq.finish_reason == "stop" and seq.text == full.text[: full.text.find(stop)]
+    assert "".join(d for d, _ in deltas) == seq.text and deltas[-1][1] == "stop" and len(deltas) > 2
+
+
+def test_sampling_is_seeded(tiny_model_dir):
+    engine, _, tok = engine_for(tiny_model_dir, None)
+    prompt = encode_prompt(tok, PROMPTS[0])
+    runs = engine.generate([(prompt, None, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s)) for s in (7, 7, 8)])
+    assert runs[0].generated == runs[1].generated != runs[2].generated
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    assert {nucleus_sample(logits, 1.0, 0.5, g) for _ in range(50)} == {0}
+    assert {nucleus_sample(logits, 1.0, 0.8, g) for _ in range(200)} == {0, 1}
+    assert {nucleus_sample(logits, 1.0, 0.81, g) for _ in range(400)} == {0, 1, 2}
+
+
+def test_stop_helpers():
+    assert stop_cut("abc STOP def", ["STOP", "c S"]) == 2
+    assert stop_cut("abc", ["x"]) is None
+    assert safe_prefix("hello wor", ["world"]) == len("hello ")  # "wor" may become "world"
+    assert safe_prefix("hello", ["xyz"]) == 5
+    assert safe_prefix("caf\ufffd", []) == 3  # a partial UTF-8 character waits for its rest
+
+
+def test_quantized_base_equals_generate(tiny_model_dir, many_adapters):
+    from lorq.eval.generate import generate_text
+    from lorq.jobs import load_for_inference, prepare_base
+    from lorq.quant import FormatConfig
+
+    nf4 = FormatConfig(format="nf4")
+    base = prepare_base(str(tiny_model_dir), nf4)
+    engine = Engine(base.model, base.tok)
+    store = AdapterStore(many_adapters, engine.layers, 1 << 30)
+    store.discover()
+    seqs = engine.generate([(encode_prompt(base.tok, p), store.acquire(a), greedy(8)) for a, p in [("ad0", PROMPTS[0]), ("ad3", PROMPTS[1])]])
+    for (a, p), seq in zip([("ad0", PROMPTS[0]), ("ad3", PROMPTS[1])], seqs):
+        model, tok, _ = load_for_inference(str(tiny_model_dir), nf4, str(many_adapters / a))
+        assert seq.text == generate_text(model, tok, p, 8)
+
+
+def test_bad_requests_and_a_full_queue(tiny_model_dir):
+    engine, _, tok = engine_for(tiny_model_dir, None, max_queue=2)
+    prompt = encode_prompt(tok, "hi")
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])):
+        with pytest.raises(LorqError):
+            engine.submit(prompt, None, SamplingParams(**bad), lambda d, r: None)
+    with pytest.raises(LorqError, match="context"):
+        engine.submit(prompt, None, greedy(1000), lambda d, r: None)
+    with pytest.raises(LorqError, match="empty"):
+        engine.submit([], None, greedy(4), lambda d, r: None)
+    for _ in range(2):
+        engine.submit(prompt, None, greedy(2), lambda d, r: None)
+    with pytest.raises(QueueFull):
+        engine.submit(prompt, None, greedy(2), lambda d, r: None)

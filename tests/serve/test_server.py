@@ -1,0 +1,180 @@
+"""The HTTP server against the official openai client, on a live uvicorn at 127.0.0.1."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from serving_helpers import PROMPTS, References, free_port, many_adapters, start_server  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, many_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    for name in os.listdir(many_adapters):
+        shutil.copytree(many_adapters / name, root / name)
+    server = start_server(tiny_model_dir, root, max_batch=8)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir, many_adapters):
+    return References(tiny_model_dir, many_adapters)
+
+
+def client(live, **kw):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def test_models_lists_base_and_adapters(live):
+    ids = [m.id for m in client(live).models.list()]
+    assert ids[0] == "tiny" and set(ids[1:]) >= {f"ad{i}" for i in range(10)}
+
+
+def test_completion_and_chat_equal_offline_generate(live, ref):
+    c = client(live)
+    out = c.completions.create(model="ad3", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert out.choices[0].text == ref("ad3", PROMPTS[0], 10, chat=False)
+    assert out.usage.completion_tokens == 10 and out.choices[0].finish_reason == "length"
+    chat = c.chat.completions.create(model="ad5", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=9, temperature=0)
+    assert chat.choices[0].message.content == ref("ad5", PROMPTS[1], 9, chat=True)
+    base = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=9, temperature=0)
+    assert base.choices[0].message.content == ref(None, PROMPTS[1], 9, chat=True)
+    two = c.completions.create(model="ad1", prompt=PROMPTS[:2], max_tokens=5, temperature=0)
+    assert [ch.text for ch in sorted(two.choices, key=lambda ch: ch.index)] == [ref("ad1", p, 5, chat=False) for p in PROMPTS[:2]]
+
+
+def test_streaming_gives_the_same_text(live, ref):
+    c = client(live)
+    chunks = list(c.chat.completions.create(model="ad2", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == ref("ad2", PROMPTS[3], 12, chat=True)
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+    parts = list(c.completions.create(model="ad7", prompt=PROMPTS[2], max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == ref("ad7", PROMPTS[2], 8, chat=False) and len(parts) > 2
+
+
+def test_load_and_unload_adapters_only_from_the_root(live, many_adapters, tmp_path):
+    c = client(live)
+    post = lambda path, body: c.post(path, body=body, cast_to=str)  # noqa: E731
+    assert "Success" in post("/load_lora_adapter", {"lora_name": "extra", "lora_path": "ad4"})
+    assert "extra" in [m.id for m in c.models.list()]
+    c.completions.create(model="extra", prompt="hi", max_tokens=2)
+    os.symlink(many_adapters / "ad1", live.state.store.root / "escape")
+    for body, status in [
+        ({"lora_name": "x", "lora_path": "../ad1"}, 400), ({"lora_name": "x", "lora_path": str(many_adapters / "ad1")}, 400),
+        ({"lora_name": "x", "lora_path": "escape"}, 400), ({"lora_name": "x", "lora_path": "nope"}, 404),
+        ({"lora_name": "extra", "lora_path": "ad4"}, 400), ({"lora_name": "../x"}, 400), ({"lora_name": "tiny"}, 400), ({}, 400),
+    ]:
+        with pytest.raises(openai.APIStatusError) as e:
+            post("/load_lora_adapter", body)
+        assert e.value.status_code == status, body
+    assert "Success" in post("/unload_lora_adapter", {"lora_name": "extra"})
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="extra", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        post("/unload_lora_adapter", {"lora_name": "extra"})
+
+
+def test_invalid_requests_get_400_and_unknown_models_404(live):
+    c = client(live)
+    for kw in (dict(temperature=5), dict(max_tokens=0), dict(top_p=0), dict(n=2), dict(max_tokens=10_000), dict(stop=["a"] * 5)):
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="ad0", prompt="hi", **{"max_tokens": 4, **kw})
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="ad0", messages=[])
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="ad0", messages=[{"role": "wizard", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-adapter", prompt="hi")
+    req = urllib.request.Request(live.url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "message" in json.loads(e.value.read())["error"]
+
+
+def test_64_concurrent_requests_across_10_adapters(live, ref):
+    jobs = [(f"ad{i % 10}" if i % 11 else "tiny", PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i in range(64)]
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        calls = [c.chat.completions.create(model=m, messages=[{"role": "user", "content": p}], max_tokens=n, temperature=0) for m, p, n in jobs]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(run())
+    assert [o.choices[0].message.content for o in outs] == [ref(None if m == "tiny" else m, p, n, chat=True) for m, p, n in jobs]
+    metrics = urllib.request.urlopen(live.url + "/metrics").read().decode()
+    assert 'lorq_adapter_requests_total{model="ad3"}' in metrics and "lorq_adapter_cache_hits_total" in metrics
+    assert "lorq_request_latency_seconds_bucket" in metrics and 'lorq_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
+
+
+def test_full_queue_answers_429_and_drops_nothing(tiny_model_dir, many_adapters):
+    server = start_server(tiny_model_dir, many_adapters, max_batch=1, max_queue=2)
+    try:
+        async def run():
+            c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            calls = [c.completions.create(model=f"ad{i % 10}", prompt=PROMPTS[0], max_tokens=30, temperature=0) for i in range(12)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        outs = asyncio.run(run())
+        ok = [o for o in outs if not isinstance(o, Exception)]
+        refused = [o for o in outs if isinstance(o, openai.RateLimitError)]
+        assert len(ok) + len(refused) == 12 and refused and len(ok) >= 3
+        assert all(o.usage.completion_tokens == 30 for o in ok)
+    finally:
+        server.close()
+
+
+def test_api_key(tiny_model_dir, many_adapters):
+    server = start_server(tiny_model_dir, many_adapters, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(server, api_key="wrong").models.list()
+        with pytest.raises(urllib.error.HTTPError) as e:  # no key at all
+            urllib.request.urlopen(server.url + "/v1/models")
+        assert e.value.code == 401
+        assert client(server, api_key="s3cret").models.list().data
+        assert urllib.request.urlopen(server.url + "/health").status == 200
+    finally:
+        server.close()
+
+
+def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_adapters):
+    sock = free_port()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "lorq", "serve", "--model", str(tiny_model_dir), "--adapters", str(many_adapters),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=150, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "length" and first.choices[0].finish_reason is None
+        # uvicorn re-raises the signal once it has shut down cleanly, so the status says SIGTERM
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
