@@ -225,3 +225,10 @@ def test_merge_and_export_bad_inputs(tiny_model_dir, adapters, tmp_path, capsys)
     one_line_error(capsys, "export", "--model", tiny_model_dir, "--outtype", "q4", match="invalid choice")
     one_line_error(capsys, "export", "--model", tmp_path / "nope", match="not found")
     assert not (tmp_path / "m").exists() and not (tiny_model_dir / "sub").exists()
+
+
+def test_serve_bad_inputs(tiny_model_dir, tmp_path, capsys):
+    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--adapters", tmp_path / "nope", match="not a directory")
+    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--port", "0", match="port")
+    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-batch", "0", match="positive")
+    one_line_error(capsys, "serve", "--model", tmp_path / "nope", match="not found")

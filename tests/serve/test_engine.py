@@ -119,3 +119,27 @@ def test_bad_requests_and_a_full_queue(tiny_model_dir):
         engine.submit(prompt, None, greedy(2), lambda d, r: None)
     with pytest.raises(QueueFull):
         engine.submit(prompt, None, greedy(2), lambda d, r: None)
+
+
+def test_a_failed_step_ends_its_requests_with_an_error(tiny_model_dir, capsys):
+    import threading
+
+    engine, _, tok = engine_for(tiny_model_dir, None)
+    done = {}
+    events = {name: threading.Event() for name in ("first", "second")}
+
+    def on_event(name):
+        return lambda d, r: (done.__setitem__(name, r), events[name].set()) if r else None
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    engine.model.forward = broken  # the instance attribute shadows the class's forward
+    engine.start()
+    engine.submit(encode_prompt(tok, "hi"), None, greedy(3), on_event("first"))
+    assert events["first"].wait(30) and done["first"] == "error"
+    del engine.model.forward
+    engine.submit(encode_prompt(tok, "hi"), None, greedy(3), on_event("second"))
+    assert events["second"].wait(30) and done["second"] == "length"
+    engine.stop()
+    assert "engine step failed: RuntimeError: boom" in capsys.readouterr().out

@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens (benchmarks: a fixed amount of work per request)
 
     def validate(self) -> "SamplingParams":
         if self.max_tokens <= 0:
@@ -66,7 +67,7 @@ class QueueFull(LorqError):
 @dataclass
 class Sequence:
     """One request in flight. `on_event(delta_text, finish_reason)` is called from the engine
-    thread; finish_reason is None until the last call ("stop", "length" or "abort")."""
+    thread; finish_reason is None until the last call ("stop", "length", "abort" or "error")."""
 
     prompt: list[int]
     adapter: AdapterWeights | None
@@ -210,7 +211,7 @@ class Engine:
             self.running.remove(seq)
             self.finish(seq, "abort")
         new = self.admit()
-        batch = self.running + new
+        batch = self.running = self.running + new
         if not batch:
             return 0
         ids, positions, lengths, prefill, decode = [], [], [], [], []
@@ -237,7 +238,6 @@ class Engine:
             ).logits[0]
         finally:
             self.step_ref.plan = None
-        self.running = batch
         for seq, row in zip(batch, logits):
             self.advance(seq, row)
         self.running = [s for s in batch if s.finish_reason is None]
@@ -250,7 +250,7 @@ class Engine:
         if seq.first_token is None:
             seq.first_token = time.perf_counter()
         seq.generated.append(token)
-        if token in self.eos:
+        if token in self.eos and not p.ignore_eos:
             return self.finish(seq, "stop")
         text = self.tok.decode(seq.generated, skip_special_tokens=True)
         cut = stop_cut(text, p.stop) if p.stop else None
@@ -268,7 +268,7 @@ class Engine:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         seq.cache = None
-        delta = seq.text[seq.sent :] if reason != "abort" else ""
+        delta = seq.text[seq.sent :] if reason not in ("abort", "error") else ""
         seq.sent = len(seq.text)
         if self.on_finish is not None:
             self.on_finish(seq)
@@ -287,7 +287,14 @@ class Engine:
                     self.lock.wait()
                 if self.stopping and not self.busy:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a failed step must not leave its requests waiting forever
+                self.step_ref.plan = None
+                print(f"lorq: engine step failed: {type(e).__name__}: {e}", flush=True)
+                failed, self.running = self.running, []
+                for seq in failed:
+                    self.finish(seq, "error")
 
     def stop(self) -> None:
         """Finish everything admitted or waiting, then end the thread."""

@@ -40,6 +40,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     def check_supported(self) -> None:
         unsupported = {
@@ -55,7 +56,7 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed,
+            top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed, ignore_eos=self.ignore_eos,
         )
         try:
             return params.validate()

@@ -14,6 +14,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -54,6 +55,8 @@ class ServeConfig:
             raise LorqError(f"port must be in 1..65535, got {self.port}")
         if self.adapter_cache_mb <= 0 or self.shutdown_timeout < 0:
             raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
+        if self.adapters and not Path(self.adapters).is_dir():
+            raise LorqError(f"adapter root {self.adapters} is not a directory")
         return self
 
 
@@ -130,6 +133,8 @@ class Server:
                     reasons[i], left = reason, left - 1
         finally:
             self.abort(seqs)  # the client went away before the end
+        if "error" in reasons:
+            raise APIError(500, "generation failed on the server (see its log)", "server_error")
         return list(zip(texts, reasons))
 
 
