@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import LorqError
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS
-from .kv import ATTENTION, PackedStep, SequenceKV
+from .kv import ATTENTION, KVPool, PackedStep
 from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
 
 
@@ -80,7 +80,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
-    cache: SequenceKV | None = None
+    slot: int = -1  # row of the KV pool while running
     generator: torch.Generator | None = None
     aborted: bool = False
 
@@ -138,6 +138,9 @@ class Engine:
         self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.eos = eos_ids(model, tok)
         self.dtype = next(model.parameters()).dtype
+        c = model.config
+        self.pool = KVPool(self.num_layers, self.cfg.max_batch, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                           getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, self.dtype, capacity=64)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Condition()
@@ -199,50 +202,65 @@ class Engine:
                 if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
                     break
                 self.waiting.popleft()
-                seq.cache = SequenceKV(self.num_layers)
                 new.append(seq)
                 tokens += len(seq.prompt)
         return new
 
     @torch.inference_mode()
     def step(self) -> int:
-        """Run one packed forward pass; returns the number of tokens generated."""
-        for seq in [s for s in self.running if s.aborted]:
-            self.running.remove(seq)
-            self.finish(seq, "abort")
-        new = self.admit()
-        batch = self.running = self.running + new
+        """Run one packed forward pass; returns the number of sequences it advanced."""
+        self.leave([s for s in self.running if s.aborted], "abort")
+        decoding, new = self.running, self.admit()
+        for i, seq in enumerate(new):
+            seq.slot = len(decoding) + i
+        batch = self.running = decoding + new
         if not batch:
             return 0
-        ids, positions, lengths, prefill, decode = [], [], [], [], []
-        fresh = {s.id for s in new}
-        for seq in batch:
+        ids = [s.generated[-1] for s in decoding]
+        positions = [len(s.prompt) + len(s.generated) - 1 for s in decoding]
+        decode = [(s.adapter, i) for i, s in enumerate(decoding) if s.adapter is not None]
+        prefill, last = [], list(range(len(decoding)))
+        for seq in new:
             start = len(ids)
-            if seq.id in fresh:
-                ids += seq.prompt
-                positions += range(len(seq.prompt))
-                if seq.adapter is not None:
-                    prefill.append((seq.adapter, start, len(ids)))
-            else:
-                ids.append(seq.generated[-1])
-                positions.append(len(seq.prompt) + len(seq.generated) - 1)
-                if seq.adapter is not None:
-                    decode.append((seq.adapter, start))
-            lengths.append(len(ids) - start)
-        last = torch.tensor(list(itertools.accumulate(lengths))) - 1
+            ids += seq.prompt
+            positions += range(len(seq.prompt))
+            last.append(len(ids) - 1)
+            if seq.adapter is not None:
+                prefill.append((seq.adapter, start, len(ids)))
+        self.pool.reserve(max(positions) + 1)
+        packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long), [(s.slot, len(s.prompt)) for s in new])
         self.step_ref.plan = StepPlan(prefill, decode) if prefill or decode else None
         try:
             logits = self.model(
                 input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False,
-                logits_to_keep=last, lorq_step=PackedStep([s.cache for s in batch], lengths),
+                logits_to_keep=torch.tensor(last), lorq_step=packed,
             ).logits[0]
         finally:
             self.step_ref.plan = None
         for seq, row in zip(batch, logits):
             self.advance(seq, row)
-        self.running = [s for s in batch if s.finish_reason is None]
+        self.leave([s for s in batch if s.finish_reason is not None])
         self.steps += 1
         return len(batch)
+
+    def leave(self, gone: list[Sequence], reason: str | None = None) -> None:
+        """Take sequences out of the running batch and keep the others in slots 0..n-1, in
+        packing order: the last ones move into the holes (one KV copy per hole)."""
+        if not gone:
+            return
+        for seq in gone:
+            if reason is not None:
+                self.finish(seq, reason)
+        ids = {s.id for s in gone}
+        alive = [s for s in self.running if s.id not in ids]
+        holes = sorted(s.slot for s in gone if s.slot < len(alive))
+        movers = sorted((s for s in alive if s.slot >= len(alive)), key=lambda s: s.slot)
+        for hole, seq in zip(holes, movers):
+            self.pool.move(seq.slot, hole, len(seq.prompt) + len(seq.generated) - 1)
+            seq.slot = hole
+        self.running = sorted(alive, key=lambda s: s.slot)
+        for seq in gone:
+            seq.slot = -1
 
     def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
@@ -267,7 +285,6 @@ class Engine:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        seq.cache = None
         delta = seq.text[seq.sent :] if reason not in ("abort", "error") else ""
         seq.sent = len(seq.text)
         if self.on_finish is not None:
@@ -294,6 +311,7 @@ class Engine:
                 print(f"lorq: engine step failed: {type(e).__name__}: {e}", flush=True)
                 failed, self.running = self.running, []
                 for seq in failed:
+                    seq.slot = -1
                     self.finish(seq, "error")
 
     def stop(self) -> None:

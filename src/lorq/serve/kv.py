@@ -1,10 +1,12 @@
-"""Per-sequence KV cache for packed steps, and the attention that reads it.
+"""KV cache in slots, and the attention of a packed step that reads and writes it.
 
-A step packs the new tokens of every running sequence into one row (batch 1): prompts being
-prefilled and one token per decoding sequence. The linear layers see all of them at once; the
-attention is done per sequence on that sequence's own keys and values, so no sequence is padded
-to another's length and continuous batching needs no cache re-alignment. The attention is
-registered with transformers as "lorq_ragged", so its own model classes run unchanged.
+A step packs into one row (batch 1) one new token for each decoding sequence, then the whole
+prompt of each newly admitted one. The linear layers see all of them at once. The keys and
+values live in a pool per layer, (slots, kv_heads, capacity, head_dim), one slot per running
+sequence; the decoding sequences occupy slots 0..n-1 in packing order (the engine keeps them
+compact), so their attention is one batched call over a view of the pool, each sequence masked
+to its own length. A prompt attends causally to itself alone, as in a single-sequence run. The
+attention is registered with transformers as "lorq_ragged", so its model classes run unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -19,61 +22,86 @@ from transformers.masking_utils import AttentionMaskInterface
 ATTENTION = "lorq_ragged"
 
 
-class SequenceKV:
-    """Keys and values of one sequence for every layer, in buffers grown by doubling."""
+class KVPool:
+    """Keys and values of up to `slots` sequences for every layer; capacity grows by doubling."""
 
-    def __init__(self, layers: int):
-        self.k: list[torch.Tensor | None] = [None] * layers
-        self.v: list[torch.Tensor | None] = [None] * layers
-        self.length = [0] * layers
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256):
+        self.shape = (slots, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(self.shape, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(self.shape, dtype=dtype) for _ in range(layers)]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (1, heads, new, dim). Returns views of all keys/values so far."""
-        n, used = k.shape[2], self.length[layer]
-        buf = self.k[layer]
-        if buf is None or used + n > buf.shape[2]:
-            cap = max(2 * (used + n), 16)
-            grown_k = k.new_empty(1, k.shape[1], cap, k.shape[3])
-            grown_v = v.new_empty(1, v.shape[1], cap, v.shape[3])
-            if buf is not None:
-                grown_k[:, :, :used] = buf[:, :, :used]
-                grown_v[:, :, :used] = self.v[layer][:, :, :used]
-            self.k[layer], self.v[layer] = grown_k, grown_v
-        self.k[layer][:, :, used : used + n] = k
-        self.v[layer][:, :, used : used + n] = v
-        self.length[layer] = used + n
-        return self.k[layer][:, :, : used + n], self.v[layer][:, :, : used + n]
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot."""
+        if length <= self.capacity:
+            return
+        cap = max(length, 2 * self.capacity)
+        old = self.capacity
+        self.shape = self.shape[:2] + (cap, self.shape[3])
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                grown = t.new_zeros(self.shape)
+                grown[:, :, :old] = t
+                cache[i] = grown
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[dst, :, :length] = t[src, :, :length]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 @dataclass
 class PackedStep:
-    """The sequences of one packed step, in packing order, and how many new tokens each has."""
+    """Layout of one packed step: `decode` sequences in slots 0..decode-1 with their positions,
+    then prompts as (slot, length) in packing order."""
 
-    caches: list[SequenceKV]
-    lengths: list[int]
+    pool: KVPool
+    positions: torch.Tensor  # (decode,) where each decoding sequence's new token goes
+    prompts: list[tuple[int, int]]
+
+    def __post_init__(self):
+        n = len(self.positions)
+        self.decode = n
+        self.width = int(self.positions.max()) + 1 if n else 0
+        # position j of sequence i is visible when j <= its new token's position
+        self.mask = (torch.arange(self.width) <= self.positions[:, None])[:, None, None, :] if n else None
+        self.rows = torch.arange(n)
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, lorq_step: PackedStep | None = None, **kwargs):
-    """Attention per sequence over its own cache; (1, tokens, heads, dim) like transformers' sdpa."""
+    """(1, tokens, heads, dim), like transformers' sdpa attention, for a packed step."""
     if lorq_step is None:
         raise RuntimeError("the lorq_ragged attention runs only inside the serving engine")
-    outs, start = [], 0
-    for cache, n in zip(lorq_step.caches, lorq_step.lengths):
-        k, v = cache.append(module.layer_idx, key[:, :, start : start + n], value[:, :, start : start + n])
-        # a prompt with no history is causal from position 0, the case sdpa's is_causal covers;
-        # one new token attends to everything before it
-        o, _ = sdpa_attention_forward(module, query[:, :, start : start + n], k, v, None, scaling=scaling, dropout=0.0)
+    step, layer = lorq_step, module.layer_idx
+    K, V = step.pool.k[layer], step.pool.v[layer]
+    outs = []
+    n = step.decode
+    if n:
+        K[step.rows, :, step.positions] = key[0, :, :n].transpose(0, 1)  # (n, kv_heads, dim)
+        V[step.rows, :, step.positions] = value[0, :, :n].transpose(0, 1)
+        q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # (n, heads, 1, dim)
+        o = F.scaled_dot_product_attention(q, K[:n, :, : step.width], V[:n, :, : step.width], attn_mask=step.mask,
+                                           scale=scaling, enable_gqa=q.shape[1] != K.shape[1])
+        outs.append(o.squeeze(2).unsqueeze(0))  # (1, n, heads, dim)
+    start = n
+    for slot, length in step.prompts:
+        k, v = key[:, :, start : start + length], value[:, :, start : start + length]
+        K[slot, :, :length], V[slot, :, :length] = k[0], v[0]
+        o, _ = sdpa_attention_forward(module, query[:, :, start : start + length], k, v, None, scaling=scaling, dropout=0.0)
         outs.append(o)
-        start += n
+        start += length
     return torch.cat(outs, dim=1), None
 
 
 def no_mask(*args, **kwargs):
-    return None  # causality is per sequence, inside ragged_attention
+    return None  # visibility is per sequence, inside ragged_attention
 
 
 AttentionInterface.register(ATTENTION, ragged_attention)

@@ -5,7 +5,7 @@ S-LoRA (Sheng et al. 2023) / Punica's two kernels, in torch ops:
   GEMM pair, y_s += scaling · (x_s Aᵀ) Bᵀ — the same ops as `LoRALinear` for that run;
 - gather (decode): one token per sequence, so each token's (A, B) is gathered into a stack and
   applied with one batched matmul pair per rank present — no adapter is padded to the largest
-  rank, and no Python loop runs over the adapters of the batch.
+  rank.
 Adapter weights live in the adapter cache, not in modules, so thousands of them cost no
 module surgery: `MultiLoRALinear` only holds its base layer and asks the step's plan.
 """
@@ -107,39 +107,35 @@ def segment_lora(module: str, x: torch.Tensor, out: torch.Tensor, perm: torch.Te
 
 
 def gather_groups(tokens: list[tuple[AdapterWeights, int]]):
-    """(distinct adapters, token positions, index of each token's adapter among them)."""
+    """(each token's adapter, token positions, per-layout cache of rank groups)."""
     if not tokens:
         return None
-    distinct: dict[int, int] = {}
-    adapters: list[AdapterWeights] = []
-    which = []
-    for adapter, _ in tokens:
-        if id(adapter) not in distinct:
-            distinct[id(adapter)] = len(adapters)
-            adapters.append(adapter)
-        which.append(distinct[id(adapter)])
-    return adapters, torch.tensor([t for _, t in tokens]), torch.tensor(which)
+    return [a for a, _ in tokens], torch.tensor([t for _, t in tokens]), {}
 
 
-def gather_lora(module: str, x: torch.Tensor, out: torch.Tensor, adapters, positions, which) -> torch.Tensor:
-    """Per rank r present at this module: stack the distinct adapters' factors, gather one per
-    token (index_select), and apply them with a batched matmul pair."""
-    by_rank: dict[int, list[int]] = {}
-    for i, adapter in enumerate(adapters):
-        w = adapter.modules.get(module)
-        if w is not None:
-            by_rank.setdefault(w[0].shape[0], []).append(i)
-    for group in by_rank.values():
-        local = torch.full((len(adapters),), -1, dtype=torch.long)
-        local[group] = torch.arange(len(group))
-        slot = local[which]
-        sel = slot >= 0
-        if not sel.any():
-            continue
-        slot, pos = slot[sel], positions[sel]
-        A = torch.stack([adapters[i].modules[module][0] for i in group]).index_select(0, slot)  # (n, r, in)
-        B = torch.stack([adapters[i].modules[module][1] for i in group]).index_select(0, slot)  # (n, out, r)
-        s = torch.tensor([adapters[i].modules[module][2] for i in group], dtype=out.dtype)[slot]
+def rank_groups(module: str, adapters: list[AdapterWeights], cache: dict) -> list[tuple[list[int], torch.Tensor]]:
+    """Tokens grouped by the rank of their adapter at `module` (tokens whose adapter lacks it
+    are left out): [(token indices, as a tensor too)]. Layers with the same layout share it."""
+    ranks = tuple(a.modules[module][0].shape[0] if module in a.modules else 0 for a in adapters)
+    groups = cache.get(ranks)
+    if groups is None:
+        by_rank: dict[int, list[int]] = {}
+        for i, r in enumerate(ranks):
+            if r:
+                by_rank.setdefault(r, []).append(i)
+        groups = cache[ranks] = [(idx, torch.tensor(idx)) for idx in by_rank.values()]
+    return groups
+
+
+def gather_lora(module: str, x: torch.Tensor, out: torch.Tensor, adapters, positions, cache) -> torch.Tensor:
+    """Per rank r present at this module: gather each token's (A, B) into a stack and apply
+    them with one batched matmul pair."""
+    for idx, index in rank_groups(module, adapters, cache):
+        weights = [adapters[i].modules[module] for i in idx]
+        A = torch.stack([w[0] for w in weights])  # (n, r, in)
+        B = torch.stack([w[1] for w in weights])  # (n, out, r)
+        s = torch.tensor([w[2] for w in weights], dtype=out.dtype)
+        pos = positions if len(idx) == len(adapters) else positions.index_select(0, index)
         h = torch.bmm(x.index_select(0, pos).unsqueeze(1), A.transpose(1, 2))  # (n, 1, r)
         delta = torch.bmm(h, B.transpose(1, 2)).squeeze(1) * s[:, None]
         out = out.index_add(0, pos, delta)
