@@ -101,6 +101,7 @@ def summarize(latencies: list[float], tokens: int, seconds: float) -> dict:
 
 def run_lorq(engine: Engine, store: AdapterStore, names, jobs, which) -> dict:
     store.stats.hits = store.stats.misses = store.stats.evictions = 0
+    steps = engine.steps
     start = time.perf_counter()
     finished = {}
     reqs = []
@@ -114,7 +115,7 @@ def run_lorq(engine: Engine, store: AdapterStore, names, jobs, which) -> dict:
         if seq.adapter is not None:
             store.release(seq.adapter.name)
     row = summarize([finished[s.id] - start for s in seqs], sum(len(s.generated) for s in seqs), seconds)
-    row.update(steps=engine.steps, cache_misses=store.stats.misses, adapter_mib=round(store.nbytes / 2**20, 1), rss_mib=round(rss_mib()))
+    row.update(steps=engine.steps - steps, cache_misses=store.stats.misses, adapter_mib=round(store.nbytes / 2**20, 1), rss_mib=round(rss_mib()))
     return row, [s.generated for s in seqs]
 
 
@@ -256,12 +257,12 @@ def main() -> None:
         start = time.perf_counter()
         for name in names:
             store.register(name) if name not in store.names else None
-        notes[f"lorq, {n} adapters"] = f"{store.nbytes / 2**20:.0f} MiB of adapter weights in host memory, read in {time.perf_counter() - start:.1f} s"
+        notes[f"lorq, {n} adapter{'s' * (n > 1)}"] = f"{store.nbytes / 2**20:.0f} MiB of adapter weights in host memory, read in {time.perf_counter() - start:.1f} s"
         kinds = ["single"] if n == 1 else ["power-law", "uniform"]
         peft_rows, peft_outs = {}, None
         if n <= args.peft_max:
             pmodel, load_s = peft_model(path, names, WORK)
-            notes[f"PEFT, {n} adapters"] = f"loaded in {load_s:.1f} s"
+            notes[f"PEFT, {n} adapter{'s' * (n > 1)}"] = f"loaded in {load_s:.1f} s"
             which = popularity(n, len(jobs), kinds[0])
             peft_row, peft_outs = run_peft_mixed(pmodel, tok, names, jobs, which, args.batch)
             peft_rows["PEFT mixed batch"] = peft_row
@@ -278,6 +279,8 @@ def main() -> None:
                 for system, r in peft_rows.items():
                     rows.append({"adapters": n, "popularity": kind, "system": system, **r})
                     print(rows[-1], flush=True)
+        if n > args.peft_max:
+            notes[f"PEFT, {n} adapters"] = f"not run (--peft-max {args.peft_max}): PEFT's load_adapter time grows faster than linearly with the adapters already loaded"
         del store
     res = {"machine": machine(), "peft": peft.__version__, "requests": len(jobs), "batch": args.batch, "rows": rows, "notes": notes}
     out = Path(args.out)

@@ -113,6 +113,10 @@ def test_bad_requests_and_a_full_queue(tiny_model_dir):
             engine.submit(prompt, None, SamplingParams(**bad), lambda d, r: None)
     with pytest.raises(LorqError, match="context"):
         engine.submit(prompt, None, greedy(1000), lambda d, r: None)
+    short, _, _ = engine_for(tiny_model_dir, None, max_model_len=len(prompt) + 3)
+    short.submit(prompt, None, greedy(3), lambda d, r: None)
+    with pytest.raises(LorqError, match="context"):
+        short.submit(prompt, None, greedy(4), lambda d, r: None)
     with pytest.raises(LorqError, match="empty"):
         engine.submit([], None, greedy(4), lambda d, r: None)
     for _ in range(2):

@@ -10,6 +10,7 @@ submit requests and receive text deltas through a callback.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -31,11 +32,12 @@ class EngineConfig:
     max_batch: int = opt(32, "most sequences decoding together in one step")
     max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
     max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
+    max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context); bounds the KV cache, which holds max-batch sequences of the longest length seen")
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
-        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0:
-            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive")
+        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0:
+            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len >= 0")
         return self
 
 
@@ -135,7 +137,8 @@ class Engine:
         self.step_ref, self.layers = wrap_for_serving(model, self.cfg.targets)
         model.config._attn_implementation = ATTENTION
         self.num_layers = model.config.num_hidden_layers
-        self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_length = min(self.cfg.max_model_len or context, context)
         self.eos = eos_ids(model, tok)
         self.dtype = next(model.parameters()).dtype
         c = model.config
@@ -162,7 +165,7 @@ class Engine:
         seq = Sequence(list(prompt), adapter, params, on_event)
         if params.temperature > 0:
             seq.generator = torch.Generator()
-            seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
