@@ -67,3 +67,13 @@ def test_read_adapter_checks_the_served_layers(tiny_model_dir, adapters):
     assert w.ranks == [8] and w.nbytes == sum(A.numel() * 4 + B.numel() * 4 for A, B, _ in w.modules.values())
     with pytest.raises(LorqError, match="not an adaptable layer"):
         read_adapter("a", adapters[0], layers, torch.float32)  # also targets the MLP
+
+
+def test_a_model_with_adapters_of_its_own_is_refused(tiny_model_dir, adapters):
+    from lorq.jobs import load_for_inference
+    from lorq.quant.base import no_quant
+    from lorq.serve.multi_lora import wrap_for_serving
+
+    model, _, _ = load_for_inference(str(tiny_model_dir), no_quant(), adapters[0])
+    with pytest.raises(LorqError, match="without adapters"):
+        wrap_for_serving(model, [r"layers\.\d+\."])

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.lora import LoRALinear
 from ..adapters.peft_format import adapter_scaling, check_fits, read_peft
 from ..errors import LorqError
 from ..quant.linear import QuantizedLinear, match_modules, set_module
@@ -170,6 +171,8 @@ class MultiLoRALinear(nn.Module):
 
 def wrap_for_serving(model: nn.Module, targets: list[str]) -> tuple[StepRef, dict[str, MultiLoRALinear]]:
     """Make the target linear layers adaptable per token; returns the shared StepRef and the layers."""
+    if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
+        raise LorqError("serve a base model without adapters of its own: adapters come from the adapter store")
     names = match_modules(model, targets, (nn.Linear, QuantizedLinear))
     if not names:
         raise LorqError(f"target pattern(s) {targets} match no linear layer of the model")

@@ -286,6 +286,14 @@ def serve(server: Server, cfg: ServeConfig) -> None:
 
     print(f"lorq: serving {server.base_name} + {len(server.store.names)} adapters on http://{cfg.host}:{cfg.port}/v1 "
           f"(OpenAI-compatible; {'API key required' if server.api_key else 'no API key'})", flush=True)
+    class Graceful(uvicorn.Server):
+        # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which asyncio turns into a
+        # traceback and a signal exit status; a drained, finished server ends normally instead
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
     config = uvicorn.Config(create_app(server), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=cfg.shutdown_timeout or None)
-    uvicorn.Server(config).run()
+    Graceful(config).run()
+    print("lorq: server stopped", flush=True)
