@@ -48,6 +48,13 @@ def test_paths_must_stay_under_the_root(tmp_path, many_adapters):
             resolve_under(root, bad)
     with pytest.raises(AdapterNotFound):
         resolve_under(root, "missing")
+    with pytest.raises(LorqError):
+        resolve_under(root, "real\x00")
+    (root / "linked").mkdir()  # a real directory whose weights file links outside the root
+    (root / "linked" / "adapter_config.json").write_text("{}")
+    os.symlink(many_adapters / "ad1" / "adapter_model.safetensors", root / "linked" / "adapter_model.safetensors")
+    with pytest.raises(LorqError, match="outside"):
+        resolve_under(root, "linked")
 
 
 def test_register_unregister_and_bad_adapters(layers, many_adapters):

@@ -147,3 +147,21 @@ def test_a_failed_step_ends_its_requests_with_an_error(tiny_model_dir, capsys):
     assert events["second"].wait(30) and done["second"] == "length"
     engine.stop()
     assert "engine step failed: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_abort_takes_a_waiting_request_out_of_the_queue_at_once(tiny_model_dir):
+    engine, _, tok = engine_for(tiny_model_dir, None, max_queue=1)
+    finished = []
+    engine.on_finish = finished.append
+    seq = engine.submit(encode_prompt(tok, "hi"), None, greedy(2), lambda d, r: None)
+    engine.abort(seq)
+    assert finished == [seq] and seq.finish_reason == "abort" and engine.queue_depth == 0
+    engine.submit(encode_prompt(tok, "hi"), None, greedy(2), lambda d, r: None)  # its place is free again
+    while engine.busy:
+        engine.step()
+    assert len(finished) == 2  # each finished exactly once
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert nucleus_sample(logits, 1e-45, 1.0, torch.Generator().manual_seed(0)) == 1

@@ -114,7 +114,11 @@ def test_64_concurrent_requests_across_10_adapters(live, ref):
     outs = asyncio.run(run())
     assert [o.choices[0].message.content for o in outs] == [ref(None if m == "tiny" else m, p, n, chat=True) for m, p, n in jobs]
     metrics = urllib.request.urlopen(live.url + "/metrics").read().decode()
-    assert 'lorq_adapter_requests_total{model="ad3"}' in metrics and "lorq_adapter_cache_hits_total" in metrics
+    value = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    # concurrent first requests for an adapter share one read: at most one miss per adapter (10 + "extra")
+    assert value['lorq_adapter_requests_total{model="ad3"}'] >= 6 and value["lorq_adapter_cache_misses_total"] <= 11
+    assert value["lorq_adapter_cache_hits_total"] >= 48
+    assert value["lorq_queue_depth"] == 0 and value["lorq_running_sequences"] == 0
     assert "lorq_request_latency_seconds_bucket" in metrics and 'lorq_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
 
 
@@ -144,6 +148,10 @@ def test_api_key(tiny_model_dir, many_adapters):
             urllib.request.urlopen(server.url + "/v1/models")
         assert e.value.code == 401
         assert client(server, api_key="s3cret").models.list().data
+        req = urllib.request.Request(server.url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:  # the key is checked before the body
+            urllib.request.urlopen(req)
+        assert e.value.code == 401
         assert urllib.request.urlopen(server.url + "/health").status == 200
     finally:
         server.close()
@@ -178,3 +186,19 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_a
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_a_failing_step_is_a_500_and_an_error_event_in_a_stream(live):
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    c = client(live)
+    live.state.engine.model.forward = broken
+    try:
+        with pytest.raises(openai.InternalServerError):
+            c.completions.create(model="ad0", prompt="hi", max_tokens=3)
+        with pytest.raises(openai.APIError, match="generation failed"):
+            list(c.chat.completions.create(model="ad0", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
+    finally:
+        del live.state.engine.model.forward
+    assert c.completions.create(model="ad0", prompt="hi", max_tokens=3).usage.completion_tokens == 3

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..adapters.peft_format import CONFIG_FILE
+from ..adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..errors import LorqError
 from .multi_lora import AdapterWeights, read_adapter
 
@@ -30,13 +30,16 @@ class AdapterNotFound(LorqError):
 def resolve_under(root: Path, relative: str) -> Path:
     """root / relative, refused unless it stays under root: no absolute paths, no `..`, and no
     symlink that leads out of it."""
-    if not relative or Path(relative).is_absolute() or ".." in Path(relative).parts or "\\" in relative:
+    if not relative or "\x00" in relative or Path(relative).is_absolute() or ".." in Path(relative).parts or "\\" in relative:
         raise LorqError(f"adapter path {relative!r} must be a relative path under the adapter root, without '..'")
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
         raise LorqError(f"adapter path {relative!r} leads outside the adapter root")
     if not (path / CONFIG_FILE).is_file():
         raise AdapterNotFound(f"no adapter at {relative!r} under the adapter root (no {CONFIG_FILE})")
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / file).resolve().is_relative_to(root.resolve()):
+            raise LorqError(f"adapter path {relative!r}: {file} is a link leading outside the adapter root")
     return path
 
 
@@ -50,16 +53,18 @@ class CacheStats:
 class AdapterStore:
     """Registry (name -> directory) plus the LRU weight cache; thread-safe."""
 
-    def __init__(self, root: str | Path | None, layers: dict[str, nn.Module], budget_bytes: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, root: str | Path | None, layers: dict[str, nn.Module], budget_bytes: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         if budget_bytes <= 0:
             raise LorqError("the adapter cache budget must be positive")
         self.root = Path(root).resolve() if root else None
         if self.root is not None and not self.root.is_dir():
             raise LorqError(f"adapter root {root} is not a directory")
-        self.layers, self.budget, self.dtype = layers, budget_bytes, dtype
+        self.layers, self.budget, self.dtype, self.device = layers, budget_bytes, dtype, device
         self.paths: dict[str, Path] = {}
         self.cache: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.in_use: dict[str, int] = {}
+        self.reading: dict[str, threading.Event] = {}
         self.stats = CacheStats()
         self.lock = threading.RLock()
 
@@ -101,6 +106,8 @@ class AdapterStore:
                 raise LorqError(f"adapter {name!r} is already loaded")
         weights = self.read(name, path)
         with self.lock:
+            if name in self.paths:  # registered meanwhile by a concurrent call
+                raise LorqError(f"adapter {name!r} is already loaded")
             self.paths[name] = path
             self.insert(weights)
         return weights
@@ -113,7 +120,7 @@ class AdapterStore:
             self.cache.pop(name, None)
 
     def read(self, name: str, path: Path) -> AdapterWeights:
-        weights = read_adapter(name, path, self.layers, self.dtype)
+        weights = read_adapter(name, path, self.layers, self.dtype, self.device)
         if weights.nbytes > self.budget:
             raise LorqError(f"adapter {name!r} needs {weights.nbytes / 2**20:.1f} MiB, more than the whole adapter cache ({self.budget / 2**20:.1f} MiB)")
         return weights
@@ -131,21 +138,37 @@ class AdapterStore:
             self.stats.evictions += 1
 
     def acquire(self, name: str) -> AdapterWeights:
-        """The adapter's weights, marked in use until release(name); reads them on a miss."""
-        with self.lock:
-            path = self.paths.get(name)
-            if path is None:
-                raise AdapterNotFound(f"the model {name!r} does not exist")
-            weights = self.cache.get(name)
-            if weights is not None:
-                self.stats.hits += 1
-                self.cache.move_to_end(name)
-            else:
-                self.stats.misses += 1
-                weights = self.read(name, path)
+        """The adapter's weights, marked in use until release(name). On a miss one caller reads
+        them (outside the lock, so the engine's releases do not wait for the disk) while the
+        other callers for the same adapter wait for that read."""
+        while True:
+            with self.lock:
+                path = self.paths.get(name)
+                if path is None:
+                    raise AdapterNotFound(f"the model {name!r} does not exist")
+                weights = self.cache.get(name)
+                if weights is not None:
+                    self.stats.hits += 1
+                    self.cache.move_to_end(name)
+                    self.in_use[name] = self.in_use.get(name, 0) + 1
+                    return weights
+                reading = self.reading.get(name)
+                if reading is None:
+                    reading = self.reading[name] = threading.Event()
+                    self.stats.misses += 1
+                    break
+            reading.wait()  # then look again: the reader has inserted it (or failed, and we try)
+        try:
+            weights = self.read(name, path)
+            with self.lock:
+                if self.paths.get(name) != path:
+                    raise AdapterNotFound(f"the model {name!r} was unloaded")
+                self.in_use[name] = self.in_use.get(name, 0) + 1
                 self.insert(weights)
-            self.in_use[name] = self.in_use.get(name, 0) + 1
-            return weights
+                return weights
+        finally:
+            with self.lock:
+                self.reading.pop(name).set()
 
     def release(self, name: str) -> None:
         with self.lock:

@@ -66,6 +66,10 @@ class QueueFull(LorqError):
     """The waiting queue is at its bound; the request is refused, not dropped later."""
 
 
+class ShuttingDown(LorqError):
+    """The engine takes no new requests: it is finishing the ones it has."""
+
+
 @dataclass
 class Sequence:
     """One request in flight. `on_event(delta_text, finish_reason)` is called from the engine
@@ -93,7 +97,8 @@ def greedy(logits: torch.Tensor) -> int:
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float().cpu()  # the per-request generator lives on the CPU
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # max first: no inf/inf at tiny T
     if top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # tokens before which the mass is still short of top_p
@@ -137,13 +142,18 @@ class Engine:
         self.step_ref, self.layers = wrap_for_serving(model, self.cfg.targets)
         model.config._attn_implementation = ATTENTION
         self.num_layers = model.config.num_hidden_layers
-        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        c = model.config
+        if getattr(c, "attn_logit_softcapping", None):
+            raise LorqError("lorq serve does not support attention logit soft-capping (Gemma 2 style) yet")
+        context = getattr(c, "max_position_embeddings", None) or 1 << 30
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        context = min(context, window or context)  # within its window, sliding attention is full attention
         self.max_length = min(self.cfg.max_model_len or context, context)
         self.eos = eos_ids(model, tok)
-        self.dtype = next(model.parameters()).dtype
-        c = model.config
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
         self.pool = KVPool(self.num_layers, self.cfg.max_batch, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                           getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, self.dtype, capacity=64)
+                           getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, self.dtype, 64, self.device)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Condition()
@@ -168,7 +178,7 @@ class Engine:
             seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         with self.lock:
             if self.stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if bounded and len(self.waiting) >= self.cfg.max_queue:
                 raise QueueFull(f"the request queue is full ({self.cfg.max_queue} waiting); retry later")
             seq.id = next(self.ids)
@@ -177,10 +187,16 @@ class Engine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Stop a sequence (e.g. its client went away); it leaves at the next step."""
+        """Stop a sequence (e.g. its client went away): a waiting one leaves the queue now, a
+        running one at the next step."""
         seq.aborted = True
         with self.lock:
+            queued = seq in self.waiting
+            if queued:
+                self.waiting.remove(seq)
             self.lock.notify()
+        if queued:
+            self.finish(seq, "abort")
 
     @property
     def queue_depth(self) -> int:
@@ -198,10 +214,6 @@ class Engine:
         with self.lock:
             while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
                 seq = self.waiting[0]
-                if seq.aborted:
-                    self.waiting.popleft()
-                    self.finish(seq, "abort")
-                    continue
                 if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
                     break
                 self.waiting.popleft()
@@ -231,17 +243,22 @@ class Engine:
             if seq.adapter is not None:
                 prefill.append((seq.adapter, start, len(ids)))
         self.pool.reserve(max(positions) + 1)
-        packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long), [(s.slot, len(s.prompt)) for s in new])
-        self.step_ref.plan = StepPlan(prefill, decode) if prefill or decode else None
+        dev = self.device
+        packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev), [(s.slot, len(s.prompt)) for s in new])
+        self.step_ref.plan = StepPlan(prefill, decode, dev) if prefill or decode else None
         try:
             logits = self.model(
-                input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False,
-                logits_to_keep=torch.tensor(last), lorq_step=packed,
+                input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev), use_cache=False,
+                logits_to_keep=torch.tensor(last, device=dev), lorq_step=packed,
             ).logits[0]
         finally:
             self.step_ref.plan = None
         for seq, row in zip(batch, logits):
-            self.advance(seq, row)
+            try:
+                self.advance(seq, row)
+            except Exception as e:  # one request's failure (e.g. its sampling) is not the batch's
+                print(f"lorq: request {seq.id} failed: {type(e).__name__}: {e}", flush=True)
+                self.finish(seq, "error")
         self.leave([s for s in batch if s.finish_reason is not None])
         self.steps += 1
         return len(batch)
@@ -315,7 +332,8 @@ class Engine:
                 failed, self.running = self.running, []
                 for seq in failed:
                     seq.slot = -1
-                    self.finish(seq, "error")
+                    if seq.finish_reason is None:
+                        self.finish(seq, "error")
 
     def stop(self) -> None:
         """Finish everything admitted or waiting, then end the thread."""

@@ -25,10 +25,11 @@ ATTENTION = "lorq_ragged"
 class KVPool:
     """Keys and values of up to `slots` sequences for every layer; capacity grows by doubling."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256):
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64,
+                 device: torch.device | str = "cpu"):
         self.shape = (slots, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(self.shape, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(self.shape, dtype=dtype) for _ in range(layers)]
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
@@ -67,12 +68,12 @@ class PackedStep:
     prompts: list[tuple[int, int]]
 
     def __post_init__(self):
-        n = len(self.positions)
+        n, dev = len(self.positions), self.positions.device
         self.decode = n
         self.width = int(self.positions.max()) + 1 if n else 0
         # position j of sequence i is visible when j <= its new token's position
-        self.mask = (torch.arange(self.width) <= self.positions[:, None])[:, None, None, :] if n else None
-        self.rows = torch.arange(n)
+        self.mask = (torch.arange(self.width, device=dev) <= self.positions[:, None])[:, None, None, :] if n else None
+        self.rows = torch.arange(n, device=dev)
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, lorq_step: PackedStep | None = None, **kwargs):

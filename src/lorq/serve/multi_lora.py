@@ -41,7 +41,7 @@ class AdapterWeights:
         return sorted({A.shape[0] for A, _, _ in self.modules.values()})
 
 
-def read_adapter(name: str, path, layers: dict[str, nn.Module], dtype: torch.dtype) -> AdapterWeights:
+def read_adapter(name: str, path, layers: dict[str, nn.Module], dtype: torch.dtype, device: torch.device | str = "cpu") -> AdapterWeights:
     """A PEFT adapter directory as AdapterWeights, checked against the served layers."""
     config, pairs = read_peft(path)
     modules = {}
@@ -49,7 +49,7 @@ def read_adapter(name: str, path, layers: dict[str, nn.Module], dtype: torch.dty
         if module not in layers:
             raise LorqError(f"adapter {name!r} targets {module}, which is not an adaptable layer of the served model")
         check_fits(path, module, layers[module], A, B)
-        modules[module] = (A.to(dtype).contiguous(), B.to(dtype).contiguous(), adapter_scaling(module, A.shape[0], config))
+        modules[module] = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous(), adapter_scaling(module, A.shape[0], config))
     return AdapterWeights(name, modules, str(path))
 
 
@@ -63,10 +63,11 @@ class StepPlan:
 
     prefill: list[tuple[AdapterWeights, int, int]] = field(default_factory=list)
     decode: list[tuple[AdapterWeights, int]] = field(default_factory=list)
+    device: torch.device | str = "cpu"
 
     def __post_init__(self):
-        self._segments = segment_order(self.prefill)
-        self._gather = gather_groups(self.decode)
+        self._segments = segment_order(self.prefill, self.device)
+        self._gather = gather_groups(self.decode, self.device)
 
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (tokens, out) + the LoRA update of every adapted token at `module`."""
@@ -77,7 +78,7 @@ class StepPlan:
         return out
 
 
-def segment_order(runs: list[tuple[AdapterWeights, int, int]]):
+def segment_order(runs: list[tuple[AdapterWeights, int, int]], device="cpu"):
     """(token permutation sorting the runs by adapter, [(adapter, start, end)] in sorted order)."""
     if not runs:
         return None
@@ -90,13 +91,13 @@ def segment_order(runs: list[tuple[AdapterWeights, int, int]]):
         perm.append(idx)
         segments.append((adapter, n, n + len(idx)))
         n += len(idx)
-    return torch.cat(perm), segments
+    return torch.cat(perm).to(device), segments
 
 
 def segment_lora(module: str, x: torch.Tensor, out: torch.Tensor, perm: torch.Tensor, segments) -> torch.Tensor:
     xs = x.index_select(0, perm)
     delta = torch.zeros(len(perm), out.shape[-1], dtype=out.dtype, device=out.device)
-    hit = torch.zeros(len(perm), dtype=torch.bool)
+    hit = torch.zeros(len(perm), dtype=torch.bool, device=perm.device)
     for adapter, s, e in segments:
         w = adapter.modules.get(module)
         if w is None:
@@ -107,14 +108,14 @@ def segment_lora(module: str, x: torch.Tensor, out: torch.Tensor, perm: torch.Te
     return out.index_add(0, perm[hit], delta[hit]) if hit.any() else out
 
 
-def gather_groups(tokens: list[tuple[AdapterWeights, int]]):
+def gather_groups(tokens: list[tuple[AdapterWeights, int]], device="cpu"):
     """(each token's adapter, token positions, per-layout cache of rank groups)."""
     if not tokens:
         return None
-    return [a for a, _ in tokens], torch.tensor([t for _, t in tokens]), {}
+    return [a for a, _ in tokens], torch.tensor([t for _, t in tokens], device=device), {}
 
 
-def rank_groups(module: str, adapters: list[AdapterWeights], cache: dict) -> list[tuple[list[int], torch.Tensor]]:
+def rank_groups(module: str, adapters: list[AdapterWeights], cache: dict, device) -> list[tuple[list[int], torch.Tensor]]:
     """Tokens grouped by the rank of their adapter at `module` (tokens whose adapter lacks it
     are left out): [(token indices, as a tensor too)]. Layers with the same layout share it."""
     ranks = tuple(a.modules[module][0].shape[0] if module in a.modules else 0 for a in adapters)
@@ -124,18 +125,18 @@ def rank_groups(module: str, adapters: list[AdapterWeights], cache: dict) -> lis
         for i, r in enumerate(ranks):
             if r:
                 by_rank.setdefault(r, []).append(i)
-        groups = cache[ranks] = [(idx, torch.tensor(idx)) for idx in by_rank.values()]
+        groups = cache[ranks] = [(idx, torch.tensor(idx, device=device)) for idx in by_rank.values()]
     return groups
 
 
 def gather_lora(module: str, x: torch.Tensor, out: torch.Tensor, adapters, positions, cache) -> torch.Tensor:
     """Per rank r present at this module: gather each token's (A, B) into a stack and apply
     them with one batched matmul pair."""
-    for idx, index in rank_groups(module, adapters, cache):
+    for idx, index in rank_groups(module, adapters, cache, positions.device):
         weights = [adapters[i].modules[module] for i in idx]
         A = torch.stack([w[0] for w in weights])  # (n, r, in)
         B = torch.stack([w[1] for w in weights])  # (n, out, r)
-        s = torch.tensor([w[2] for w in weights], dtype=out.dtype)
+        s = torch.tensor([w[2] for w in weights], dtype=out.dtype, device=out.device)
         pos = positions if len(idx) == len(adapters) else positions.index_select(0, index)
         h = torch.bmm(x.index_select(0, pos).unsqueeze(1), A.transpose(1, 2))  # (n, 1, r)
         delta = torch.bmm(h, B.transpose(1, 2)).squeeze(1) * s[:, None]

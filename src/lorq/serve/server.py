@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -28,7 +28,7 @@ from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
 from .adapter_cache import AdapterNotFound, AdapterStore
-from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence
+from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
     APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_object,
@@ -74,12 +74,11 @@ class Server:
             self.store.release(seq.adapter.name)
         self.metrics.sequence_done(seq, time.perf_counter())
 
-    def check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
+    def key_ok(self, request: Request) -> bool:
+        if self.api_key is None or not request.url.path.startswith("/v1/"):
+            return True
         given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error")
+        return secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
 
     async def adapter_for(self, model: str):
         """None for the base model, else the adapter's weights (marked in use)."""
@@ -112,6 +111,9 @@ class Server:
         except QueueFull as e:
             self.abort(seqs)
             raise APIError(429, str(e), "rate_limit_error")
+        except ShuttingDown as e:
+            self.abort(seqs)
+            raise APIError(503, str(e), "service_unavailable")
         except LorqError as e:
             self.abort(seqs)
             raise e if isinstance(e, APIError) else APIError(400, str(e))
@@ -123,23 +125,38 @@ class Server:
             if seq.finish_reason is None:
                 self.engine.abort(seq)
 
-    async def collect(self, seqs: list[Sequence], events: asyncio.Queue) -> list[tuple[str, str]]:
+    async def collect(self, seqs: list[Sequence], events: asyncio.Queue, request: Request) -> list[tuple[str, str]]:
         texts, reasons, left = [""] * len(seqs), [""] * len(seqs), len(seqs)
         try:
             while left:
-                i, delta, reason = await events.get()
+                try:
+                    i, delta, reason = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody waits for the answer: stop working on it
+                        raise APIError(499, "the client closed the connection")
+                    continue
                 texts[i] += delta
                 if reason is not None:
                     reasons[i], left = reason, left - 1
         finally:
             self.abort(seqs)  # the client went away before the end
         if "error" in reasons:
-            raise APIError(500, "generation failed on the server (see its log)", "server_error")
+            raise server_error()
         return list(zip(texts, reasons))
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def server_error() -> APIError:
+    return APIError(500, "generation failed on the server (see its log)", "server_error")
+
+
+def endpoint(request: Request) -> str:
+    """The route's path template (a bounded label set), or "unmatched"."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
 
 
 def encode(server: Server, text: str, chat: bool) -> list[int]:
@@ -155,7 +172,6 @@ def create_app(server: Server) -> FastAPI:
         await run_in_threadpool(server.engine.stop)  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="lorq", lifespan=lifespan)
-    auth = [Depends(server.check_key)]
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -169,8 +185,16 @@ def create_app(server: Server) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
-        server.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        if not server.key_ok(request):  # before the body is read: a bad key is a 401, whatever the body
+            error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error")
+            server.metrics.requests.labels("unauthorized", "401").inc()
+            return JSONResponse(error.body(), status_code=401)
+        try:
+            response = await call_next(request)
+        except Exception:
+            server.metrics.requests.labels(endpoint(request), "500").inc()
+            raise
+        server.metrics.requests.labels(endpoint(request), str(response.status_code)).inc()
         return response
 
     @app.get("/health")
@@ -181,42 +205,42 @@ def create_app(server: Server) -> FastAPI:
     async def metrics():
         return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models():
         def entry(name: str, parent: str | None) -> dict:
             return {"id": name, "object": "model", "created": server.created, "owned_by": "lorq", "root": name, "parent": parent}
 
         return {"object": "list", "data": [entry(server.base_name, None)] + [entry(n, server.base_name) for n in server.store.names]}
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: CompletionRequest):
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
         prompts = [encode(server, p, chat=False) for p in req.prompts()]
         params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
         seqs, events = await server.start(req.model, prompts, params)
         rid = new_id("cmpl")
         if req.stream:
             return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
-        results = await server.collect(seqs, events)
+        results = await server.collect(seqs, events, request)
         choices = [completion_choice(i, text, reason) for i, (text, reason) in enumerate(results)]
         return completion_object(rid, req.model, choices, usage(sum(len(s.prompt) for s in seqs), sum(len(s.generated) for s in seqs)))
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(req: ChatRequest):
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
         try:
             text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
         except Exception as e:  # the template's own checks (e.g. roles out of order)
             raise APIError(400, f"the messages do not fit the chat template: {str(e).splitlines()[0] if str(e) else type(e).__name__}", param="messages")
         prompt = encode(server, text, chat=True)
-        limit = req.max_completion_tokens or req.max_tokens or max(server.engine.max_length - len(prompt), 1)
+        limit = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), max(server.engine.max_length - len(prompt), 1))
         params = req.sampling(limit)
         seqs, events = await server.start(req.model, [prompt], params)
         rid = new_id("chatcmpl")
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
-        (text, reason), = await server.collect(seqs, events)
+        (text, reason), = await server.collect(seqs, events, request)
         return chat_object(rid, req.model, text, reason, usage(len(seqs[0].prompt), len(seqs[0].generated)))
 
-    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    @app.post("/v1/load_lora_adapter")
     async def load_adapter(req: LoadAdapterRequest):
         if req.lora_name == server.base_name:
             raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
@@ -228,7 +252,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, str(e))
         return PlainTextResponse(f"Success: adapter {req.lora_name!r} loaded")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(req: UnloadAdapterRequest):
         try:
             server.store.unregister(req.lora_name)
@@ -245,6 +269,9 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
         while left:
             i, delta, reason = await events.get()
             left -= reason is not None
+            if reason == "error":  # the openai client raises on an error event
+                yield sse(server_error().body())
+                return
             if delta or reason is not None:
                 yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
         if req.include_usage:
@@ -259,6 +286,9 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
         yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}))
         while True:
             _, delta, reason = await events.get()
+            if reason == "error":
+                yield sse(server_error().body())
+                return
             if delta:
                 yield sse(chat_chunk(rid, req.model, {"content": delta}))
             if reason is not None:
@@ -274,7 +304,7 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
 def build_server(model, tok, name: str, cfg: ServeConfig) -> Server:
     """Engine + adapter store (adapters under --adapters registered, read on first use) + state."""
     engine = Engine(model, tok, cfg.engine)
-    store = AdapterStore(cfg.adapters, engine.layers, int(cfg.adapter_cache_mb * 2**20), engine.dtype)
+    store = AdapterStore(cfg.adapters, engine.layers, int(cfg.adapter_cache_mb * 2**20), engine.dtype, engine.device)
     store.discover()
     if name in store.names:
         raise LorqError(f"an adapter directory is named {name!r} like the base model; pass --served-name")
@@ -294,6 +324,6 @@ def serve(server: Server, cfg: ServeConfig) -> None:
             self._captured_signals.clear()
 
     config = uvicorn.Config(create_app(server), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=cfg.shutdown_timeout or None)
+                            timeout_graceful_shutdown=cfg.shutdown_timeout)
     Graceful(config).run()
     print("lorq: server stopped", flush=True)
