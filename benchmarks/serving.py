@@ -12,6 +12,7 @@ every request sent at t = 0, adapters drawn by a power law (Zipf, alpha 1) or un
     each batch running to its longest request;
   - PEFT swap/merge: one adapter at a time: merge it into the base, generate its requests in
     batches, unmerge.
+A last row serves the 100 adapters on the NF4 (double-quantized) base, as `lorq serve --format nf` does.
 Throughput counts only the tokens each request asked for; latency is from t = 0 to the request's
 last token. Writes benchmarks/results/serving.{json,md,png}.
 
@@ -237,6 +238,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--peft-max", type=int, default=100, help="largest N PEFT is run at (loading 1000 adapters into PEFT takes long)")
     ap.add_argument("--out", default=str(RESULTS / "serving"))
+    ap.add_argument("--no-nf4", dest="nf4", action="store_false", help="skip the row on an NF4 base")
     args = ap.parse_args()
     import peft
 
@@ -282,6 +284,20 @@ def main() -> None:
         if n > args.peft_max:
             notes[f"PEFT, {n} adapters"] = f"not run (--peft-max {args.peft_max}): PEFT's load_adapter time grows faster than linearly with the adapters already loaded"
         del store
+    if args.nf4:  # the same adapters on an NF4 (double-quantized) base: what `lorq serve --format nf` runs
+        from lorq.jobs import prepare_base
+        from lorq.quant import FormatConfig
+
+        n = 100 if 100 in args.adapters else max(args.adapters)
+        qbase = prepare_base(None, FormatConfig(format="nf4"))
+        qengine = Engine(qbase.model, qbase.tok, EngineConfig(max_batch=args.batch, max_batch_tokens=4096))
+        qengine.generate([(jobs[0][0], None, SamplingParams(max_tokens=4, temperature=0.0))])  # warm-up
+        qstore = AdapterStore(WORK, qengine.layers, 16 * 2**30)
+        for name in all_names[:n]:
+            qstore.register(name)
+        row, _ = run_lorq(qengine, qstore, all_names[:n], jobs, popularity(n, len(jobs), "power-law"))
+        rows.append({"adapters": n, "popularity": "power-law", "system": "lorq, NF4 base", **row})
+        print(rows[-1], flush=True)
     res = {"machine": machine(), "peft": peft.__version__, "requests": len(jobs), "batch": args.batch, "rows": rows, "notes": notes}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), res)
