@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from quantization import machine  # noqa: E402
 
-from lorq.eval.generate import encode_prompt  # noqa: E402
 from lorq.eval.memory import rss_mib  # noqa: E402
 from lorq.io import atomic_write_text, save_figure, write_json  # noqa: E402
 from lorq.models.loading import load_model, resolve_model  # noqa: E402
