@@ -202,3 +202,30 @@ def test_a_failing_step_is_a_500_and_an_error_event_in_a_stream(live):
     finally:
         del live.state.engine.model.forward
     assert c.completions.create(model="ad0", prompt="hi", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_request_cancelled_while_its_adapter_is_read_releases_it(live):
+    store = live.state.store
+    store.register("slow", "ad9")
+    store.cache.pop("slow")  # the next acquire reads it from disk
+    read = store.read
+
+    def slow_read(name, path):
+        time.sleep(0.5)
+        return read(name, path)
+
+    async def cancel_midway():
+        store.read = slow_read
+        task = asyncio.ensure_future(live.state.adapter_for("slow"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # the read finishes in its thread and is released
+
+    try:
+        asyncio.run(cancel_midway())
+    finally:
+        store.read = read
+    assert "slow" in store.cache and not store.in_use.get("slow")
+    store.unregister("slow")

@@ -165,7 +165,7 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, prompt: list[int], adapter: AdapterWeights | None, params: SamplingParams,
-               on_event: Callable[[str, str | None], None], bounded: bool = True) -> Sequence:
+               on_event: Callable[[str, str | None], None], bounded: bool = True, arrival: float | None = None) -> Sequence:
         """Queue a request; QueueFull when max_queue requests already wait (unless not bounded)."""
         params.validate()
         if not prompt:
@@ -173,6 +173,8 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_length:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
         seq = Sequence(list(prompt), adapter, params, on_event)
+        if arrival is not None:  # when the request reached the server, before tokenizing and reading its adapter
+            seq.arrival = arrival
         if params.temperature > 0:
             seq.generator = torch.Generator()
             seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))

@@ -84,14 +84,18 @@ class Server:
         """None for the base model, else the adapter's weights (marked in use)."""
         if model == self.base_name:
             return None
+        reading = asyncio.ensure_future(run_in_threadpool(self.store.acquire, model))
         try:
-            return await run_in_threadpool(self.store.acquire, model)
+            return await asyncio.shield(reading)  # a cancelled request must still release what the read acquires
+        except asyncio.CancelledError:
+            reading.add_done_callback(lambda f: self.store.release(model) if not f.cancelled() and f.exception() is None else None)
+            raise
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "model")
         except LorqError as e:
             raise APIError(400, f"adapter {model!r} cannot be loaded: {e}", param="model")
 
-    async def start(self, model: str, prompts: list[list[int]], params: SamplingParams):
+    async def start(self, model: str, prompts: list[list[int]], params: SamplingParams, arrival: float):
         """Submit one sequence per prompt; events arrive on the returned queue as (index, delta, reason)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
@@ -103,7 +107,7 @@ class Server:
                     loop.call_soon_threadsafe(events.put_nowait, (i, delta, reason))
 
                 try:
-                    seqs.append(self.engine.submit(prompt, adapter, SamplingParams(**vars(params)), on_event))
+                    seqs.append(self.engine.submit(prompt, adapter, SamplingParams(**vars(params)), on_event, arrival=arrival))
                 except BaseException:
                     if adapter is not None:
                         self.store.release(adapter.name)
@@ -214,9 +218,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        arrival = time.perf_counter()
         prompts = [encode(server, p, chat=False) for p in req.prompts()]
         params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
-        seqs, events = await server.start(req.model, prompts, params)
+        seqs, events = await server.start(req.model, prompts, params, arrival)
         rid = new_id("cmpl")
         if req.stream:
             return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
@@ -226,6 +231,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        arrival = time.perf_counter()
         try:
             text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
         except Exception as e:  # the template's own checks (e.g. roles out of order)
@@ -233,7 +239,7 @@ def create_app(server: Server) -> FastAPI:
         prompt = encode(server, text, chat=True)
         limit = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), max(server.engine.max_length - len(prompt), 1))
         params = req.sampling(limit)
-        seqs, events = await server.start(req.model, [prompt], params)
+        seqs, events = await server.start(req.model, [prompt], params, arrival)
         rid = new_id("chatcmpl")
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
