@@ -74,11 +74,11 @@ class AdapterStore:
             return []
         names = []
         for sub in sorted(self.root.iterdir()):
-            if NAME.match(sub.name) and (sub / CONFIG_FILE).is_file():
+            if NAME.match(sub.name):
                 try:
                     path = resolve_under(self.root, sub.name)
                 except LorqError:
-                    continue  # a symlink out of the root is not served
+                    continue  # not an adapter, or a link out of the root: not served
                 with self.lock:
                     self.paths[sub.name] = path
                 names.append(sub.name)

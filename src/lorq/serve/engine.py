@@ -90,6 +90,11 @@ class Sequence:
     generator: torch.Generator | None = None
     aborted: bool = False
 
+    @property
+    def cached(self) -> int:
+        """Tokens whose keys and values are in the KV cache: all but the last generated one."""
+        return len(self.prompt) + len(self.generated) - 1
+
 
 def greedy(logits: torch.Tensor) -> int:
     return int(logits.argmax())
@@ -234,7 +239,7 @@ class Engine:
         if not batch:
             return 0
         ids = [s.generated[-1] for s in decoding]
-        positions = [len(s.prompt) + len(s.generated) - 1 for s in decoding]
+        positions = [s.cached for s in decoding]  # each new token's position
         decode = [(s.adapter, i) for i, s in enumerate(decoding) if s.adapter is not None]
         prefill, last = [], list(range(len(decoding)))
         for seq in new:
@@ -278,7 +283,7 @@ class Engine:
         holes = sorted(s.slot for s in gone if s.slot < len(alive))
         movers = sorted((s for s in alive if s.slot >= len(alive)), key=lambda s: s.slot)
         for hole, seq in zip(holes, movers):
-            self.pool.move(seq.slot, hole, len(seq.prompt) + len(seq.generated) - 1)
+            self.pool.move(seq.slot, hole, seq.cached)
             seq.slot = hole
         self.running = sorted(alive, key=lambda s: s.slot)
         for seq in gone:
@@ -329,7 +334,6 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a failed step must not leave its requests waiting forever
-                self.step_ref.plan = None
                 print(f"lorq: engine step failed: {type(e).__name__}: {e}", flush=True)
                 failed, self.running = self.running, []
                 for seq in failed:

@@ -13,6 +13,7 @@ module surgery: `MultiLoRALinear` only holds its base layer and asks the step's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ class AdapterWeights:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     path: str = ""
 
-    @property
+    @cached_property  # the cache sums it over every adapter it holds at each insertion
     def nbytes(self) -> int:
         return sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B, _ in self.modules.values())
 
@@ -96,16 +97,12 @@ def segment_order(runs: list[tuple[AdapterWeights, int, int]], device="cpu"):
 
 def segment_lora(module: str, x: torch.Tensor, out: torch.Tensor, perm: torch.Tensor, segments) -> torch.Tensor:
     xs = x.index_select(0, perm)
-    delta = torch.zeros(len(perm), out.shape[-1], dtype=out.dtype, device=out.device)
-    hit = torch.zeros(len(perm), dtype=torch.bool, device=perm.device)
     for adapter, s, e in segments:
         w = adapter.modules.get(module)
-        if w is None:
-            continue
-        A, B, scaling = w
-        delta[s:e] = F.linear(F.linear(xs[s:e], A), B) * scaling
-        hit[s:e] = True
-    return out.index_add(0, perm[hit], delta[hit]) if hit.any() else out
+        if w is not None:
+            A, B, scaling = w
+            out = out.index_add(0, perm[s:e], F.linear(F.linear(xs[s:e], A), B) * scaling)
+    return out
 
 
 def gather_groups(tokens: list[tuple[AdapterWeights, int]], device="cpu"):
