@@ -1,4 +1,21 @@
-"""Adapter initializations that come from a decomposition of the base weight.
+"""Adapter initializations: where the adapter starts, and what the base keeps.
+
+An init maps a dense base weight W (and, for gradient-based ones, the full-fine-tuning gradient
+G = ∂L/∂W averaged over a few batches) to a `Start`: factors with scaling · B R A, and whether
+that product is subtracted from the base (so the model is unchanged at step 0). Inits run on
+the dense weights before quantization, so on a quantized base the residual is what gets
+quantized (as QPiSSA does).
+
+- gaussian: plain LoRA (A Kaiming-uniform, B = 0); nothing to compute.
+- pissa:   Meng et al. 2024: W = U S Vᵀ, s·B A = U_r S_r V_rᵀ (B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ),
+           the base keeps the residual. Fast randomized SVD (Halko et al.) with --svd-iters > 0.
+- olora:   Büyükakyüz 2024: W = Q R, B = Q[:, :r], A = R[:r], the base keeps W - s·B A.
+- nlora:   Nyström sketch of W's principal subspace, W ≈ (WΩ)(ΨᵀWΩ)⁺(ΨᵀW), balanced like PiSSA.
+- lora-ga: Wang et al. 2024: G = U S Vᵀ; A = c·V[:, :r]ᵀ, B = c·U[:, r:2r] (PEFT's recommended
+           "ArB2r" directions), c = d_out^¼ / √γ (the paper's stable scale); residual kept.
+- lora-sb: Ponkshe et al. 2024: the first Adam-like step ΔW₀ = -lr·G / rms(G) = U S Vᵀ;
+           B = U_r, A = V_rᵀ (frozen, `core` variant), core R = S_r / s; the model starts at W + ΔW₀'s
+           best rank-r approximation (no residual).
 
 LoftQ / LQ-LoRA / QPiSSA / LoRC / EoRA (lorq.quant.lowrank) leave W ≈ Q + L1 L2. Used as the
 LoRA initialization, the adapter starts at scaling · B A = L1 L2 (A = L2, B = L1 / scaling), so
@@ -8,14 +25,206 @@ belongs to that Q, which is saved beside it.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from ..errors import LorqError
-from ..quant.linear import QuantizedLinear
-from .lora import lora_layers
+from ..options import opt
+from ..quant.linear import QuantizedLinear, match_modules
+from .lora import LoRAConfig, lora_layers, lora_scaling
+from .variants import Variant
+
+
+class LoRAInit(str, Enum):
+    """Where a new adapter starts."""
+
+    GAUSSIAN = "gaussian"
+    PISSA = "pissa"
+    OLORA = "olora"
+    NLORA = "nlora"
+    LORA_GA = "lora-ga"
+    LORA_SB = "lora-sb"
+
+
+@dataclass
+class InitConfig:
+    """Options of the adapter initialization."""
+
+    init: LoRAInit = opt(LoRAInit.GAUSSIAN, "adapter initialization: gaussian (plain LoRA), pissa, olora, nlora (Nyström), lora-ga (gradient-aligned), lora-sb (gradient SVD, trains an r×r core)")
+    svd_iters: int = opt(4, "pissa / lora-ga / lora-sb: subspace iterations of the randomized SVD (0 = exact SVD)")
+    init_batches: int = opt(8, "lora-ga / lora-sb: micro-batches over which the full-fine-tuning gradient is averaged")
+    ga_gamma: float = opt(16.0, "lora-ga: γ of the stable scale c = d_out^(1/4) / sqrt(γ)")
+
+    def validate(self) -> "InitConfig":
+        self.init = LoRAInit(self.init)
+        if self.svd_iters < 0 or self.init_batches <= 0 or self.ga_gamma <= 0:
+            raise LorqError("svd-iters must be >= 0, init-batches and ga-gamma positive")
+        return self
+
+
+@dataclass
+class Start:
+    """An adapter's initial factors: ΔW₀ = scaling · B R A (R = I when None)."""
+
+    B: torch.Tensor  # (out, r)
+    A: torch.Tensor  # (r, in)
+    R: torch.Tensor | None = None  # (r, r)
+    residual: bool = True  # the base keeps W - ΔW₀, so the model is unchanged at step 0
+
+    def delta(self, scaling: float) -> torch.Tensor:
+        B = self.B @ self.R if self.R is not None else self.B
+        return scaling * (B @ self.A)  # (out, in)
+
+
+InitFn = Callable[[torch.Tensor, "torch.Tensor | None", int, float, InitConfig, float], Start]
+INITS: dict[LoRAInit, InitFn] = {}
+NEEDS_GRADIENT = {LoRAInit.LORA_GA, LoRAInit.LORA_SB}
+
+
+def register_init(kind: LoRAInit):
+    def deco(fn: InitFn) -> InitFn:
+        INITS[kind] = fn
+        return fn
+    return deco
+
+
+def balanced(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float) -> Start:
+    """s · B A = U diag(S) Vᵀ with the singular values split evenly: B = U √(S/s), A = √(S/s) Vᵀ."""
+    root = (S / scaling).sqrt()
+    return Start(B=U * root, A=root[:, None] * V.T)
+
+
+def top_svd(M: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets (U (m, k), S (k,), V (n, k)): randomized (Halko et al. 2011,
+    oversampled by k + 8, `iters` subspace iterations) or exact with iters = 0."""
+    if iters > 0 and 2 * k + 8 < min(M.shape):
+        U, S, V = torch.svd_lowrank(M, q=2 * k + 8, niter=iters)
+        return U[:, :k], S[:k], V[:, :k]
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :k], S[:k], Vh[:k].T
+
+
+@register_init(LoRAInit.PISSA)
+def pissa(W, G, rank, scaling, cfg, lr) -> Start:
+    return balanced(*top_svd(W, rank, cfg.svd_iters), scaling)
+
+
+@register_init(LoRAInit.OLORA)
+def olora(W, G, rank, scaling, cfg, lr) -> Start:
+    Q, R = torch.linalg.qr(W)  # W (out, in) = Q (out, k) R (k, in)
+    return Start(B=Q[:, :rank].contiguous(), A=R[:rank].contiguous())
+
+
+@register_init(LoRAInit.NLORA)
+def nlora(W, G, rank, scaling, cfg, lr) -> Start:
+    g = torch.Generator().manual_seed(W.shape[0] * 31 + W.shape[1])
+    omega = torch.randn(W.shape[1], rank, generator=g)  # (in, r)
+    psi = torch.randn(W.shape[0], rank, generator=g)  # (out, r)
+    left = W @ omega  # (out, r)
+    core = torch.linalg.pinv(psi.T @ left)  # (r, r)
+    right = psi.T @ W  # (r, in)
+    q1, r1 = torch.linalg.qr(left @ core)
+    q2, r2 = torch.linalg.qr(right.T)
+    u, S, vh = torch.linalg.svd(r1 @ r2.T)  # the r×r middle of the Nyström approximation
+    return balanced(q1 @ u, S, q2 @ vh.T, scaling)
+
+
+@register_init(LoRAInit.LORA_GA)
+def lora_ga(W, G, rank, scaling, cfg, lr) -> Start:
+    if 2 * rank > min(G.shape):
+        raise LorqError(f"lora-ga needs 2r = {2 * rank} <= min(out, in) = {min(G.shape)}")
+    U, S, V = top_svd(G, 2 * rank, cfg.svd_iters)
+    c = W.shape[0] ** 0.25 / math.sqrt(cfg.ga_gamma)
+    return Start(B=c * U[:, rank : 2 * rank].contiguous(), A=c * V[:, :rank].T.contiguous())
+
+
+@register_init(LoRAInit.LORA_SB)
+def lora_sb(W, G, rank, scaling, cfg, lr) -> Start:
+    step = -lr * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # an Adam-like first step (out, in)
+    U, S, V = top_svd(step, rank, cfg.svd_iters)
+    return Start(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S) / scaling, residual=False)
+
+
+def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """G = ∂L/∂W of each module's weight, L the mean next-token loss over `batches`."""
+    from ..eval.perplexity import next_token_nll  # eval imports adapters: import on use
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {m: model.get_submodule(m).weight for m in modules}
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    was_training = model.training
+    model.train()
+    try:
+        n_tokens = 0
+        for x, y in batches:
+            nll, n = next_token_nll(model, x, y)
+            nll.backward()
+            n_tokens += n
+        return {m: w.grad.detach().float() / max(n_tokens, 1) for m, w in weights.items()}
+    finally:
+        for w in weights.values():
+            w.grad = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig, lr: float,
+                   batches: Callable[[], list] | None = None, progress: bool = True) -> dict[str, Start]:
+    """The init's Start of every target layer of a dense model; residual inits are subtracted
+    from the base weights in place (so that quantizing the model afterwards quantizes W - ΔW₀)."""
+    cfg.validate()
+    if cfg.init is LoRAInit.GAUSSIAN:
+        return {}
+    if Variant(lora.variant) in (Variant.NOLA, Variant.RANDLORA):
+        raise LorqError(f"--init {cfg.init.value} does not apply to the {Variant(lora.variant).value} variant (its bases are random by design); use --init gaussian")
+    modules = match_modules(model, lora.targets, (nn.Linear,))
+    if not modules:
+        raise LorqError(f"--init {cfg.init.value} needs a dense base: no nn.Linear matches {lora.targets}")
+    grads = {}
+    if cfg.init in NEEDS_GRADIENT:
+        with torch.enable_grad():
+            grads = full_gradients(model, modules, batches())
+    scaling = lora_scaling(lora.alpha, lora.rank, lora.rslora)
+    starts = {}
+    from tqdm.auto import tqdm
+
+    for m in tqdm(modules, desc=f"init {cfg.init.value}", unit="layer", disable=not progress):
+        weight = model.get_submodule(m).weight
+        W = weight.detach().float()
+        if lora.rank > min(W.shape):
+            raise LorqError(f"rank {lora.rank} exceeds {m}'s smaller dimension {min(W.shape)}")
+        start = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg, lr)
+        if start.residual:
+            weight.copy_((W - start.delta(scaling)).to(weight.dtype))
+        starts[m] = start
+    return starts
+
+
+@torch.no_grad()
+def apply_starts(model: nn.Module, name: str, starts: dict[str, Start]) -> None:
+    """Set adapter `name` of each wrapped layer to its Start, and remember residual starts
+    (LoRALinear.starts) so the adapter can be exported against the original base."""
+    layers = {n: l for n, l in lora_layers(model).items() if name in l.adapters}
+    for module, start in starts.items():
+        layer = layers.get(module)
+        if layer is None:
+            raise LorqError(f"{module} has an initialization but no adapter {name!r}")
+        ad = layer.adapters[name]
+        ad.set_init(start.B, start.A, start.R)
+        ad.after_init(layer)
+        if start.residual:
+            layer.starts[name] = start
 
 
 class LowRankUse(str, Enum):
@@ -46,5 +255,5 @@ def init_from_factors(model: nn.Module, name: str, factors: dict[str, tuple[torc
         ad = layer.adapters[name]
         if ad.rank != l1.shape[1]:
             raise LorqError(f"{module}: factors of rank {l1.shape[1]} cannot initialize a rank-{ad.rank} adapter (use the same --rank)")
-        ad.A.copy_(l2.to(ad.A.dtype))
-        ad.B.copy_(l1.to(ad.B.dtype) / ad.scaling)
+        ad.set_init(l1 / ad.scaling, l2)
+        ad.after_init(layer)

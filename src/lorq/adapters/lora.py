@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import LorqError
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS, QuantizedLinear, match_modules, set_module
+from .variants import Adapter, LowRankAdapter, Variant, lora_scaling, make_adapter  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -30,38 +31,25 @@ class LoRAConfig:
     rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
     targets: list[str] = opt([DECODER_LINEARS], "regexes (searched in module names) of the linear layers to adapt")
     adapter_name: str = opt("default", "name of the adapter inside lorq (PEFT's adapter name)")
+    variant: Variant = opt(Variant.LORA, "adapter parametrization: lora, dora (magnitude + direction), dylora (nested ranks), core (frozen B, A; r×r core trained, LoRA-XS), nola (random-basis coefficients), randlora (full-rank from random bases)")
+    nola_bases: int = opt(64, "nola: random bases per factor (trainable coefficients per layer = 2 × this)")
+    basis_seed: int = opt(0, "nola / randlora: seed of the frozen random bases")
+
+    def options(self) -> dict:
+        """Construction options of the variant."""
+        self.variant = Variant(self.variant)
+        return {Variant.NOLA: {"nola_bases": self.nola_bases, "basis_seed": self.basis_seed},
+                Variant.RANDLORA: {"basis_seed": self.basis_seed}}.get(self.variant, {})
 
     def validate(self) -> "LoRAConfig":
+        self.variant = Variant(self.variant)
+        if self.nola_bases <= 0:
+            raise LorqError(f"nola-bases must be positive, got {self.nola_bases}")
         if self.rank <= 0:
             raise LorqError(f"rank must be a positive integer, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise LorqError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
-
-
-def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-class LowRankAdapter(nn.Module):
-    """ΔW = scaling · B A, applied as scaling · B(A(dropout(x)))."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.rank, self.alpha, self.rslora = rank, alpha, rslora
-        self.scaling = lora_scaling(alpha, rank, rslora)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.B @ self.A)  # (out, in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.A.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = F.linear(self.dropout(x).to(dtype), self.A)  # (..., r)
-        return F.linear(h, self.B) * self.scaling  # (..., out)
 
 
 class LoRALinear(nn.Module):
@@ -80,12 +68,15 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self.merged_deltas: dict[str, torch.Tensor] = {}
+        self.starts: dict = {}  # adapter name -> init Start that was subtracted from the base
         self.adapter_index: torch.Tensor | None = None
 
-    def add(self, name: str, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0) -> LowRankAdapter:
+    def add(self, name: str, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+            variant: Variant = Variant.LORA, **options) -> Adapter:
         if name in self.adapters:
             raise LorqError(f"adapter {name!r} already exists")
-        ad = LowRankAdapter(self.in_features, self.out_features, rank, alpha, rslora, dropout)
+        ad = make_adapter(variant, self, rank, alpha, rslora, dropout, **options)
         ad.train(self.training)  # a new adapter follows its layer's train/eval mode
         self.adapters[name] = ad
         self.active.append(name)
@@ -98,37 +89,41 @@ class LoRALinear(nn.Module):
         self.active = [a for a in self.active if a != name]
 
     def forward(self, x: torch.Tensor, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.base(x)
+        base_out = self.base(x)
         index = adapter_index if adapter_index is not None else self.adapter_index
+        out = base_out
         if index is None:
             for name in self.active:
                 if name not in self.merged:
-                    out = out + self.adapters[name](x).to(out.dtype)
+                    out = out + self.adapters[name].delta(x, base_out, self).to(out.dtype)
             return out
         index = index.reshape(index.shape + (1,) * (x.dim() - 1 - index.dim())).expand(x.shape[:-1])
         out = out.clone()
         for i, name in enumerate(self.adapters):
             sel = index == i  # tokens that use adapter i
             if sel.any():
-                out[sel] = out[sel] + self.adapters[name](x[sel]).to(out.dtype)
+                out[sel] = out[sel] + self.adapters[name].delta(x[sel], base_out[sel], self).to(out.dtype)
         return out
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
     def merge(self, name: str) -> None:
-        """Fold an adapter into a dense base weight (W += scaling · B A)."""
+        """Fold an adapter into a dense base weight (W += ΔW); the ΔW is kept to unmerge exactly
+        (DoRA's ΔW depends on the base weight it was merged into)."""
         if not isinstance(self.base, nn.Linear):
             raise LorqError("merging into a quantized base is not supported here; merge on a dense base")
         if name not in self.merged:
             with torch.no_grad():
-                self.base.weight += self.adapters[name].delta_weight().to(self.base.weight.dtype)
+                delta = self.adapters[name].delta_weight(self).to(self.base.weight.dtype)
+                self.base.weight += delta
             self.merged.append(name)
+            self.merged_deltas[name] = delta
 
     def unmerge(self, name: str) -> None:
         if name in self.merged:
             with torch.no_grad():
-                self.base.weight -= self.adapters[name].delta_weight().to(self.base.weight.dtype)
+                self.base.weight -= self.merged_deltas.pop(name)
             self.merged.remove(name)
 
 
@@ -153,7 +148,7 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, name: str | None = None) -> 
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             set_module(model, t, layer)
-        layer.add(name, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout)
+        layer.add(name, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, cfg.variant, **cfg.options())
     mark_trainable(model, name)
     return targets
 
@@ -164,8 +159,9 @@ def mark_trainable(model: nn.Module, name: str) -> None:
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
         if name in layer.adapters:
-            for p in layer.adapters[name].parameters():
-                p.requires_grad_(True)
+            ad = layer.adapters[name]
+            for n in ad.trainable_names:
+                getattr(ad, n).requires_grad_(True)
 
 
 @contextmanager

@@ -1,0 +1,323 @@
+"""Adapter parametrizations ("variants"): how an adapter turns its parameters into ΔW.
+
+Every variant has the same surface, used by LoRALinear:
+    delta(x, base_out, layer) -> (..., out)   added to the base output
+    delta_weight(layer) -> (out, in)           the same update as a weight (for merging)
+    set_init(B, A, R=None)                     start at scaling · B R A (R = I if None)
+    begin_step(step, seed)                     per-step behaviour (DyLoRA's rank sampling)
+
+- lora:     Hu et al. 2021, ΔW = s · B A (rsLoRA: s = alpha / sqrt(r), Kalajdzievski 2023).
+- dora:     Liu et al. 2024, W' = m · (W + s B A) / ||W + s B A||_row, the norm detached (§4.3).
+- dylora:   Valipour et al. 2023, nested ranks: each step trains the first b ~ U{1..r} ranks
+            with s = alpha / b, so every rank <= r works at inference without retraining.
+- core:     LoRA-XS (Bałazy et al. 2024) / LoRA-SB: B and A frozen, only an r×r core R trained,
+            ΔW = s · B R A.
+- nola:     Koohpayegani et al. 2024, A = Σ_k α_k A_k, B = Σ_k β_k B_k over frozen random bases.
+- randlora: Albert et al. 2025, full-rank ΔW = s · Σ_i B_i Λ_i A Γ_i from frozen random bases,
+            trainable diagonals Λ_i (r) and Γ_i (on the smaller dimension).
+
+Random bases are generated from (shape, seed) and shared by every layer of that shape.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LorqError
+
+
+class Variant(str, Enum):
+    """How an adapter parametrizes its update."""
+
+    LORA = "lora"
+    DORA = "dora"
+    DYLORA = "dylora"
+    CORE = "core"
+    NOLA = "nola"
+    RANDLORA = "randlora"
+
+
+VARIANTS: dict[Variant, type] = {}
+
+
+def register(variant: Variant):
+    def deco(cls):
+        cls.variant = variant
+        VARIANTS[variant] = cls
+        return cls
+    return deco
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def compute_dtype_of(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    return x.dtype if torch.is_autocast_enabled(x.device.type) else param.dtype
+
+
+@lru_cache(maxsize=64)
+def random_basis(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A frozen N(0, 1/fan_in) basis; the same tensor for the same (shape, seed)."""
+    g = torch.Generator().manual_seed(seed * 7919 + hash(shape) % 100003)
+    return torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+
+
+class Adapter(nn.Module):
+    """Common fields: rank, alpha, rslora, scaling, dropout on the adapter's input."""
+
+    variant: Variant
+    trainable_names: tuple[str, ...] = ()
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **_):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = lora_scaling(alpha, rank, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def begin_step(self, step: int, seed: int) -> None:
+        pass
+
+    def options(self) -> dict:
+        """Variant-specific construction options (exported with the adapter)."""
+        return {}
+
+    def set_init(self, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor | None = None) -> None:
+        raise LorqError(f"the {self.variant.value} variant cannot start from given factors; use --init gaussian")
+
+    def after_init(self, layer) -> None:
+        """Called once the factors (and the base) are final."""
+
+
+@register(Variant.LORA)
+class LowRankAdapter(Adapter):
+    """ΔW = scaling · B A, applied as scaling · B(A(dropout(x))); B = 0 so training starts at the base."""
+
+    trainable_names = ("A", "B")
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        self.A = nn.Parameter(torch.empty(rank, self.in_features))
+        self.B = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B (out, r), A (r, in), scaling) in use now."""
+        return self.B, self.A, self.scaling
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        B, A, s = self.factors()
+        return s * (B @ A)  # (out, in)
+
+    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        B, A, s = self.factors()
+        dtype = compute_dtype_of(x, A)
+        h = F.linear(self.dropout(x).to(dtype), A)  # (..., r)
+        return F.linear(h, B) * s  # (..., out)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        return self.lowrank(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowrank(x)
+
+    @torch.no_grad()
+    def set_init(self, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor | None = None) -> None:
+        self.A.copy_(A.to(self.A.dtype))
+        self.B.copy_((B @ R if R is not None else B).to(self.B.dtype))
+
+
+def base_weight(layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's frozen base weight (out, in), dequantized if quantized."""
+    base = layer.base
+    return base.weight.to(dtype) if isinstance(base, nn.Linear) else base.dequantize(dtype)
+
+
+def base_bias(layer) -> torch.Tensor | None:
+    return getattr(layer.base, "bias", None)
+
+
+@register(Variant.DORA)
+class DoRAAdapter(LowRankAdapter):
+    """W' = m ⊙ (W + s B A) / ||W + s B A||_row (norm detached); m starts at ||W||_row."""
+
+    trainable_names = ("A", "B", "magnitude")
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        self.magnitude = nn.Parameter(torch.zeros(self.out_features))
+        self.reset_magnitude(layer)
+
+    @torch.no_grad()
+    def reset_magnitude(self, layer) -> None:
+        w = base_weight(layer) + LowRankAdapter.delta_weight(self).float()
+        self.magnitude.copy_(torch.linalg.vector_norm(w, dim=1))
+
+    def scale(self, layer, dtype) -> torch.Tensor:
+        w = base_weight(layer, dtype) + super().delta_weight().to(dtype)  # (out, in)
+        norm = torch.linalg.vector_norm(w, dim=1).detach()  # treated as a constant (DoRA §4.3)
+        return self.magnitude.to(dtype) / norm  # (out,)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        dtype = compute_dtype_of(x, self.A)
+        scale = self.scale(layer, dtype)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = base_bias(layer)
+            plain = base_out - bias.to(base_out.dtype) if bias is not None else base_out  # W x
+        else:  # dropout applies to both terms, as PEFT does
+            x = self.dropout(x)
+            plain = F.linear(x.to(dtype), base_weight(layer, dtype))
+        lora = F.linear(F.linear(x.to(dtype), self.A), self.B) * self.scaling
+        return (scale - 1) * plain.to(dtype) + scale * lora
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        if layer is None:
+            raise LorqError("a DoRA update depends on the base weight")
+        w = base_weight(layer)
+        merged = w + super().delta_weight().float()
+        return (self.magnitude.float() / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged - w
+
+    def after_init(self, layer) -> None:
+        self.reset_magnitude(layer)
+
+
+@register(Variant.DYLORA)
+class DyLoRAAdapter(LowRankAdapter):
+    """Nested ranks: training uses the first b ranks (b sampled per step), inference `eval_rank`."""
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        self.train_rank = rank
+        self.eval_rank = rank
+
+    def begin_step(self, step: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed * 1000003 + step)  # one b per step for all layers
+        self.train_rank = int(torch.randint(1, self.rank + 1, (1,), generator=g))
+
+    def set_rank(self, rank: int) -> None:
+        if not 1 <= rank <= self.rank:
+            raise LorqError(f"DyLoRA rank must be in 1..{self.rank}, got {rank}")
+        self.eval_rank = rank
+
+    def factors(self):
+        b = self.train_rank if self.training else self.eval_rank
+        return self.B[:, :b], self.A[:b], lora_scaling(self.alpha, b, self.rslora)
+
+
+@register(Variant.CORE)
+class CoreAdapter(Adapter):
+    """ΔW = s · B R A with B, A frozen and only R (r, r) trained.
+
+    Without given factors B and A come from the base weight's truncated SVD (LoRA-XS):
+    B = U_r S_r, A = V_rᵀ, and R = 0 so training starts at the base.
+    """
+
+    trainable_names = ("R",)
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        with torch.no_grad():
+            U, S, Vh = torch.linalg.svd(base_weight(layer), full_matrices=False)
+        self.register_buffer("B", (U[:, :rank] * S[:rank]).contiguous())  # (out, r)
+        self.register_buffer("A", Vh[:rank].contiguous())  # (r, in)
+        self.R = nn.Parameter(torch.zeros(rank, rank))
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        return self.scaling * (self.B @ self.R @ self.A)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        dtype = compute_dtype_of(x, self.R)
+        h = F.linear(F.linear(self.dropout(x).to(dtype), self.A.to(dtype)), self.R)  # (..., r)
+        return F.linear(h, self.B.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def set_init(self, B, A, R=None) -> None:
+        self.B.copy_(B)
+        self.A.copy_(A)
+        self.R.copy_(R if R is not None else torch.eye(self.rank))
+
+
+@register(Variant.NOLA)
+class NOLAAdapter(Adapter):
+    """A = Σ_k α_k A_k, B = Σ_k β_k B_k over k frozen random bases; only α, β (k each) train."""
+
+    trainable_names = ("alpha_coef", "beta_coef")
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+                 nola_bases: int = 64, basis_seed: int = 0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        if nola_bases <= 0:
+            raise LorqError(f"nola-bases must be positive, got {nola_bases}")
+        self.k, self.basis_seed = nola_bases, basis_seed
+        self.register_buffer("A_bank", random_basis((nola_bases, rank, self.in_features), basis_seed), persistent=False)
+        self.register_buffer("B_bank", random_basis((nola_bases, self.out_features, rank), basis_seed + 1), persistent=False)
+        g = torch.Generator().manual_seed(basis_seed)
+        self.alpha_coef = nn.Parameter(torch.randn(nola_bases, generator=g) / math.sqrt(nola_bases))
+        self.beta_coef = nn.Parameter(torch.zeros(nola_bases))  # B = 0: training starts at the base
+
+    def options(self) -> dict:
+        return {"nola_bases": self.k, "basis_seed": self.basis_seed}
+
+    def mixed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.einsum("k,kri->ri", self.alpha_coef, self.A_bank)  # (r, in)
+        B = torch.einsum("k,kor->or", self.beta_coef, self.B_bank)  # (out, r)
+        return B, A
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        B, A = self.mixed()
+        return self.scaling * (B @ A)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        B, A = self.mixed()
+        dtype = compute_dtype_of(x, A)
+        return F.linear(F.linear(self.dropout(x).to(dtype), A.to(dtype)), B.to(dtype)) * self.scaling
+
+
+@register(Variant.RANDLORA)
+class RandLoRAAdapter(Adapter):
+    """Full-rank ΔW = s · Σ_{i<N} L_i Λ_i S Γ_i (written for the out ≥ in orientation; transposed
+    otherwise), N = ceil(min(in, out) / r): L_i (max, r) and S (r, min) frozen random,
+    Λ_i = diag(λ_i) (r) and Γ_i = diag(γ_i) (min) trained. λ = 0 so training starts at the base."""
+
+    trainable_names = ("lam", "gamma")
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+                 basis_seed: int = 0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        small, large = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
+        self.n_bases, self.basis_seed = math.ceil(small / rank), basis_seed
+        self.register_buffer("S", random_basis((rank, small), basis_seed + 2), persistent=False)
+        self.register_buffer("L", random_basis((self.n_bases, large, rank), basis_seed + 3), persistent=False)
+        self.lam = nn.Parameter(torch.zeros(self.n_bases, rank))
+        self.gamma = nn.Parameter(torch.full((self.n_bases, small), 1.0 / large))
+
+    def options(self) -> dict:
+        return {"basis_seed": self.basis_seed}
+
+    def sides(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left (out, N r), right (N r, in)) with ΔW = s · left @ right."""
+        scaled = self.lam.to(dtype)[:, :, None] * self.S.to(dtype)[None] * self.gamma.to(dtype)[:, None, :]  # (N, r, small)
+        bank = self.L.to(dtype)  # (N, large, r)
+        if self.in_features <= self.out_features:
+            return bank.permute(1, 0, 2).reshape(self.out_features, -1), scaled.reshape(-1, self.in_features)
+        return scaled.permute(2, 0, 1).reshape(self.out_features, -1), bank.transpose(1, 2).reshape(-1, self.in_features)
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        left, right = self.sides(self.lam.dtype)
+        return self.scaling * (left @ right)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        dtype = compute_dtype_of(x, self.lam)
+        left, right = self.sides(dtype)
+        return F.linear(F.linear(self.dropout(x).to(dtype), right), left) * self.scaling
+
+
+def make_adapter(variant: Variant, layer, rank: int, alpha: float, rslora: bool, dropout: float, **options) -> Adapter:
+    return VARIANTS[Variant(variant)](layer, rank, alpha, rslora, dropout, **options)
