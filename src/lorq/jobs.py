@@ -19,7 +19,12 @@ from .io import write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, MODEL_HELP, load_model
 from .options import opt
-from .adapters.init import LowRankUse, init_from_factors, pop_compensation
+from .adapters.init import InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
+from .adapters.lora import lora_layers
+from .adapters.native_format import NATIVE_VARIANTS
+from .adapters.variants import Variant
+from .io import atomic_dir
+from .optim import OptimConfig
 from .quant import (
     DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
     quantize_model, save_quantized,
@@ -57,6 +62,8 @@ class FinetuneConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     lowrank_as: LowRankUse = opt(LowRankUse.INIT, "with --lowrank: the factors (rank = --rank) initialize the trainable LoRA (init) or stay a frozen branch under a fresh LoRA (compensate)")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    start: InitConfig = field(default_factory=InitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -125,13 +132,16 @@ class Base:
 
 
 def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None,
-                 rank: int = 0, budget: BudgetConfig | None = None, adapter_rank: int = 0) -> Base:
+                 rank: int = 0, budget: BudgetConfig | None = None, adapter_rank: int = 0, before_quantize=None) -> Base:
     """Load a model and quantize its linears by the rules (and the bit budget, if any) unless it
     is already quantized. adapter_rank: low-rank factors that will become the trainable
-    adapter, so the budget does not count them (see budget.allocate)."""
+    adapter, so the budget does not count them (see budget.allocate). before_quantize(model,
+    tok): runs on the loaded model first (adapter inits that change the dense weights)."""
     mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
     rules = quant_rules(quant, mcfg, rules_file, rank)
     model, tok, path = load_model(model_name)
+    if before_quantize is not None:
+        before_quantize(model, tok)
     if is_quantized(model) or all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
         if budget.budget_bits is not None and not is_quantized(model):
             raise LorqError("--budget-bits needs a quantization format")
@@ -185,10 +195,49 @@ def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def check_method(cfg: FinetuneConfig, lowrank: bool, say) -> None:
+    """Combinations of init, variant and optimizer that cannot work, refused up front."""
+    init, variant, optim = cfg.start.init, cfg.lora.variant, cfg.optim
+    if optim.full:
+        if init is not LoRAInit.GAUSSIAN or variant is not Variant.LORA or lowrank:
+            raise LorqError("full-parameter training (--full, --optimizer galore/lisa) trains the base weights: --init, --variant and --lowrank apply to adapters")
+        if QuantFormat(cfg.quant.format) is not QuantFormat.NONE:
+            raise LorqError("full-parameter training (--full, --optimizer galore/lisa) needs a dense base: add --format none")
+    if init is not LoRAInit.GAUSSIAN and lowrank and cfg.lowrank_as is LowRankUse.INIT:
+        raise LorqError(f"--init {init.value} and --lowrank {cfg.method.lowrank.value} both choose the adapter's start; pick one (or --lowrank-as compensate)")
+    if variant is Variant.DYLORA and init not in (LoRAInit.GAUSSIAN, LoRAInit.LORA_SB):
+        raise LorqError(f"--variant dylora trains truncated ranks; with --init {init.value} (moved out of the base) a lower rank would drop part of the base weight")
+    if init is LoRAInit.LORA_SB and variant is Variant.LORA:
+        cfg.lora.variant = Variant.CORE
+        say("lorq: note: --init lora-sb trains an r×r core between frozen factors: using --variant core", flush=True)
+    elif init is LoRAInit.LORA_SB and variant is not Variant.CORE:
+        raise LorqError(f"--init lora-sb needs --variant core (got {variant.value})")
+
+
+def init_batches(train_blocks, cfg: FinetuneConfig) -> list:
+    """The first --init-batches training micro-batches, in training order."""
+    from .train.loop import batch_indices
+
+    out = []
+    for k in range(cfg.start.init_batches):
+        idx = batch_indices(k, len(train_blocks), cfg.train.batch_size, cfg.train.seed)
+        out.append((train_blocks.input_ids[idx], train_blocks.labels[idx]))
+    return out
+
+
+def save_full_model(model, tok, out: Path) -> None:
+    """The fully fine-tuned model as an HF directory, atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     cfg.lora.validate()
     cfg.train.validate()
     cfg.data.validate()
+    cfg.start.validate()
+    cfg.optim.validate()
     world = init_world()  # torchrun: data-parallel ranks; rank 0 prints and writes
     check_divisible(cfg.train.batch_size, world)
     say = print if world.main else (lambda *a, **k: None)
@@ -198,13 +247,27 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         say(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
     cfg.lowrank_as = LowRankUse(cfg.lowrank_as)
+    check_method(cfg, lowrank, say)
+    full = cfg.optim.full
+    starts: dict = {}
+
+    def init_adapters(model, tok):  # on the dense weights, before quantization
+        nonlocal starts
+        blocks = lambda: init_batches(load_blocks(tok, cfg.data)[0], cfg)  # noqa: E731
+        torch.manual_seed(cfg.train.seed)
+        starts = compute_starts(model, cfg.lora, cfg.start, cfg.train.lr, blocks, progress=world.main)
+
     # as the LoRA init, every matrix gets factors of the adapter's rank, outside the bit budget
     adapter_rank = cfg.lora.rank if lowrank and cfg.lowrank_as is LowRankUse.INIT else 0
-    base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget, adapter_rank)
+    base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget, adapter_rank,
+                        before_quantize=init_adapters if cfg.start.init is not LoRAInit.GAUSSIAN else None)
     model, tok, path, report = base.model, base.tok, base.path, base.report
+    if full and is_quantized(model):
+        raise LorqError(f"full-parameter training needs a dense base; {path} is quantized")
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     adapter_base, factors = str(cfg.model), {}
-    if report is not None and (lowrank or base.budget):
+    residual = any(s.residual for s in starts.values())
+    if report is not None and (lowrank or base.budget or residual):
         if cfg.lowrank_as is LowRankUse.INIT:
             factors = pop_compensation(model)
             for n in factors:  # the factors are the adapter now: the base stores Q only
@@ -215,31 +278,49 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         if world.main:
             save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget)
     torch.manual_seed(cfg.train.seed)
-    wrapped = add_adapters(model, cfg.lora)
-    if factors:
-        init_from_factors(model, cfg.lora.adapter_name, factors)
+    if full:
+        model.requires_grad_(True)
+        what = f"full-parameter training ({cfg.optim.optimizer.value})"
+    else:
+        wrapped = add_adapters(model, cfg.lora)
+        if factors:
+            init_from_factors(model, cfg.lora.adapter_name, factors)
+        apply_starts(model, cfg.lora.adapter_name, starts)
+        what = (f"{cfg.lora.variant.value} r={cfg.lora.rank} ({cfg.start.init.value} init, {cfg.optim.optimizer.value}) "
+                f"on {len(wrapped)} layers")
     precision = resolve(cfg.train.precision, next(model.parameters()).device)
     val_eval = val_blocks.take(cfg.train.eval_blocks or None)
     say(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
-          f"LoRA r={cfg.lora.rank} on {len(wrapped)} layers, {trainable_count(model):,} trainable parameters; "
+          f"{what}, {trainable_count(model):,} trainable parameters; "
           f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute"
         + (f"; data-parallel over {world.size} processes" if world.distributed else ""), flush=True)
     before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval before")
     say(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
-    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world)
+    n_trainable = trainable_count(model)
+    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim)
+    if cfg.lora.variant is Variant.DYLORA and not full:
+        for layer in lora_layers(model).values():
+            layer.adapters[cfg.lora.adapter_name].set_rank(cfg.lora.dylora_rank or cfg.lora.rank)
     after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after")
+    result = out / ("model" if full else "adapter")
     summary = {
         "base": str(path), "quantization": report.summary() if report else None,
-        "trainable_parameters": trainable_count(model), "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+        "method": {"init": cfg.start.init.value, "variant": cfg.lora.variant.value, "optimizer": cfg.optim.optimizer.value, "full": full},
+        "trainable_parameters": n_trainable, "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "val_tokens": before["tokens"], "final": final, "seconds": round(time.perf_counter() - start, 1),
-        "adapter": str(out / "adapter"), "config": json.loads(json.dumps(asdict(cfg), default=str)), "processes": world.size,
+        ("model" if full else "adapter"): str(result), "config": json.loads(json.dumps(asdict(cfg), default=str)), "processes": world.size,
     }
     if world.main:
-        save_peft(model, out / "adapter", cfg.lora.adapter_name, base_model=adapter_base)
+        if full:
+            save_full_model(model, tok, result)
+        else:
+            # a residual init on a dense base: export against the original weights (rank r + r0)
+            save_peft(model, result, cfg.lora.adapter_name, base_model=adapter_base, restore_base=residual and report is None)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         write_json(out / "summary.json", summary)
+    kind = "model (HF format)" if full else "adapter (PEFT format)" if cfg.lora.variant not in NATIVE_VARIANTS else "adapter (lorq format)"
     say(f"validation perplexity: {before['ppl']:.3f} before -> {after['ppl']:.3f} after training "
-          f"({summary['seconds']:.0f} s). Adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
+          f"({summary['seconds']:.0f} s). {kind.capitalize()}: {result}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
     finish(world)
     return summary
 

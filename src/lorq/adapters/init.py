@@ -101,12 +101,22 @@ def balanced(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float) 
 
 def top_svd(M: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets (U (m, k), S (k,), V (n, k)): randomized (Halko et al. 2011,
-    oversampled by k + 8, `iters` subspace iterations) or exact with iters = 0."""
-    if iters > 0 and 2 * k + 8 < min(M.shape):
-        U, S, V = torch.svd_lowrank(M, q=2 * k + 8, niter=iters)
-        return U[:, :k], S[:k], V[:, :k]
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :k], S[:k], Vh[:k].T
+    k + 8 + k oversampling, `iters` subspace iterations) or exact with iters = 0.
+
+    The sketch comes from its own generator seeded by the shape, not the global RNG, so calling
+    it does not shift dropout or data order (runs stay resumable bit for bit)."""
+    q = 2 * k + 8
+    if iters <= 0 or q >= min(M.shape):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].T
+    g = torch.Generator(device=M.device).manual_seed(M.shape[0] * 100003 + M.shape[1])
+    Y = M @ torch.randn(M.shape[1], q, generator=g, device=M.device, dtype=M.dtype)  # (m, q)
+    for _ in range(iters):  # power iterations sharpen a slowly decaying spectrum
+        Q, _ = torch.linalg.qr(Y)
+        Y = M @ (M.T @ Q)
+    Q, _ = torch.linalg.qr(Y)
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)  # (q, n) is small
+    return (Q @ Ub)[:, :k], S[:k], Vh[:k].T
 
 
 @register_init(LoRAInit.PISSA)

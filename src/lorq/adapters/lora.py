@@ -34,6 +34,7 @@ class LoRAConfig:
     variant: Variant = opt(Variant.LORA, "adapter parametrization: lora, dora (magnitude + direction), dylora (nested ranks), core (frozen B, A; r×r core trained, LoRA-XS), nola (random-basis coefficients), randlora (full-rank from random bases)")
     nola_bases: int = opt(64, "nola: random bases per factor (trainable coefficients per layer = 2 × this)")
     basis_seed: int = opt(0, "nola / randlora: seed of the frozen random bases")
+    dylora_rank: int = opt(0, "dylora: rank the adapter is evaluated and exported at (0 = --rank)")
 
     def options(self) -> dict:
         """Construction options of the variant."""
@@ -45,6 +46,8 @@ class LoRAConfig:
         self.variant = Variant(self.variant)
         if self.nola_bases <= 0:
             raise LorqError(f"nola-bases must be positive, got {self.nola_bases}")
+        if not 0 <= self.dylora_rank <= self.rank:
+            raise LorqError(f"dylora-rank must be in 0..{self.rank} (the rank), got {self.dylora_rank}")
         if self.rank <= 0:
             raise LorqError(f"rank must be a positive integer, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:

@@ -18,11 +18,14 @@ from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear, set_module
 from .lora import LoRALinear, lora_layers, lora_scaling, mark_trainable
+from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
+from .variants import Variant
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def peft_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str:
@@ -38,20 +41,47 @@ def peft_target_modules(model: nn.Module, wrapped: list[str]) -> list[str] | str
     return "|".join(re.escape(n) for n in sorted(wrapped))
 
 
-def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_model: str = "") -> Path:
-    """Write adapter `name` in PEFT's format, atomically."""
+def exported_factors(layer, name: str, restore_base: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(B, A, (rank, alpha, rslora)) of adapter `name` as PEFT will apply them.
+
+    DyLoRA exports at its inference rank. An init whose product was subtracted from the base
+    (PiSSA, OLoRA, LoRA-GA, ...) exports, with restore_base, against the original base as plain
+    LoRA of rank r + r0: A' = [A; A0], B' = [s·B, -s0·B0], alpha' = r' so that scaling' = 1.
+    """
+    ad = layer.adapters[name]
+    B, A, s = ad.export_factors()
+    start = layer.starts.get(name) if restore_base else None
+    if start is None:
+        return B, A, (A.shape[0], ad.alpha, ad.rslora)  # DyLoRA at rank b: alpha / b, as PEFT computes
+    B0 = start.B @ start.R if start.R is not None else start.B
+    B2 = torch.cat([s * B, -ad.scaling * B0.to(B.dtype)], dim=1)  # (out, r + r0)
+    A2 = torch.cat([A, start.A.to(A.dtype)], dim=0)  # (r + r0, in)
+    return B2, A2, (A2.shape[0], float(A2.shape[0]), False)
+
+
+def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_model: str = "", restore_base: bool = False) -> Path:
+    """Write adapter `name` in PEFT's format (lorq's native one for variants PEFT lacks), atomically.
+
+    restore_base: the model's dense base holds W - ΔW₀ of a residual init; export the adapter
+    against the original W (rank r + r0) so that it applies to the unmodified model.
+    """
     layers = {m: l for m, l in lora_layers(model).items() if name in l.adapters}
     if not layers:
         raise LorqError(f"the model has no adapter named {name!r}")
-    shapes = {(l.adapters[name].rank, l.adapters[name].alpha, l.adapters[name].rslora) for l in layers.values()}
+    variant = next(iter(layers.values())).adapters[name].variant
+    if variant in NATIVE_VARIANTS:
+        return save_native(model, out, name, base_model, restore_base)
+    tensors, shapes = {}, set()
+    for m, layer in layers.items():
+        B, A, shape = exported_factors(layer, name, restore_base)
+        shapes.add(shape)
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = A.detach().float().contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = B.detach().float().contiguous()
+        if variant is Variant.DORA:
+            tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = layer.adapters[name].magnitude.detach().float().contiguous()
     if len(shapes) != 1:
         raise LorqError("per-layer ranks or alphas are not exported by this version")
     rank, alpha, rslora = shapes.pop()
-    tensors = {}
-    for m, layer in layers.items():
-        ad = layer.adapters[name]
-        tensors[f"{PREFIX}{m}.lora_A.weight"] = ad.A.detach().float().contiguous()
-        tensors[f"{PREFIX}{m}.lora_B.weight"] = ad.B.detach().float().contiguous()
     dropout = next(iter(layers.values())).adapters[name].dropout
     config = {
         "peft_type": "LORA",
@@ -66,7 +96,7 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": variant is Variant.DORA,
         "inference_mode": True,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -79,11 +109,13 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
     return Path(out)
 
 
-def _check_supported(config: dict, path: Path) -> None:
+def _check_supported(config: dict, path: Path, dora: bool = False) -> None:
+    if config.get("peft_type", "LORA") == "LORQ":
+        raise LorqError(f"{path} holds a lorq-native {config.get('variant')} adapter; this command takes PEFT LoRA adapters")
     if config.get("peft_type", "LORA") != "LORA":
         raise LorqError(f"{path} holds a {config.get('peft_type')} adapter; lorq loads LoRA adapters")
     unsupported = {
-        "use_dora": config.get("use_dora"),
+        "use_dora": config.get("use_dora") and not dora,
         "fan_in_fan_out": config.get("fan_in_fan_out"),
         "modules_to_save": config.get("modules_to_save"),
         "bias": config.get("bias", "none") != "none",
@@ -100,18 +132,24 @@ def _alpha_for(module: str, config: dict) -> float:
     return float(config["lora_alpha"])
 
 
-def read_peft(path: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(adapter_config, {module: (A (r, in), B (out, r))}) of the PEFT adapter in `path`, checked
-    for what lorq supports and for pairs that fit each other (not yet for a base model)."""
+    for what lorq supports and for pairs that fit each other (not yet for a base model).
+    dora: DoRA adapters are accepted; their magnitudes are in config["magnitudes"]."""
     path = Path(path)
     if not path.is_dir():
         raise LorqError(f"adapter directory {path} not found")
     config = read_json(path / CONFIG_FILE)
-    _check_supported(config, path)
+    _check_supported(config, path, dora)
     tensors = load_safetensors(path / WEIGHTS_FILE)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
+        mag = _MAGNITUDE.match(key) if config.get("use_dora") else None
+        if mag is not None:
+            magnitudes[mag["module"]] = t
+            continue
         if m is None:
             raise LorqError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r} (not a LoRA A/B weight)")
         pairs.setdefault(m["module"], {})[m["ab"]] = t
@@ -122,6 +160,11 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, tor
             raise LorqError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
         if ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["B"].shape[1] != ab["A"].shape[0]:
             raise LorqError(f"{path}: {module} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, which do not multiply")
+    if config.get("use_dora"):
+        missing = sorted(set(pairs) - set(magnitudes))
+        if missing or any(magnitudes[m].shape != (pairs[m]["B"].shape[0],) for m in pairs):
+            raise LorqError(f"{path}: DoRA magnitude vectors missing or of the wrong size ({', '.join(missing[:3]) or 'size'})")
+        config = {**config, "magnitudes": magnitudes}
     return config, {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}
 
 
@@ -139,9 +182,13 @@ def check_fits(path: Path, module: str, layer, A: torch.Tensor, B: torch.Tensor)
 
 
 def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
-    """Add the PEFT adapter in `path` to the model as adapter `name`; returns the adapted modules."""
+    """Add the PEFT adapter (or lorq-native one) in `path` to the model as adapter `name`;
+    returns the adapted modules."""
     path = Path(path)
-    config, pairs = read_peft(path)
+    if is_native(path):
+        return load_native(model, path, name, trainable)
+    config, pairs = read_peft(path, dora=True)
+    variant = Variant.DORA if config.get("use_dora") else Variant.LORA
     for module, (A, B) in pairs.items():
         try:
             layer = model.get_submodule(module)
@@ -153,10 +200,13 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainab
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             set_module(model, module, layer)
-        ad = layer.add(name, A.shape[0], _alpha_for(module, config), bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)))
+        ad = layer.add(name, A.shape[0], _alpha_for(module, config), bool(config.get("use_rslora")),
+                       float(config.get("lora_dropout", 0.0)), variant)
         with torch.no_grad():
             ad.A.copy_(A)
             ad.B.copy_(B)
+            if variant is Variant.DORA:
+                ad.magnitude.copy_(config["magnitudes"][module])
     if trainable:
         mark_trainable(model, name)
     else:

@@ -74,6 +74,7 @@ class Adapter(nn.Module):
 
     variant: Variant
     trainable_names: tuple[str, ...] = ()
+    bank_names: tuple[str, ...] = ()  # frozen random bases shared by layers of one shape
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **_):
         super().__init__()
@@ -110,6 +111,10 @@ class LowRankAdapter(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(B (out, r), A (r, in), scaling) in use now."""
+        return self.B, self.A, self.scaling
+
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scaling) as exported (at inference rank)."""
         return self.B, self.A, self.scaling
 
     def delta_weight(self, layer=None) -> torch.Tensor:
@@ -210,6 +215,10 @@ class DyLoRAAdapter(LowRankAdapter):
         b = self.train_rank if self.training else self.eval_rank
         return self.B[:, :b], self.A[:b], lora_scaling(self.alpha, b, self.rslora)
 
+    def export_factors(self):
+        b = self.eval_rank
+        return self.B[:, :b], self.A[:b], lora_scaling(self.alpha, b, self.rslora)
+
 
 @register(Variant.CORE)
 class CoreAdapter(Adapter):
@@ -249,6 +258,7 @@ class NOLAAdapter(Adapter):
     """A = Σ_k α_k A_k, B = Σ_k β_k B_k over k frozen random bases; only α, β (k each) train."""
 
     trainable_names = ("alpha_coef", "beta_coef")
+    bank_names = ("A_bank", "B_bank")
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
                  nola_bases: int = 64, basis_seed: int = 0, **kw):
@@ -287,6 +297,7 @@ class RandLoRAAdapter(Adapter):
     Λ_i = diag(λ_i) (r) and Γ_i = diag(γ_i) (min) trained. λ = 0 so training starts at the base."""
 
     trainable_names = ("lam", "gamma")
+    bank_names = ("S", "L")
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
                  basis_seed: int = 0, **kw):

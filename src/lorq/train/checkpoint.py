@@ -24,15 +24,12 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def trainable_named(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out_dir, step: int, model, optimizer, keep: int = 1) -> Path:
+def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer, keep: int = 1) -> Path:
+    """params: the tensors the optimizer updates, by name."""
     root = checkpoint_root(out_dir)
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
-        tensors = {n: p.detach().contiguous() for n, p in trainable_named(model).items()}
+        tensors = {n: p.detach().contiguous() for n, p in params.items()}
         save_file(tensors, str(tmp / TRAINABLE))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / STATE)
     atomic_write_text(root / "latest", name + "\n")
@@ -50,10 +47,10 @@ def latest_checkpoint(out_dir) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore trainable tensors, optimizer and RNG; returns the step it was taken after."""
+def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_step=lambda step: None) -> int:
+    """Restore the trained tensors, optimizer and RNG; returns the step it was taken after.
+    at_step(step) runs before the optimizer state is loaded (LISA re-selects that step's layers)."""
     tensors = load_safetensors(path / TRAINABLE)
-    params = trainable_named(model)
     if set(tensors) != set(params):
         raise LorqError(f"checkpoint {path} was written for different adapters than this run's; use a new --output")
     with torch.no_grad():
@@ -65,6 +62,7 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # a truncated or foreign file; torch raises many kinds
         raise LorqError(f"checkpoint {path / STATE} is unreadable ({type(e).__name__})")
+    at_step(int(state["step"]))
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from ..errors import LorqError
 from ..eval.perplexity import LOSS_CHUNK, next_token_nll, perplexity
 from ..eval.memory import lifetime_peak_mib
+from ..adapters.variants import Adapter
 from ..io import atomic_write_text
+from ..optim import OptimConfig, OptimizerKind, build_optimizer
 from ..options import opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE, Blocks
@@ -131,29 +133,32 @@ class NextTokenLoss(nn.Module):
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
           on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None,
-          world: World = World()) -> dict:
+          world: World = World(), optim: OptimConfig | None = None) -> dict:
     """Train the parameters with requires_grad; returns the final metrics.
 
     `initial_val` (perplexity() of the untrained model) is logged as step 0 of a fresh run.
     world: the data-parallel ranks (distributed.init_world() under torchrun); rank 0 writes.
+    optim: the optimizer (AdamW by default; see lorq.optim).
     """
     cfg.validate()
+    optim = (optim or OptimConfig()).validate()
     check_divisible(cfg.batch_size, world)
+    if optim.optimizer is OptimizerKind.LISA and world.distributed:
+        raise LorqError("lisa changes the trained layers every period; run it in one process")
     progress = progress and world.main
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     precision = resolve(cfg.precision, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise LorqError("nothing to train: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plan = build_optimizer(model, optim, cfg.lr, cfg.weight_decay, cfg.seed, cfg.grad_accum, cfg.max_grad_norm, world.size)
+    optimizer = plan.optimizer
+    adapters = [m for m in model.modules() if isinstance(m, Adapter)]
     start = 0
     if cfg.resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
-        start = load_checkpoint(ckpt, model, optimizer)
+        start = load_checkpoint(ckpt, plan.params, optimizer, at_step=plan.begin_step)
         print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start if cfg.resume else -1) if world.main else None
     if metrics is not None and start == 0 and initial_val is not None:
@@ -163,12 +168,16 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     loss_fn = wrap(NextTokenLoss(model, cfg.loss_chunk), world)
     model.train()
     last: dict = {}
+    peak_state = 0.0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups scale the schedule
+        plan.begin_step(step)
+        for ad in adapters:
+            ad.begin_step(step, cfg.seed)
         optimizer.zero_grad(set_to_none=True)
         idx = batch_indices(step, len(train_blocks), per_step, cfg.seed)
         loss_sum, tokens = 0.0, 0
@@ -185,11 +194,13 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
             loss_sum += nll.item()
             tokens += n
         loss_sum, tokens = world.all_sum(loss_sum), world.all_sum(tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        grad_norm = plan.step(cfg.max_grad_norm)
         dt = time.perf_counter() - t0
+        state_mb = plan.state_bytes() / 2**20
+        peak_state = max(peak_state, state_mb)
         last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": x.numel() * world.size * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device)}
+                "tokens_per_s": x.numel() * world.size * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device),
+                "optimizer_state_mb": round(state_mb, 2), "peak_optimizer_state_mb": round(peak_state, 2)}
         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
@@ -199,10 +210,13 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         if world.main:
             metrics.write(last)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(out_dir, step + 1, model, optimizer)
+                save_checkpoint(out_dir, step + 1, plan.params, optimizer)
         if on_step is not None:
             on_step(step + 1)
     bar.close()
+    plan.close()
+    for p in plan.params.values():  # LISA leaves only its last layers trainable; restore the set
+        p.requires_grad_(True)
     set_grad_checkpointing(model, False)
     model.eval()
     return {**last, "precision": precision.value}

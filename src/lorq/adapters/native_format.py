@@ -1,0 +1,123 @@
+"""lorq's native adapter files, for variants PEFT cannot represent (core / LoRA-SB, NOLA, RandLoRA).
+
+Same layout as PEFT's, so tools can tell the two apart by `peft_type`:
+
+    adapter_config.json        {"peft_type": "LORQ", "format_version": 1, "variant": "nola",
+                                "r", "lora_alpha", "use_rslora", "lora_dropout", "options": {...},
+                                "modules": [...], "base_model_name_or_path", "restore_base"}
+    adapter_model.safetensors  base_model.model.<module>.<tensor>  every trained tensor and the
+                                                                   per-layer frozen ones (core's B, A)
+                               lorq.bank.<name>.<d0>x<d1>...        each frozen random basis, once
+                               base_model.model.<module>.start_B / start_A
+                                                                   with restore_base: the residual
+                                                                   init to subtract from the base
+
+The random bases are stored, not regenerated from the seed, so a file reloads identically
+whatever torch's random generator does in another version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..errors import LorqError
+from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..quant.linear import set_module
+from .lora import LoRALinear, lora_layers, mark_trainable
+from .variants import Variant
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+NATIVE_VARIANTS = (Variant.CORE, Variant.NOLA, Variant.RANDLORA)
+
+
+def is_native(path: Path) -> bool:
+    cfg = path / CONFIG_FILE
+    return cfg.is_file() and read_json(cfg).get("peft_type") == "LORQ"
+
+
+def bank_key(name: str, t: torch.Tensor) -> str:
+    return f"lorq.bank.{name}.{'x'.join(map(str, t.shape))}"
+
+
+def save_native(model: nn.Module, out: str | Path, name: str, base_model: str = "", restore_base: bool = False) -> Path:
+    layers = {m: l for m, l in lora_layers(model).items() if name in l.adapters}
+    first = next(iter(layers.values())).adapters[name]
+    tensors: dict[str, torch.Tensor] = {}
+    for m, layer in layers.items():
+        ad = layer.adapters[name]
+        for key, t in ad.state_dict().items():  # trained tensors and persistent buffers
+            tensors[f"{PREFIX}{m}.{key}"] = t.detach().float().contiguous()
+        for bank in ad.bank_names:
+            t = getattr(ad, bank)
+            tensors.setdefault(bank_key(bank, t), t.detach().float().contiguous())
+        start = layer.starts.get(name) if restore_base else None
+        if start is not None:
+            B0 = start.B @ start.R if start.R is not None else start.B
+            tensors[f"{PREFIX}{m}.start_B"] = (ad.scaling * B0).float().contiguous()
+            tensors[f"{PREFIX}{m}.start_A"] = start.A.float().contiguous()
+    config = {
+        "peft_type": "LORQ", "format_version": FORMAT_VERSION, "variant": first.variant.value,
+        "base_model_name_or_path": base_model, "r": first.rank, "lora_alpha": first.alpha,
+        "use_rslora": first.rslora, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "options": first.options(), "modules": sorted(layers), "restore_base": bool(restore_base and any(layers[m].starts.get(name) for m in layers)),
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, config)
+    return Path(out)
+
+
+def load_native(model: nn.Module, path: Path, name: str = "default", trainable: bool = False) -> list[str]:
+    config = read_json(path / CONFIG_FILE)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise LorqError(f"{path}: lorq adapter format_version {config.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        variant = Variant(config["variant"])
+        rank, alpha, modules = int(config["r"]), float(config["lora_alpha"]), list(config["modules"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise LorqError(f"{path / CONFIG_FILE}: malformed lorq adapter config ({e})")
+    tensors = load_safetensors(path / WEIGHTS_FILE)
+    for module in modules:
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise LorqError(f"adapter {path} targets {module}, which this base model does not have")
+        if not hasattr(layer, "in_features"):
+            raise LorqError(f"adapter {path} targets {module}, which is not a linear layer")
+    for module in modules:
+        layer = model.get_submodule(module)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            set_module(model, module, layer)
+        start_B, start_A = tensors.get(f"{PREFIX}{module}.start_B"), tensors.get(f"{PREFIX}{module}.start_A")
+        if start_B is not None:  # the adapter was trained on W - ΔW₀: make this base that
+            if not isinstance(layer.base, nn.Linear):
+                raise LorqError(f"{path} was trained from a residual init and needs a dense base")
+            with torch.no_grad():
+                layer.base.weight -= (start_B @ start_A).to(layer.base.weight.dtype)
+        ad = layer.add(name, rank, alpha, bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)),
+                       variant, **config.get("options", {}))
+        own = {k: tensors.get(f"{PREFIX}{module}.{k}") for k in ad.state_dict()}
+        missing = [k for k, t in own.items() if t is None]
+        if missing:
+            raise LorqError(f"{path}: {module} lacks {', '.join(missing)}")
+        try:
+            ad.load_state_dict(own)
+            for bank in ad.bank_names:
+                t = tensors[bank_key(bank, getattr(ad, bank))]
+                setattr(ad, bank, t)  # the stored basis, shared by the layers of this shape
+        except (RuntimeError, KeyError) as e:
+            raise LorqError(f"adapter {path} does not fit the base model at {module}: {str(e).splitlines()[0]}")
+    if trainable:
+        mark_trainable(model, name)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return sorted(modules)

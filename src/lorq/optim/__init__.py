@@ -1,0 +1,164 @@
+"""Optimizers and what they train: AdamW, 8-bit AdamW, GaLore, Q-GaLore, LISA, LoRA+ groups.
+
+`build_optimizer(model, cfg, ...)` returns a `Plan`: the optimizer, the named tensors it may
+update (what checkpoints hold), a per-step hook (LISA's layer switching) and `step(max_norm)`
+(clip + update; GaLore's layerwise mode updates during backward instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import LorqError
+from ..options import opt
+from ..quant.linear import DECODER_LINEARS, match_modules
+from .adamw8bit import AdamW8bit
+from .galore import GaLoreAdamW
+from .lisa import LayerSampler
+
+
+class OptimizerKind(str, Enum):
+    ADAMW = "adamw"
+    ADAMW8BIT = "adamw8bit"
+    GALORE = "galore"
+    LISA = "lisa"
+
+
+FULL_PARAMETER = {OptimizerKind.GALORE, OptimizerKind.LISA}
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and which weights it trains."""
+
+    optimizer: OptimizerKind = opt(OptimizerKind.ADAMW, "adamw, adamw8bit (8-bit states), galore (full-parameter, low-rank projected states), lisa (full-parameter, a few sampled layers at a time)")
+    full: bool = opt(False, "train the base model's own weights instead of an adapter (implied by galore and lisa; needs a dense base)")
+    loraplus_ratio: float = opt(1.0, "LoRA+: learning rate of the B factors = ratio × lr (the paper suggests 16; 1 = plain LoRA)")
+    galore_rank: int = opt(128, "galore: rank of the gradient projection")
+    galore_gap: int = opt(200, "galore: steps between projection refreshes (T)")
+    galore_scale: float = opt(0.25, "galore: scale of the projected-back update (α)")
+    galore_layerwise: bool = opt(True, "galore: update each matrix during backward and free its gradient (needs grad-accum 1; clips per matrix)")
+    lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
+    lisa_period: int = opt(20, "lisa: steps between layer resamplings")
+    lisa_embeddings: bool = opt(True, "lisa: always train the embeddings and output layer (the paper's choice)")
+
+    def validate(self) -> "OptimConfig":
+        self.optimizer = OptimizerKind(self.optimizer)
+        if self.optimizer in FULL_PARAMETER:
+            self.full = True
+        if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:
+            raise LorqError("loraplus-ratio, galore-rank, galore-gap and galore-scale must be positive")
+        return self
+
+
+@dataclass
+class Plan:
+    optimizer: torch.optim.Optimizer
+    params: dict[str, nn.Parameter]  # what the optimizer may update, by name (checkpointed)
+    begin_step: Callable[[int], None] = lambda step: None
+    layerwise: GaLoreAdamW | None = None
+    hooks: list = field(default_factory=list)
+
+    def step(self, max_norm: float) -> float:
+        """Clip the gradients still held, update; returns the gradient norm."""
+        held = [p for p in self.params.values() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(held, max_norm if max_norm > 0 else float("inf"))) if held else 0.0
+        self.optimizer.step()
+        if self.layerwise is not None:
+            norm = math.sqrt(norm**2 + self.layerwise.take_hooked_norm() ** 2)
+        return norm
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held now."""
+        return sum(t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def param_groups(named: dict[str, nn.Parameter], lr: float, wd: float, loraplus_ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): the B factors learn `ratio` times faster than the rest."""
+    b = [p for n, p in named.items() if n.endswith(".B")]
+    rest = [p for n, p in named.items() if not n.endswith(".B")]
+    groups = [{"params": rest, "lr_scale": 1.0}] if rest else []
+    if b:
+        groups.append({"params": b, "lr_scale": loraplus_ratio})
+    for g in groups:
+        g.update(lr=lr * g["lr_scale"], weight_decay=wd)
+    return groups
+
+
+def galore_groups(model: nn.Module, named: dict[str, nn.Parameter], cfg: OptimConfig, lr: float, wd: float) -> list[dict]:
+    """The decoder's linear weights get projected states; everything else plain AdamW."""
+    linears = set(match_modules(model, [DECODER_LINEARS], (nn.Linear,)))
+    projected = [p for n, p in named.items() if n.rsplit(".", 1)[0] in linears and p.dim() == 2]
+    ids = {id(p) for p in projected}
+    rest = [p for p in named.values() if id(p) not in ids]
+    return [{"params": projected, "rank": cfg.galore_rank, "lr": lr, "weight_decay": wd, "lr_scale": 1.0},
+            {"params": rest, "rank": 0, "lr": lr, "weight_decay": wd, "lr_scale": 1.0}]
+
+
+Builder = Callable[..., Plan]
+OPTIMIZERS: dict[OptimizerKind, Builder] = {}
+
+
+def register(kind: OptimizerKind):
+    def deco(fn: Builder) -> Builder:
+        OPTIMIZERS[kind] = fn
+        return fn
+    return deco
+
+
+@register(OptimizerKind.ADAMW)
+def build_adamw(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
+    named = trainable(model)
+    return Plan(torch.optim.AdamW(param_groups(named, lr, wd, cfg.loraplus_ratio), lr=lr, weight_decay=wd), named)
+
+
+@register(OptimizerKind.ADAMW8BIT)
+def build_adamw8bit(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
+    named = trainable(model)
+    return Plan(AdamW8bit(param_groups(named, lr, wd, cfg.loraplus_ratio), lr=lr, weight_decay=wd), named)
+
+
+@register(OptimizerKind.GALORE)
+def build_galore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
+    named = trainable(model)
+    optimizer = GaLoreAdamW(galore_groups(model, named, cfg, lr, wd), lr=lr, weight_decay=wd, update_gap=cfg.galore_gap,
+                            scale=cfg.galore_scale)
+    plan = Plan(optimizer, named)
+    if cfg.galore_layerwise:
+        if grad_accum != 1 or world_size != 1:
+            raise LorqError("galore's layerwise updates need --grad-accum 1 and one process (or --no-galore-layerwise)")
+        plan.layerwise, plan.hooks = optimizer, optimizer.attach_layerwise(max_norm)
+    return plan
+
+
+@register(OptimizerKind.LISA)
+def build_lisa(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
+    named = trainable(model)
+    optimizer = torch.optim.AdamW(param_groups(named, lr, wd, 1.0), lr=lr, weight_decay=wd)
+    sampler = LayerSampler(model, optimizer, cfg.lisa_layers, cfg.lisa_period, seed, cfg.lisa_embeddings)
+    return Plan(optimizer, named, begin_step=sampler.begin_step)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, weight_decay: float, seed: int = 0,
+                    grad_accum: int = 1, max_norm: float = 0.0, world_size: int = 1) -> Plan:
+    cfg.validate()
+    if not trainable(model):
+        raise LorqError("nothing to train: the model has no trainable parameters")
+    return OPTIMIZERS[cfg.optimizer](model, cfg, lr, weight_decay, seed, grad_accum, max_norm, world_size)
+
+
+__all__ = ["OptimConfig", "OptimizerKind", "Plan", "build_optimizer", "AdamW8bit", "GaLoreAdamW", "LayerSampler", "FULL_PARAMETER"]

@@ -1,0 +1,120 @@
+"""GaLore (Zhao et al. 2024): full-parameter training whose Adam states live in a rank-r
+projection of each weight matrix's gradient.
+
+For W (m, n) with gradient G: every `update_gap` steps P = the top-r singular vectors of G on
+the smaller side; in between, R = Pᵀ G (r, n) (or G P (m, r)), Adam runs on R, and the update
+is projected back, W -= lr · scale · P N(R). Matrices not in a projected group (embeddings,
+norms) get plain AdamW. `layerwise`: each matrix is updated in its gradient hook during
+backward and its gradient freed at once (GaLore's per-layer updates), so the model's full
+gradient is never held; the global norm cannot be clipped then, each matrix's gradient is
+clipped to max_grad_norm on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..adapters.init import top_svd
+
+
+def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
+    """(P, left): left singular vectors (m, r) when m <= n, else right ones (n, r)."""
+    m, n = G.shape
+    U, S, V = top_svd(G, rank, iters)
+    return (U, True) if m <= n else (V, False)
+
+
+def project(G: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
+    return P.T @ G if left else G @ P  # (r, n) or (m, r)
+
+
+def project_back(N: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
+    return P @ N if left else N @ P.T  # (m, n)
+
+
+def adam_direction(st: dict, g: torch.Tensor, betas, eps: float) -> torch.Tensor:
+    """One Adam step's direction m̂ / (sqrt(v̂) + eps) for gradient g, updating st."""
+    b1, b2 = betas
+    if "exp_avg" not in st:
+        st["exp_avg"], st["exp_avg_sq"], st["adam_step"] = torch.zeros_like(g), torch.zeros_like(g), 0
+    st["adam_step"] += 1
+    t = st["adam_step"]
+    st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+    st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    return (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW; parameter groups with `rank` > 0 get GaLore's projected states."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 rank: int = 0, update_gap: int = 200, scale: float = 0.25, svd_iters: int = 2):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap,
+                        scale=scale, svd_iters=svd_iters)
+        super().__init__(params, defaults)
+        self.hooked_norm_sq = 0.0
+        self.clip = 0.0
+
+    def group_of(self, p) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def refresh_projection(self, st: dict, G: torch.Tensor, group: dict) -> None:
+        # a bool, not a string: Optimizer.load_state_dict would turn a string into a generator
+        st["P"], st["left"] = projection(G, min(group["rank"], *G.shape), group["svd_iters"])
+
+    def projector(self, st: dict) -> torch.Tensor:
+        return st["P"]
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        """One step of p from p.grad (projected if the group has a rank)."""
+        g = p.grad.float()
+        st = self.state[p]
+        wd, lr = group["weight_decay"], group["lr"]
+        if group["rank"] and g.dim() == 2:
+            st.setdefault("step", 0)
+            if st["step"] % group["update_gap"] == 0:
+                self.refresh_projection(st, g, group)
+            st["step"] += 1
+            P = self.projector(st)
+            direction = group["scale"] * project_back(adam_direction(st, project(g, P, st["left"]), group["betas"], group["eps"]), P, st["left"])
+        else:
+            direction = adam_direction(st, g, group["betas"], group["eps"])
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(direction.to(p.dtype), alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group)
+        return loss
+
+    def attach_layerwise(self, clip: float) -> list:
+        """Update every projected matrix in its gradient hook and free the gradient at once."""
+        self.clip = clip
+        handles = []
+        for i, group in enumerate(self.param_groups):
+            if not group["rank"]:
+                continue
+            for p in group["params"]:  # the group by index: load_state_dict replaces the group dicts
+                handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self.hook(p, self.param_groups[i])))
+        return handles
+
+    @torch.no_grad()
+    def hook(self, p: torch.Tensor, group: dict) -> None:
+        norm = float(p.grad.norm())
+        self.hooked_norm_sq += norm**2
+        if self.clip > 0 and norm > self.clip:
+            p.grad.mul_(self.clip / (norm + 1e-6))
+        self.update(p, group)
+        p.grad = None
+
+    def take_hooked_norm(self) -> float:
+        n, self.hooked_norm_sq = math.sqrt(self.hooked_norm_sq), 0.0
+        return n

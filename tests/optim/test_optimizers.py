@@ -1,0 +1,169 @@
+"""Optimizers: 8-bit AdamW against torch's AdamW and bitsandbytes' 8-bit AdamW, GaLore against its
+update rule, LISA's layer sampling and freed state, LoRA+ groups; resumes are exact."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorq.adapters import LoRAConfig, add_adapters
+from lorq.errors import LorqError
+from lorq.optim import AdamW8bit, GaLoreAdamW, OptimConfig, OptimizerKind, build_optimizer
+from lorq.optim.galore import project, project_back
+from lorq.optim.lisa import decoder_layers
+from lorq.train.checkpoint import latest_checkpoint
+from lorq.train.loop import TrainConfig, train
+
+from train.test_loop import toy_blocks
+
+
+def regression(opt_cls, steps=60, **kw):
+    """Loss curve of a least-squares problem with a (256, 64) weight under an optimizer."""
+    g = torch.Generator().manual_seed(0)
+    X, W_true = torch.randn(512, 64, generator=g), torch.randn(256, 64, generator=g)
+    Y = X @ W_true.T
+    w = nn.Parameter(torch.zeros(256, 64))
+    opt = opt_cls([w], **kw)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((X @ w.T - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, w.detach(), opt
+
+
+def test_adamw8bit_follows_adamw_and_bitsandbytes():
+    ref, w_ref, _ = regression(torch.optim.AdamW, lr=0.05, weight_decay=0.01)
+    ours, w_ours, opt = regression(AdamW8bit, lr=0.05, weight_decay=0.01, min_8bit_size=1)
+    assert ours[-1] < 0.05 * ours[0]
+    assert (w_ours - w_ref).norm() / w_ref.norm() < 0.05
+    bnb = pytest.importorskip("bitsandbytes")
+    theirs, w_bnb, _ = regression(bnb.optim.AdamW8bit, lr=0.05, weight_decay=0.01, min_8bit_size=1)
+    assert (w_ours - w_ref).norm() <= 1.1 * (w_bnb - w_ref).norm() + 1e-3  # as close to fp32 AdamW as bitsandbytes
+    state = opt.state[next(iter(opt.state))]
+    assert state["v_codes"].dtype == torch.uint8
+    assert state["m_codes"].dtype == torch.uint8 and state["m_codes"].numel() == 256 * 64
+    assert sum(t.numel() * t.element_size() for t in state.values()) < 0.3 * 2 * 4 * 256 * 64
+
+
+def test_galore_first_step_is_the_projected_sign_of_the_gradient():
+    w = nn.Parameter(torch.randn(32, 48))
+    G = torch.randn(32, 48)
+    w.grad = G.clone()
+    before = w.detach().clone()
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=0.1, scale=0.5, eps=0.0, svd_iters=0)
+    opt.step()
+    st = opt.state[w]
+    P = st["P"]
+    assert P.shape == (32, 4) and st["left"] and st["exp_avg"].shape == (4, 48)
+    U, _, _ = torch.linalg.svd(G)
+    assert torch.allclose((P.T @ U[:, :4]).abs().sum(0), torch.ones(4), atol=1e-3)  # top-4 left singular vectors
+    R = P.T @ G  # Adam's first step is m̂ / sqrt(v̂) = sign(R)
+    assert torch.allclose(w.detach(), before - 0.1 * 0.5 * P @ torch.sign(R), atol=1e-5)
+    tall = torch.randn(48, 32)
+    Pt = torch.linalg.svd(tall, full_matrices=False)[2][:4].T  # right side when m > n
+    assert project(tall, Pt, False).shape == (48, 4) and project_back(torch.ones(48, 4), Pt, False).shape == (48, 32)
+
+
+def full_model():
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4))
+
+
+def cfg(**kw):
+    base = dict(steps=6, batch_size=2, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3, eval_blocks=2,
+                precision="fp32", max_grad_norm=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_galore_layerwise_updates_equal_the_step_at_the_end(tmp_path):
+    data = toy_blocks()
+    a, b = full_model(), full_model()
+    oc = dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2)
+    train(a, data, data, cfg(), tmp_path / "a", progress=False, optim=OptimConfig(**oc, galore_layerwise=True))
+    train(b, data, data, cfg(), tmp_path / "b", progress=False, optim=OptimConfig(**oc, galore_layerwise=False))
+    pa, pb = params(a), params(b)
+    assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
+    assert any(not torch.equal(pa[n], p) for n, p in params(full_model()).items())
+
+
+@pytest.mark.parametrize("oc", [dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2),
+                                dict(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=2),
+                                dict(optimizer=OptimizerKind.ADAMW8BIT)])
+def test_resume_equals_an_uninterrupted_run(tmp_path, oc):
+    data = toy_blocks()
+
+    def make():
+        model = full_model()
+        if oc["optimizer"] is OptimizerKind.ADAMW8BIT:
+            add_adapters(model, LoRAConfig(rank=4, dropout=0.0))
+        return model
+
+    def stop(step):
+        if step == 4:  # killed after step 4; the last checkpoint is step 3
+            raise KeyboardInterrupt
+
+    whole = make()
+    train(whole, data, data, cfg(), tmp_path / "whole", progress=False, optim=OptimConfig(**oc))
+    with pytest.raises(KeyboardInterrupt):
+        train(make(), data, data, cfg(), tmp_path / "cut", progress=False, optim=OptimConfig(**oc), on_step=stop)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
+    resumed = make()
+    train(resumed, data, data, cfg(resume=True), tmp_path / "cut", progress=False, optim=OptimConfig(**oc))
+    pw, pr = params(whole), params(resumed)
+    assert all(torch.equal(pw[n], pr[n]) for n in pw), [n for n in pw if not torch.equal(pw[n], pr[n])][:3]
+
+
+def test_lisa_trains_only_the_sampled_layers_and_frees_the_rest():
+    model = full_model()
+    plan = build_optimizer(model, OptimConfig(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=2), lr=1e-3, weight_decay=0.0, seed=3)
+    layers = decoder_layers(model)
+    assert layers == [f"model.layers.{i}" for i in range(4)]
+    x = toy_blocks().input_ids[:2]
+    seen = []
+    for step in range(8):
+        plan.begin_step(step)
+        active = [i for i, n in enumerate(layers) if next(model.get_submodule(n).parameters()).requires_grad]
+        assert len(active) == 1 and model.model.embed_tokens.weight.requires_grad and model.lm_head.weight.requires_grad
+        if step % 2:
+            assert active == seen[-1]  # fixed within a period
+        seen.append(active)
+        plan.optimizer.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        plan.step(1.0)
+        states = {id(p) for p in plan.optimizer.state}
+        in_layers = [p for n in layers for p in model.get_submodule(n).parameters()]
+        held = [p for p in in_layers if id(p) in states]
+        assert all(p.requires_grad for p in held) and len(held) == len(list(model.get_submodule(layers[active[0]]).parameters()))
+    assert len({tuple(a) for a in seen}) > 1  # resampled across periods
+
+
+def test_loraplus_gives_b_a_larger_learning_rate(tiny_llama):
+    add_adapters(tiny_llama, LoRAConfig(rank=4))
+    plan = build_optimizer(tiny_llama, OptimConfig(loraplus_ratio=16), lr=1e-3, weight_decay=0.0)
+    groups = {g["lr_scale"]: g for g in plan.optimizer.param_groups}
+    assert set(groups) == {1.0, 16.0} and groups[16.0]["lr"] == pytest.approx(1.6e-2)
+    b_ids = {id(l.adapters["default"].B) for l in tiny_llama.modules() if hasattr(l, "adapters")}
+    assert {id(p) for p in groups[16.0]["params"]} == b_ids
+
+
+def test_bad_optimizer_options():
+    with pytest.raises(LorqError):
+        OptimConfig(galore_rank=0).validate()
+    with pytest.raises(LorqError, match="nothing to train"):
+        build_optimizer(full_model().requires_grad_(False), OptimConfig(), 1e-3, 0.0)
+    with pytest.raises(LorqError, match="lisa-layers"):
+        build_optimizer(full_model(), OptimConfig(optimizer=OptimizerKind.LISA, lisa_layers=9), 1e-3, 0.0)
+    assert OptimConfig(optimizer="galore").validate().full

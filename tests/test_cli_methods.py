@@ -1,0 +1,70 @@
+"""`lorq finetune` with each init, variant and optimizer: it trains, the output reloads with the
+model's final validation perplexity, and impossible combinations are one-line errors."""
+
+import json
+
+import pytest
+
+from test_cli import FAST, one_line_error, run
+
+
+def finetune(capsys, tiny_model_dir, out, *extra) -> dict:
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--lr", "3e-3", "--steps", "6", "--eval-every", "6", *extra)
+    assert code == 0, err
+    return json.loads((out / "summary.json").read_text())
+
+
+def reloaded_ppl(capsys, model, adapter=None, *extra) -> float:
+    args = ["eval", "--model", model, "--eval-blocks", "2", "--block-size", "32", "--batch-size", "2", *extra]
+    code, stdout, err = run(capsys, *args, *(["--adapter", adapter] if adapter else []))
+    assert code == 0, err
+    return float(stdout.split("perplexity ")[1].split()[0])
+
+
+@pytest.mark.parametrize("extra", [
+    ["--init", "pissa", "--format", "none"],
+    ["--init", "olora", "--format", "none", "--variant", "dora"],
+    ["--init", "lora-ga", "--format", "none", "--init-batches", "2"],
+    ["--init", "nlora", "--format", "none"],
+    ["--variant", "dylora", "--format", "none", "--dylora-rank", "2"],
+    ["--variant", "randlora", "--format", "none", "--optimizer", "adamw8bit"],
+    ["--init", "lora-sb", "--format", "none", "--init-batches", "2"],
+    ["--variant", "nola", "--format", "none", "--nola-bases", "8", "--loraplus-ratio", "4"],
+], ids=lambda e: "-".join(a for a in e if not a.startswith("-"))[:40])
+def test_methods_on_a_dense_base_train_and_reload(tiny_model_dir, tmp_path, capsys, extra):
+    s = finetune(capsys, tiny_model_dir, tmp_path / "run", *extra)
+    assert s["ppl_after"] < s["ppl_before"]
+    ppl = reloaded_ppl(capsys, tiny_model_dir, tmp_path / "run" / "adapter", "--precision", "fp32")
+    assert ppl == pytest.approx(s["ppl_after"], rel=1e-3)  # the exported adapter applies to the original model
+
+
+def test_pissa_on_a_quantized_base_quantizes_the_residual(tiny_model_dir, tmp_path, capsys):
+    s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--init", "pissa", "--format", "nf", "--bits", "4", "--group-size", "32")
+    assert s["ppl_after"] < s["ppl_before"]
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "run" / "base") and adapter["r"] == 4
+    ppl = reloaded_ppl(capsys, tmp_path / "run" / "base", tmp_path / "run" / "adapter", "--precision", "fp32")
+    assert ppl == pytest.approx(s["ppl_after"], rel=1e-3)
+
+
+@pytest.mark.parametrize("extra", [["--optimizer", "galore", "--galore-rank", "8", "--galore-gap", "2"],
+                                   ["--optimizer", "lisa", "--lisa-layers", "1", "--lisa-period", "2"],
+                                   ["--full"]])
+def test_full_parameter_training_writes_a_model(tiny_model_dir, tmp_path, capsys, extra):
+    s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--format", "none", *extra)
+    assert s["ppl_after"] < s["ppl_before"] and s["method"]["full"]
+    assert s["final"]["peak_optimizer_state_mb"] > 0
+    assert reloaded_ppl(capsys, tmp_path / "run" / "model", None, "--precision", "fp32") == pytest.approx(s["ppl_after"], rel=1e-3)
+
+
+def test_impossible_combinations_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    base = ["finetune", "--model", tiny_model_dir, "--output", tmp_path / "x", *FAST]
+    one_line_error(capsys, *base, "--optimizer", "galore", match="needs a dense base: add --format none")
+    one_line_error(capsys, *base, "--full", "--format", "none", "--init", "pissa", match="apply to adapters")
+    one_line_error(capsys, *base, "--init", "pissa", "--variant", "nola", "--format", "none", match="random by design")
+    one_line_error(capsys, *base, "--init", "pissa", "--lowrank", "loftq", match="both choose the adapter's start")
+    one_line_error(capsys, *base, "--init", "lora-sb", "--variant", "dora", match="needs --variant core")
+    one_line_error(capsys, *base, "--optimizer", "sgd", match="invalid choice")
+    one_line_error(capsys, *base, "--dylora-rank", "9", match="dylora-rank must be in")
+    one_line_error(capsys, *base, "--variant", "dylora", "--init", "pissa", "--format", "none", match="drop part of the base")
+    one_line_error(capsys, *base, "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")
