@@ -22,9 +22,11 @@ from .options import opt
 from .adapters.init import InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
 from .adapters.native_format import NATIVE_VARIANTS
+from .adapters.qat import QAT_VARIANTS, fold_quantized
 from .adapters.variants import Variant
 from .io import atomic_dir
 from .optim import OptimConfig
+from .optim.qgalore import dequantize_weights
 from .quant import (
     DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
     quantize_model, save_quantized,
@@ -205,6 +207,12 @@ def check_method(cfg: FinetuneConfig, lowrank: bool, say) -> None:
             raise LorqError("full-parameter training (--full, --optimizer galore/lisa) needs a dense base: add --format none")
     if init is not LoRAInit.GAUSSIAN and lowrank and cfg.lowrank_as is LowRankUse.INIT:
         raise LorqError(f"--init {init.value} and --lowrank {cfg.method.lowrank.value} both choose the adapter's start; pick one (or --lowrank-as compensate)")
+    if variant in QAT_VARIANTS and init is not LoRAInit.GAUSSIAN:
+        raise LorqError(f"--variant {variant.value} starts from the quantizer's own parameters; use --init gaussian")
+    if variant is Variant.PEQA and QuantFormat(cfg.quant.format) is not QuantFormat.INT:
+        raise LorqError("--variant peqa trains the scales of an INT-k base: add --format int")
+    if variant is Variant.L4Q and QuantFormat(cfg.quant.format) is not QuantFormat.NONE:
+        raise LorqError("--variant l4q quantizes the weights itself while training: add --format none")
     if variant is Variant.DYLORA and init not in (LoRAInit.GAUSSIAN, LoRAInit.LORA_SB):
         raise LorqError(f"--variant dylora trains truncated ranks; with --init {init.value} (moved out of the base) a lower rank would drop part of the base weight")
     if init is LoRAInit.LORA_SB and variant is Variant.LORA:
@@ -301,24 +309,31 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.lora.variant is Variant.DYLORA and not full:
         for layer in lora_layers(model).values():
             layer.adapters[cfg.lora.adapter_name].set_rank(cfg.lora.dylora_rank or cfg.lora.rank)
+    quantized_result = cfg.lora.variant in QAT_VARIANTS and not full
+    if quantized_result:  # the product is the quantized model itself: evaluate what is written
+        fold_quantized(model, cfg.lora.adapter_name)
     after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after")
-    result = out / ("model" if full else "adapter")
+    writes_model = full or quantized_result  # a model, not an adapter, is the result
+    result = out / ("model" if writes_model else "adapter")
     summary = {
         "base": str(path), "quantization": report.summary() if report else None,
         "method": {"init": cfg.start.init.value, "variant": cfg.lora.variant.value, "optimizer": cfg.optim.optimizer.value, "full": full},
         "trainable_parameters": n_trainable, "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "val_tokens": before["tokens"], "final": final, "seconds": round(time.perf_counter() - start, 1),
-        ("model" if full else "adapter"): str(result), "config": json.loads(json.dumps(asdict(cfg), default=str)), "processes": world.size,
+        ("model" if writes_model else "adapter"): str(result), "config": json.loads(json.dumps(asdict(cfg), default=str)), "processes": world.size,
     }
     if world.main:
-        if full:
+        if quantized_result:
+            save_quantized(model, tok, result, source=str(cfg.model))
+        elif full:
+            dequantize_weights(model)  # qgalore's int8 weights become plain linears for the HF file
             save_full_model(model, tok, result)
         else:
             # a residual init on a dense base: export against the original weights (rank r + r0)
             save_peft(model, result, cfg.lora.adapter_name, base_model=adapter_base, restore_base=residual and report is None)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         write_json(out / "summary.json", summary)
-    kind = "model (HF format)" if full else "adapter (PEFT format)" if cfg.lora.variant not in NATIVE_VARIANTS else "adapter (lorq format)"
+    kind = "quantized model (lorq format)" if quantized_result else "model (HF format)" if writes_model else "adapter (PEFT format)" if cfg.lora.variant not in NATIVE_VARIANTS else "adapter (lorq format)"
     say(f"validation perplexity: {before['ppl']:.3f} before -> {after['ppl']:.3f} after training "
           f"({summary['seconds']:.0f} s). {kind.capitalize()}: {result}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
     finish(world)

@@ -31,16 +31,19 @@ class LoRAConfig:
     rslora: bool = opt(False, "rank-stabilized scaling alpha / sqrt(r)")
     targets: list[str] = opt([DECODER_LINEARS], "regexes (searched in module names) of the linear layers to adapt")
     adapter_name: str = opt("default", "name of the adapter inside lorq (PEFT's adapter name)")
-    variant: Variant = opt(Variant.LORA, "adapter parametrization: lora, dora (magnitude + direction), dylora (nested ranks), core (frozen B, A; r×r core trained, LoRA-XS), nola (random-basis coefficients), randlora (full-rank from random bases)")
+    variant: Variant = opt(Variant.LORA, "adapter parametrization: lora, dora (magnitude + direction), dylora (nested ranks), core (frozen B, A; r×r core trained, LoRA-XS), nola (random-basis coefficients), randlora (full-rank from random bases), peqa (train the scales of an INT-k base), l4q (LoRA inside a learned-step quantizer; writes a quantized model)")
     nola_bases: int = opt(64, "nola: random bases per factor (trainable coefficients per layer = 2 × this)")
     basis_seed: int = opt(0, "nola / randlora: seed of the frozen random bases")
     dylora_rank: int = opt(0, "dylora: rank the adapter is evaluated and exported at (0 = --rank)")
+    qat_bits: int = opt(4, "l4q: bits of the quantized result")
+    qat_group_size: int = opt(64, "l4q: weights per learned step size, along each row")
 
     def options(self) -> dict:
         """Construction options of the variant."""
         self.variant = Variant(self.variant)
         return {Variant.NOLA: {"nola_bases": self.nola_bases, "basis_seed": self.basis_seed},
-                Variant.RANDLORA: {"basis_seed": self.basis_seed}}.get(self.variant, {})
+                Variant.RANDLORA: {"basis_seed": self.basis_seed},
+                Variant.L4Q: {"qat_bits": self.qat_bits, "qat_group_size": self.qat_group_size}}.get(self.variant, {})
 
     def validate(self) -> "LoRAConfig":
         self.variant = Variant(self.variant)

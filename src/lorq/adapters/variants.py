@@ -17,6 +17,7 @@ Every variant has the same surface, used by LoRALinear:
             trainable diagonals Λ_i (r) and Γ_i (on the smaller dimension).
 
 Random bases are generated from (shape, seed) and shared by every layer of that shape.
+peqa and l4q, whose product is a quantized model, live in adapters/qat.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Variant(str, Enum):
     CORE = "core"
     NOLA = "nola"
     RANDLORA = "randlora"
+    PEQA = "peqa"  # the scales of an INT-k base (adapters/qat.py)
+    L4Q = "l4q"  # LoRA inside a learned-step-size quantizer (adapters/qat.py)
 
 
 VARIANTS: dict[Variant, type] = {}
@@ -332,3 +335,6 @@ class RandLoRAAdapter(Adapter):
 
 def make_adapter(variant: Variant, layer, rank: int, alpha: float, rslora: bool, dropout: float, **options) -> Adapter:
     return VARIANTS[Variant(variant)](layer, rank, alpha, rslora, dropout, **options)
+
+
+from . import qat  # noqa: E402,F401  (registers peqa and l4q)

@@ -27,23 +27,25 @@ class OptimizerKind(str, Enum):
     ADAMW = "adamw"
     ADAMW8BIT = "adamw8bit"
     GALORE = "galore"
+    QGALORE = "qgalore"
     LISA = "lisa"
 
 
-FULL_PARAMETER = {OptimizerKind.GALORE, OptimizerKind.LISA}
+FULL_PARAMETER = {OptimizerKind.GALORE, OptimizerKind.QGALORE, OptimizerKind.LISA}
 
 
 @dataclass
 class OptimConfig:
     """The optimizer and which weights it trains."""
 
-    optimizer: OptimizerKind = opt(OptimizerKind.ADAMW, "adamw, adamw8bit (8-bit states), galore (full-parameter, low-rank projected states), lisa (full-parameter, a few sampled layers at a time)")
-    full: bool = opt(False, "train the base model's own weights instead of an adapter (implied by galore and lisa; needs a dense base)")
+    optimizer: OptimizerKind = opt(OptimizerKind.ADAMW, "adamw, adamw8bit (8-bit states), galore (full-parameter, low-rank projected states), qgalore (galore with int8 weights and int4 projections), lisa (full-parameter, a few sampled layers at a time)")
+    full: bool = opt(False, "train the base model's own weights instead of an adapter (implied by galore, qgalore and lisa; needs a dense base)")
     loraplus_ratio: float = opt(1.0, "LoRA+: learning rate of the B factors = ratio × lr (the paper suggests 16; 1 = plain LoRA)")
     galore_rank: int = opt(128, "galore: rank of the gradient projection")
     galore_gap: int = opt(200, "galore: steps between projection refreshes (T)")
     galore_scale: float = opt(0.25, "galore: scale of the projected-back update (α)")
     galore_layerwise: bool = opt(True, "galore: update each matrix during backward and free its gradient (needs grad-accum 1; clips per matrix)")
+    qgalore_similarity: float = opt(0.4, "qgalore: a layer's projection refresh interval doubles when its new projection is this similar to the last (mean |cos|)")
     lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
     lisa_period: int = opt(20, "lisa: steps between layer resamplings")
     lisa_embeddings: bool = opt(True, "lisa: always train the embeddings and output layer (the paper's choice)")
@@ -54,6 +56,8 @@ class OptimConfig:
             self.full = True
         if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:
             raise LorqError("loraplus-ratio, galore-rank, galore-gap and galore-scale must be positive")
+        if not 0 < self.qgalore_similarity <= 1:
+            raise LorqError(f"qgalore-similarity must be in (0, 1], got {self.qgalore_similarity}")
         return self
 
 
@@ -143,6 +147,23 @@ def build_galore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, wo
             raise LorqError("galore's layerwise updates need --grad-accum 1 and one process (or --no-galore-layerwise)")
         plan.layerwise, plan.hooks = optimizer, optimizer.attach_layerwise(max_norm)
     return plan
+
+
+@register(OptimizerKind.QGALORE)
+def build_qgalore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
+    from .qgalore import QGaLoreAdamW, quantize_weights_int8
+
+    if grad_accum != 1 or world_size != 1:
+        raise LorqError("qgalore updates each int8 weight during backward: it needs --grad-accum 1 and one process")
+    layers = quantize_weights_int8(model)  # the float weights are gone from here on
+    named = trainable(model)
+    codes = {f"{n}.codes": l.codes for n, l in layers.items()}
+    groups = [{"params": list(codes.values()), "rank": cfg.galore_rank, "int8": True, "lr": lr, "weight_decay": wd, "lr_scale": 1.0},
+              {"params": list(named.values()), "rank": 0, "lr": lr, "weight_decay": wd, "lr_scale": 1.0}]
+    optimizer = QGaLoreAdamW(groups, layers, similarity=cfg.qgalore_similarity, seed=seed, lr=lr, weight_decay=wd,
+                             update_gap=cfg.galore_gap, scale=cfg.galore_scale)
+    optimizer.clip = max_norm
+    return Plan(optimizer, {**named, **codes}, layerwise=optimizer)
 
 
 @register(OptimizerKind.LISA)

@@ -100,7 +100,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.clip = clip
         handles = []
         for i, group in enumerate(self.param_groups):
-            if not group["rank"]:
+            if not group["rank"] or group.get("int8"):  # int8 weights update from their own backward
                 continue
             for p in group["params"]:  # the group by index: load_state_dict replaces the group dicts
                 handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self.hook(p, self.param_groups[i])))

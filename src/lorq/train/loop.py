@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LorqError
 from ..eval.perplexity import LOSS_CHUNK, next_token_nll, perplexity
-from ..eval.memory import lifetime_peak_mib
+from ..eval.memory import lifetime_peak_mib, reset_peak
 from ..adapters.variants import Adapter
 from ..io import atomic_write_text
 from ..optim import OptimConfig, OptimizerKind, build_optimizer
@@ -95,7 +95,7 @@ class MetricsLog:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of the process so far (and peak CUDA memory on a GPU), MiB."""
+    """Peak resident memory since training started (and peak CUDA memory on a GPU), MiB."""
     out = {"peak_rss_mb": round(lifetime_peak_mib(), 1)}
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -167,6 +167,9 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     set_grad_checkpointing(model, cfg.grad_checkpointing)
     loss_fn = wrap(NextTokenLoss(model, cfg.loss_chunk), world)
     model.train()
+    reset_peak()  # the high-water mark of training, not of loading and quantizing the model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     last: dict = {}
     peak_state = 0.0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
@@ -216,7 +219,8 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     bar.close()
     plan.close()
     for p in plan.params.values():  # LISA leaves only its last layers trainable; restore the set
-        p.requires_grad_(True)
+        if p.is_floating_point():
+            p.requires_grad_(True)
     set_grad_checkpointing(model, False)
     model.eval()
     return {**last, "precision": precision.value}

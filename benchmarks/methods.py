@@ -1,0 +1,301 @@
+"""Adapter methods and optimizers under one budget, against PEFT's LoRA on a bitsandbytes NF4 base.
+
+Every method trains the embedded SmolLM2-135M-Instruct on the embedded task (CPython docs) with
+the same budget: the same steps, batches (a pure function of seed and step), block size, seed,
+warm-up + cosine schedule and validation blocks; each method sweeps 3 learning rates (its own
+grid: methods with few parameters need larger ones) and the best final validation loss is
+reported. Adapter methods run on lorq's NF4 base (double quantization); full-parameter methods
+(full AdamW, GaLore, Q-GaLore, LISA) need a dense base and run on fp32 (Q-GaLore turns the
+decoder's weights into int8 itself); PEQA trains the scales of an INT4 base, and L4Q trains on the
+fp32 base and writes an INT4 model, whose perplexity is the one reported. The anchor, PEFT LoRA r16 on a
+bitsandbytes NF4 + double-quant base (fp32 compute, a plain loop over the same batches and
+schedule), runs in the same invocation. Each run is its own process (peak memory is per process;
+the loop resets the high-water mark when training starts).
+
+Writes benchmarks/results/methods.{json,md} and methods.png (validation loss vs steps at the best
+learning rate of each method).
+
+    .venv/bin/python benchmarks/methods.py                      # about 85 minutes on 2 cores
+    .venv/bin/python benchmarks/methods.py --steps 4 --only "LoRA;PiSSA" --lrs 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quantization import bnb_model, machine  # noqa: E402
+
+from lorq.eval.memory import lifetime_peak_mib, reset_peak  # noqa: E402
+from lorq.io import atomic_write_text, read_json, save_figure, write_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+WORK = RESULTS / ".methods_runs"
+ANCHOR = "PEFT LoRA, bitsandbytes NF4 (anchor)"
+ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
+FEW_PARAM_LRS = [3e-3, 1e-2, 3e-2]
+FULL_LRS = [1e-5, 3e-5, 1e-4]
+GALORE_LRS = [3e-5, 1e-4, 3e-4]  # GaLore scales its projected update by 0.25
+SCALE_LRS = [1e-5, 3e-5, 1e-4]  # PEQA moves quantization scales of ~1e-2 directly
+# name -> (finetune options, learning rates). Full-parameter methods set format "none".
+METHODS: dict[str, tuple[dict, list[float]]] = {
+    ANCHOR: ({}, ADAPTER_LRS),
+    "LoRA": ({}, ADAPTER_LRS),
+    "rsLoRA": ({"rslora": True}, ADAPTER_LRS),
+    "LoRA+ (B lr x16)": ({"loraplus_ratio": 16.0}, ADAPTER_LRS),
+    "LoRA, 8-bit AdamW": ({"optimizer": "adamw8bit"}, ADAPTER_LRS),
+    "DoRA": ({"variant": "dora"}, ADAPTER_LRS),
+    "DyLoRA (nested ranks, eval at r)": ({"variant": "dylora"}, ADAPTER_LRS),
+    "PiSSA": ({"init": "pissa"}, ADAPTER_LRS),
+    "OLoRA": ({"init": "olora"}, ADAPTER_LRS),
+    "NLoRA (Nystrom)": ({"init": "nlora"}, ADAPTER_LRS),
+    "LoRA-GA": ({"init": "lora-ga"}, ADAPTER_LRS),
+    "LoftQ init": ({"lowrank": "loftq"}, ADAPTER_LRS),
+    "LoRA-SB (r x r core)": ({"init": "lora-sb"}, FEW_PARAM_LRS),
+    "LoRA-XS (core, SVD of W)": ({"variant": "core"}, FEW_PARAM_LRS),
+    "NOLA": ({"variant": "nola"}, FEW_PARAM_LRS),
+    "RandLoRA": ({"variant": "randlora"}, FEW_PARAM_LRS),
+    "PEQA (INT4 g64 base, scales only)": ({"variant": "peqa", "format": "int", "bits": 4}, SCALE_LRS),
+    "L4Q (QAT LoRA, writes INT4 g64)": ({"variant": "l4q", "format": "none"}, ADAPTER_LRS),
+    "Full fine-tuning (AdamW, fp32 base)": ({"full": True, "format": "none"}, FULL_LRS),
+    "GaLore (fp32 base)": ({"optimizer": "galore", "format": "none"}, GALORE_LRS),
+    "Q-GaLore (int8 weights)": ({"optimizer": "qgalore", "format": "none"}, GALORE_LRS),
+    "LISA (2 layers, fp32 base)": ({"optimizer": "lisa", "format": "none"}, FULL_LRS),
+}
+PLAIN = "LoRA"
+FULL = "Full fine-tuning (AdamW, fp32 base)"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def finetune_config(options: dict, lr: float, args, out: Path):
+    from lorq.cli import leaf_fields
+    from lorq.jobs import FinetuneConfig
+
+    cfg = FinetuneConfig(output=str(out))
+    settings = {"steps": args.steps, "batch_size": args.batch, "block_size": args.block, "lr": lr, "warmup_steps": args.warmup,
+                "eval_every": args.eval_every, "eval_blocks": args.eval_blocks, "save_every": 10**6, "precision": "fp32",
+                "seed": 0, "galore_gap": max(1, args.steps // 2), "lisa_period": max(1, args.steps // 5), **options}
+    fields = leaf_fields(FinetuneConfig)
+    for key, value in settings.items():
+        path, _, _ = fields[key]
+        target = cfg
+        for p in path[:-1]:
+            target = getattr(target, p)
+        setattr(target, path[-1], value)
+    return cfg
+
+
+def lorq_child(options: dict, lr: float, args, out: Path) -> dict:
+    from lorq.jobs import run_finetune
+
+    summary = run_finetune(finetune_config(options, lr, args, out))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [r for r in rows if "loss" in r]
+    return {"val_curve": curve, "ppl_before": summary["ppl_before"], "ppl_after": summary["ppl_after"],
+            "trainable_parameters": summary["trainable_parameters"],
+            "peak_rss_mib": max(r["peak_rss_mb"] for r in train), "peak_optimizer_state_mib": train[-1]["peak_optimizer_state_mb"],
+            "step_s": [r["step_s"] for r in train], "tokens_per_step": args.batch * args.block}
+
+
+def peft_child(lr: float, args) -> dict:
+    """The anchor: PEFT LoRA on bitsandbytes NF4, the same batches, schedule and validation."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorq.eval.perplexity import perplexity
+    from lorq.models.loading import load_tokenizer, resolve_model
+    from lorq.train.data import DataConfig, load_blocks
+    from lorq.train.loop import TrainConfig, batch_indices, lr_at
+
+    path = resolve_model(None)
+    train_blocks, val_blocks = load_blocks(load_tokenizer(path), DataConfig(block_size=args.block))
+    val = val_blocks.take(args.eval_blocks)
+    torch.manual_seed(0)
+    model = get_peft_model(bnb_model(path, torch.float32), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    cfg = TrainConfig(steps=args.steps, lr=lr, warmup_steps=args.warmup)
+    before = perplexity(model, val, args.batch)
+    curve, seconds, peak = [(0, before["loss"])], [], 0.0
+    reset_peak()  # as lorq's loop does: the peak of training, not of loading
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        idx = batch_indices(step, len(train_blocks), args.batch, 0)
+        model(input_ids=train_blocks.input_ids[idx], labels=train_blocks.labels[idx]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+        peak = max(peak, lifetime_peak_mib())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append((step + 1, perplexity(model, val, args.batch)["loss"]))
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    return {"val_curve": curve, "ppl_before": before["ppl"], "ppl_after": math.exp(curve[-1][1]),
+            "trainable_parameters": sum(p.numel() for p in params), "peak_rss_mib": peak,
+            "peak_optimizer_state_mib": state / 2**20, "step_s": seconds, "tokens_per_step": args.batch * args.block}
+
+
+def child(args) -> int:
+    options, _ = METHODS[args.child]
+    out = Path(args.out)
+    result = peft_child(args.lr, args) if args.child == ANCHOR else lorq_child(options, args.lr, args, out)
+    write_json(args.json, result)
+    return 0
+
+
+def run_one(name: str, lr: float, args) -> dict | None:
+    slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_lr{lr:g}"
+    out, js, log = WORK / slug, WORK / f"{slug}.json", WORK / f"{slug}.log"
+    cmd = [sys.executable, __file__, "--child", name, "--lr", str(lr), "--out", str(out), "--json", str(js),
+           *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks")), [])]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    took = time.perf_counter() - t0
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["?"]
+        print(f"   {name} lr {lr:g}: FAILED ({tail[0][:200]})", flush=True)
+        return {"lr": lr, "failed": tail[0][:300]}
+    r = read_json(js)
+    measured = r["step_s"][1:] or r["step_s"]
+    r.update(lr=lr, wall_s=round(took, 1), tokens_per_s=round(r["tokens_per_step"] * len(measured) / sum(measured), 1),
+             final_val_loss=r["val_curve"][-1][1])
+    print(f"   {name} lr {lr:g}: val loss {r['final_val_loss']:.4f}, ppl {r['ppl_after']:.2f}, {r['tokens_per_s']:.0f} tok/s, "
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB, optimizer state {r['peak_optimizer_state_mib']:.1f} MiB ({took:.0f} s)", flush=True)
+    return r
+
+
+def steps_to_reach(curve: list, target: float) -> int | None:
+    return next((s for s, loss in curve if s > 0 and loss <= target), None)
+
+
+def summarize(rows: list[dict], args) -> dict:
+    by = {r["name"]: r for r in rows if r.get("best")}
+    plain, full = by.get(PLAIN), by.get(FULL)
+    untrained_nf4 = plain["best"]["ppl_before"] if plain else None
+    targets = {}
+    for r in rows:
+        b = r.get("best")
+        if not b:
+            continue
+        dense = "format" in METHODS[r["name"]][0]
+        r["untrained_ppl"] = b["ppl_before"] if dense or r["name"] == ANCHOR else untrained_nf4
+        r["beats_untrained"] = b["ppl_after"] < r["untrained_ppl"]
+    targets["every method lowers validation perplexity below the untrained model"] = all(r.get("beats_untrained") for r in rows)
+    if plain:
+        goal, total = plain["best"]["final_val_loss"], args.steps
+        for name in ("PiSSA", "LoRA-GA"):
+            if name in by:
+                reach = steps_to_reach(by[name]["best"]["val_curve"], goal)
+                by[name]["steps_to_lora_final"] = reach
+                targets[f"{name} reaches plain LoRA's final validation loss in <= 60% of its steps"] = reach is not None and reach <= 0.6 * total
+    if full:
+        for name, key, bound, what in (("GaLore (fp32 base)", "peak_rss_mib", 0.6, "peak memory"),
+                                       ("LISA (2 layers, fp32 base)", "peak_optimizer_state_mib", 0.25, "peak optimizer memory")):
+            if name in by:
+                ratio = by[name]["best"][key] / full["best"][key]
+                by[name][f"{key}_vs_full"] = round(ratio, 3)
+                targets[f"{name.split(' (')[0]} {what} <= {bound}x full fine-tuning with AdamW"] = ratio <= bound
+    return targets
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--eval-blocks", type=int, default=8)
+    p.add_argument("--lrs", type=int, default=3, help="learning rates per method (the first N of its grid)")
+    p.add_argument("--only", help="method names separated by semicolons (default: all)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    names = [n for n in METHODS if not args.only or n in args.only.split(";")]
+    WORK.mkdir(parents=True, exist_ok=True)
+    info, start, rows = machine(), time.perf_counter(), []
+    for name in names:
+        options, lrs = METHODS[name]
+        print(f"== {name}", flush=True)
+        runs = [run_one(name, lr, args) for lr in lrs[: args.lrs]]
+        ok = [r for r in runs if "failed" not in r]
+        best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
+        rows.append({"name": name, "options": options, "runs": runs, "best": best})
+    result = {"machine": info, "seconds": round(time.perf_counter() - start, 1),
+              "settings": {k: getattr(args, k) for k in ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks", "lrs")}
+              | {"rank": 16, "alpha": 32, "targets": "all decoder linears", "seed": 0}, "rows": rows}
+    result["targets"] = summarize(rows, args)
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "methods.json", result)
+    atomic_write_text(RESULTS / "methods.md", markdown(result))
+    plot(rows, RESULTS / "methods.png")
+    print(markdown(result))
+    return 0
+
+
+def markdown(result) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [
+        "# Adapter methods and optimizers, one budget", "",
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. "
+        f"Embedded SmolLM2-135M-Instruct, embedded CPython-docs task; {s['steps']} steps x {s['batch']} blocks x {s['block']} tokens, "
+        f"{s['warmup']} warm-up steps then cosine, seed 0, validation loss on {s['eval_blocks']} blocks every {s['eval_every']} steps; "
+        f"rank {s['rank']}, alpha {s['alpha']}, {s['targets']}; {s['lrs']} learning rates per method, the best final validation loss kept. "
+        f"Adapter methods on lorq NF4 (double quant); full-parameter methods on the fp32 base. Whole run {result['seconds'] / 60:.0f} min.", "",
+        "| method | best lr | val loss | val ppl | untrained ppl | trainable params | peak RSS MiB | optimizer state MiB | tokens/s | lrs tried (final val loss) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        b = r["best"]
+        tried = ", ".join(f"{x['lr']:g} ({x['final_val_loss']:.3f})" if "failed" not in x else f"{x['lr']:g} (failed)" for x in r["runs"])
+        if not b:
+            lines.append(f"| {r['name']} | - | failed | | | | | | | {tried} |")
+            continue
+        lines.append(f"| {r['name']} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
+                     f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f} | {tried} |")
+    extra = [f"- {r['name']}: reaches plain LoRA's final validation loss at step {r['steps_to_lora_final']} of {s['steps']}"
+             if r.get("steps_to_lora_final") else f"- {r['name']}: does not reach plain LoRA's final validation loss within {s['steps']} steps"
+             for r in result["rows"] if "steps_to_lora_final" in r]
+    extra += [f"- {r['name']}: {k.replace('_mib_vs_full', '').replace('_', ' ')} = {v}x full fine-tuning"
+              for r in result["rows"] for k, v in r.items() if k.endswith("_vs_full")]
+    lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for r in rows:
+        if r["best"]:
+            steps, losses = zip(*r["best"]["val_curve"])
+            ax.plot(steps, losses, marker="o", ms=3, lw=2.5 if r["name"] in (ANCHOR, PLAIN) else 1.1,
+                    ls="--" if "fp32 base" in r["name"] else "-", label=f"{r['name']} (lr {r['best']['lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (best learning rate)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("SmolLM2-135M on the embedded task: every method, one budget")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

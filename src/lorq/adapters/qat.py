@@ -1,0 +1,143 @@
+"""Variants whose end product is a quantized model, not an adapter.
+
+- peqa: Kim et al. 2023, "Memory-Efficient Fine-Tuning of Compressed LLMs via sub-4-bit Integer
+        Quantization": the integer codes (and zero points) of an INT-k base stay frozen, only the
+        per-group scales s train. With w = s (q - z): w' = (s'/s) w, so the update is
+        ΔW = (Δs / s) ⊙ W_q, and folding it in rewrites s (and min = -z s) only.
+- l4q:  Jeon et al. 2024, "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning": the LoRA
+        update is merged into the weight inside a learned-step-size quantizer (LSQ, Esser et al.
+        2020): W_q = α · clamp(⌊(W + s B A) / α⌉, -2^(k-1), 2^(k-1) - 1), rounding with a
+        straight-through gradient, α (per output row and group) trained with A and B. Folding
+        writes W_q as lorq's symmetric INT-k format: one quantized model.
+
+`fold_quantized(model, name)` replaces every layer carrying such an adapter by the
+QuantizedLinear it has become.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import LorqError
+from ..quant.affine import AffineWeight, as_groups, from_groups
+from ..quant.base import FormatConfig, QuantFormat
+from ..quant.linear import QuantizedLinear, set_module
+from .variants import Adapter, LowRankAdapter, Variant, compute_dtype_of, register
+
+
+def expand_groups(g: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+    """(out, groups) -> (out, in): each group's value repeated over its columns."""
+    return g.repeat_interleave(group, dim=1)[:, :in_features]
+
+
+@register(Variant.PEQA)
+class PEQAAdapter(Adapter):
+    """Trainable Δs (out, groups) on the scales of an INT-k base; no low-rank factors."""
+
+    trainable_names = ("scale_delta",)
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        base = layer.base
+        if not isinstance(base, QuantizedLinear) or QuantFormat(base.cfg.format) is not QuantFormat.INT or base.rank:
+            raise LorqError("the peqa variant trains the scales of an INT-k base: use --format int (without --lowrank)")
+        qw = base.qweight()
+        self.group = qw.group
+        self.register_buffer("scale0", qw.scale.float(), persistent=False)  # (out, groups)
+        self.scale_delta = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        ratio = expand_groups(self.scale_delta / self.scale0, self.in_features, self.group)  # (out, in)
+        return ratio * layer.base.dequantize(torch.float32)
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        dtype = compute_dtype_of(x, self.scale_delta)
+        return x.to(dtype) @ self.delta_weight(layer).to(dtype).T
+
+    def folded(self, layer) -> QuantizedLinear:
+        """The base with s' = s + Δs (and min' = min · s'/s): same codes, still quantized."""
+        qw = layer.base.qweight()
+        new_scale = (self.scale0 + self.scale_delta.detach())
+        params = {"scale": new_scale.to(torch.float16)}
+        if qw.min is not None:
+            params["min"] = (qw.min.float() * new_scale / self.scale0).to(torch.float16)
+        codes = qw.int_codes()
+        return QuantizedLinear.from_weight(AffineWeight.from_codes(qw.shape, qw.cfg, codes, params), layer.base.bias)
+
+
+class RoundSTE(torch.autograd.Function):
+    """round(x) forward, identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@register(Variant.L4Q)
+class L4QAdapter(LowRankAdapter):
+    """LoRA merged into the weight inside an LSQ quantizer with trainable step sizes α."""
+
+    trainable_names = ("A", "B", "step")
+
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+                 qat_bits: int = 4, qat_group_size: int = 64, **kw):
+        super().__init__(layer, rank, alpha, rslora, dropout, **kw)
+        if not isinstance(layer.base, nn.Linear):
+            raise LorqError("the l4q variant quantizes W + s·B A itself: it needs a dense base (--format none)")
+        if qat_bits not in AffineWeight.supported_bits or qat_group_size <= 0:
+            raise LorqError(f"qat-bits must be one of {AffineWeight.supported_bits} and qat-group-size positive")
+        self.bits, self.group = qat_bits, qat_group_size
+        wg = as_groups(layer.base.weight, qat_group_size)  # (out, groups, g)
+        # LSQ starts where symmetric min-max quantization is: α = 2·absmax / (2^k - 1)
+        self.step = nn.Parameter((2 * wg.abs().amax(-1) / (2**qat_bits - 1)).clamp_min(1e-8))  # (out, groups)
+
+    def options(self) -> dict:
+        return {"qat_bits": self.bits, "qat_group_size": self.group}
+
+    def quantized_weight(self, layer, dtype=torch.float32) -> torch.Tensor:
+        """α · clamp(⌊(W + s B A) / α⌉), differentiable in A, B (STE) and α (LSQ)."""
+        w = layer.base.weight.to(dtype) + LowRankAdapter.delta_weight(self).to(dtype)  # (out, in)
+        alpha = expand_groups(self.step.to(dtype), self.in_features, self.group)
+        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return alpha * torch.clamp(RoundSTE.apply(w / alpha), lo, hi)
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        if layer is None:
+            raise LorqError("an L4Q update depends on the base weight")
+        return self.quantized_weight(layer) - layer.base.weight.float()
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        dtype = compute_dtype_of(x, self.A)
+        return x.to(dtype) @ (self.quantized_weight(layer, dtype) - layer.base.weight.to(dtype)).T
+
+    @torch.no_grad()
+    def folded(self, layer) -> QuantizedLinear:
+        """W_q as symmetric INT-k (codes = ⌊W'/α⌉ + 2^(k-1), scale = α in fp16)."""
+        cfg = FormatConfig(format="int", bits=self.bits, group_size=self.group, symmetric=True).validate()
+        w = layer.base.weight.float() + LowRankAdapter.delta_weight(self).float()
+        scale = self.step.detach().to(torch.float16)
+        wg = as_groups(w, self.group)
+        codes = (torch.round(wg / scale.float().unsqueeze(-1)) + 2 ** (self.bits - 1)).clamp(0, 2**self.bits - 1).to(torch.uint8)
+        qw = AffineWeight.from_codes(w.shape, cfg, from_groups(codes, w.shape[1]), {"scale": scale})
+        return QuantizedLinear.from_weight(qw, layer.base.bias)
+
+
+QAT_VARIANTS = (Variant.PEQA, Variant.L4Q)
+
+
+def fold_quantized(model: nn.Module, name: str) -> list[str]:
+    """Replace every layer with a PEQA / L4Q adapter `name` by its quantized result."""
+    from .lora import lora_layers
+
+    done = []
+    for module, layer in lora_layers(model).items():
+        ad = layer.adapters[name] if name in layer.adapters else None
+        if ad is not None and ad.variant in QAT_VARIANTS:
+            set_module(model, module, ad.folded(layer))
+            done.append(module)
+    return done

@@ -1,0 +1,77 @@
+"""PEQA and L4Q: their updates follow the papers' formulas, and folding them gives a quantized
+layer (lorq's INT-k format) with the trained layer's outputs."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorq.adapters.lora import LoRALinear
+from lorq.adapters.qat import fold_quantized
+from lorq.adapters.variants import Variant
+from lorq.errors import LorqError
+from lorq.quant import FormatConfig, QuantizedLinear
+from lorq.quant.affine import AffineWeight
+
+
+def int_layer(symmetric=False):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    return QuantizedLinear.from_linear(lin, FormatConfig(format="int", bits=4, group_size=32, symmetric=symmetric).validate())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_peqa_trains_the_scales_and_folds_into_the_same_codes(symmetric):
+    q = int_layer(symmetric)
+    layer = LoRALinear(q)
+    ad = layer.add("a", 1, 1.0, variant=Variant.PEQA)
+    x = torch.randn(4, 96)
+    assert torch.allclose(layer(x), q(x), atol=1e-6) and ad.scale_delta.shape == (40, 3)
+    with torch.no_grad():
+        ad.scale_delta.copy_(ad.scale0 * 0.1 * torch.randn(40, 3, generator=torch.Generator().manual_seed(1)))
+    ratio = ((ad.scale0 + ad.scale_delta) / ad.scale0).repeat_interleave(32, dim=1)
+    w_new = ratio * q.dequantize()  # s' (q - z) = (s'/s) · s (q - z)
+    assert torch.allclose(layer(x), x @ w_new.T + q.bias, atol=1e-5)
+    folded = ad.folded(layer)
+    assert torch.equal(folded.qweight().int_codes(), q.qweight().int_codes())  # only the scales moved
+    assert torch.allclose(folded(x), layer(x), atol=2e-3)  # fp16 scales
+    loss = layer(x).pow(2).sum()
+    loss.backward()
+    assert ad.scale_delta.grad is not None and ad.scale_delta.grad.abs().sum() > 0
+
+
+def test_peqa_needs_an_int_base():
+    with pytest.raises(LorqError, match="--format int"):
+        LoRALinear(nn.Linear(8, 8)).add("a", 1, 1.0, variant=Variant.PEQA)
+    nf = QuantizedLinear.from_linear(nn.Linear(64, 8), FormatConfig(format="nf", bits=4).validate())
+    with pytest.raises(LorqError, match="--format int"):
+        LoRALinear(nf).add("a", 1, 1.0, variant=Variant.PEQA)
+
+
+def test_l4q_starts_at_symmetric_rtn_and_folds_to_int():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=False)
+    layer = LoRALinear(lin)
+    ad = layer.add("a", 4, 8.0, variant=Variant.L4Q, qat_bits=4, qat_group_size=32)
+    x = torch.randn(6, 96)
+    with torch.no_grad():  # α on the fp16 grid, so lorq's INT format (fp16 scales) is the oracle
+        ad.step.copy_(ad.step.half().float())
+    cfg = FormatConfig(format="int", bits=4, group_size=32, symmetric=True).validate()
+    rtn = AffineWeight.from_params(lin.weight.detach(), cfg, {"scale": ad.step.detach().half()}).dequantize()
+    assert torch.allclose(layer(x), x @ rtn.T, atol=1e-5)  # B = 0: the RTN-quantized layer
+    with torch.no_grad():
+        ad.B.normal_(0, 0.05)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    assert all(getattr(ad, n).grad.abs().sum() > 0 for n in ("A", "B", "step"))  # STE and LSQ gradients
+    folded = ad.folded(layer)
+    assert folded.cfg.symmetric and torch.allclose(folded(x), out, atol=1e-4)
+    values = ad.quantized_weight(layer).detach() / ad.step.detach().repeat_interleave(32, dim=1)
+    assert torch.allclose(values, values.round(), atol=1e-4) and values.abs().max() <= 8  # on the 4-bit grid
+
+
+def test_fold_quantized_replaces_the_wrapped_layers(tiny_llama):
+    from lorq.adapters import LoRAConfig, add_adapters
+
+    add_adapters(tiny_llama, LoRAConfig(rank=2, targets=["q_proj"], variant=Variant.L4Q, qat_group_size=32))
+    done = fold_quantized(tiny_llama, "default")
+    assert len(done) == 2 and all(isinstance(tiny_llama.get_submodule(n), QuantizedLinear) for n in done)
