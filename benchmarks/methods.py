@@ -121,7 +121,7 @@ def peft_child(lr: float, args) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(bnb_model(path, torch.float32), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # lorq's default (torch's is 0.01)
     cfg = TrainConfig(steps=args.steps, lr=lr, warmup_steps=args.warmup)
     before = perplexity(model, val, args.batch)
     curve, seconds, peak = [(0, before["loss"])], [], 0.0

@@ -30,7 +30,8 @@ def reloaded_ppl(capsys, model, adapter=None, *extra) -> float:
     ["--variant", "dylora", "--format", "none", "--dylora-rank", "2"],
     ["--variant", "randlora", "--format", "none", "--optimizer", "adamw8bit"],
     ["--init", "lora-sb", "--format", "none", "--init-batches", "2"],
-    ["--variant", "nola", "--format", "none", "--nola-bases", "8", "--loraplus-ratio", "4"],
+    ["--variant", "nola", "--format", "none", "--nola-bases", "8"],
+    ["--variant", "dora", "--format", "none", "--loraplus-ratio", "4", "--weight-decay", "0.1"],
 ], ids=lambda e: "-".join(a for a in e if not a.startswith("-"))[:40])
 def test_methods_on_a_dense_base_train_and_reload(tiny_model_dir, tmp_path, capsys, extra):
     s = finetune(capsys, tiny_model_dir, tmp_path / "run", *extra)
@@ -74,12 +75,16 @@ def test_impossible_combinations_are_one_line_errors(tiny_model_dir, tmp_path, c
     base = ["finetune", "--model", tiny_model_dir, "--output", tmp_path / "x", *FAST]
     one_line_error(capsys, *base, "--optimizer", "galore", match="needs a dense base: add --format none")
     one_line_error(capsys, *base, "--full", "--format", "none", "--init", "pissa", match="apply to adapters")
-    one_line_error(capsys, *base, "--init", "pissa", "--variant", "nola", "--format", "none", match="random by design")
+    one_line_error(capsys, *base, "--init", "pissa", "--variant", "nola", "--format", "none", match="random bases by design")
     one_line_error(capsys, *base, "--init", "pissa", "--lowrank", "loftq", match="both choose the adapter's start")
     one_line_error(capsys, *base, "--init", "lora-sb", "--variant", "dora", match="needs --variant core")
     one_line_error(capsys, *base, "--optimizer", "sgd", match="invalid choice")
     one_line_error(capsys, *base, "--dylora-rank", "9", match="dylora-rank must be in")
     one_line_error(capsys, *base, "--variant", "dylora", "--init", "pissa", "--format", "none", match="drop part of the base")
     one_line_error(capsys, *base, "--variant", "peqa", match="add --format int")
+    one_line_error(capsys, *base, "--variant", "dylora", "--lowrank", "loftq", match="drop part of the base")
+    one_line_error(capsys, *base, "--variant", "nola", "--loraplus-ratio", "16", match="trains no B")
+    one_line_error(capsys, *base, "--dylora-rank", "2", match="applies to --variant dylora")
+    one_line_error(capsys, *base, "--optimizer", "lisa", "--format", "none", "--loraplus-ratio", "4", match="full-parameter training has none")
     one_line_error(capsys, *base, "--variant", "l4q", match="add --format none")
     one_line_error(capsys, *base, "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")

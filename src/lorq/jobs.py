@@ -15,16 +15,15 @@ import torch
 from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
-from .io import write_json
+from .io import atomic_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, MODEL_HELP, load_model
 from .options import opt
-from .adapters.init import InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
+from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
 from .adapters.native_format import NATIVE_VARIANTS
 from .adapters.qat import QAT_VARIANTS, fold_quantized
 from .adapters.variants import Variant
-from .io import atomic_dir
 from .optim import OptimConfig
 from .optim.qgalore import dequantize_weights
 from .quant import (
@@ -197,29 +196,42 @@ def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
+    """Why this combination of init, variant, optimizer and base cannot work (empty: it can)."""
+    init, variant, optim, fmt = cfg.start.init, cfg.lora.variant, cfg.optim, QuantFormat(cfg.quant.format)
+    lowrank_init = lowrank and cfg.lowrank_as is LowRankUse.INIT
+    plain_start = init is LoRAInit.GAUSSIAN and not lowrank_init
+    moved_out_of_base = init in RESIDUAL_INITS or lowrank_init
+    rules = [
+        (optim.full and (not plain_start or variant is not Variant.LORA or lowrank),
+         "full-parameter training (--full, --optimizer galore/qgalore/lisa) trains the base weights: --init, --variant and --lowrank apply to adapters"),
+        (optim.full and fmt is not QuantFormat.NONE, "full-parameter training (--full, --optimizer galore/qgalore/lisa) needs a dense base: add --format none"),
+        (optim.full and optim.loraplus_ratio != 1.0, "--loraplus-ratio sets the B factors' learning rate; full-parameter training has none"),
+        (init is not LoRAInit.GAUSSIAN and lowrank_init,
+         f"--init {init.value} and --lowrank {cfg.method.lowrank.value} both choose the adapter's start; pick one (or --lowrank-as compensate)"),
+        (variant in (Variant.NOLA, Variant.RANDLORA) and not plain_start,
+         f"--variant {variant.value} builds its update from random bases by design: use --init gaussian and no --lowrank init"),
+        (variant in QAT_VARIANTS and not plain_start, f"--variant {variant.value} starts from the quantizer's own parameters: use --init gaussian and no --lowrank"),
+        (variant is Variant.PEQA and fmt is not QuantFormat.INT, "--variant peqa trains the scales of an INT-k base: add --format int"),
+        (variant is Variant.L4Q and fmt is not QuantFormat.NONE, "--variant l4q quantizes the weights itself while training: add --format none"),
+        (variant is Variant.DYLORA and moved_out_of_base,
+         "--variant dylora trains truncated ranks; with a start moved out of the base (--init pissa/olora/nlora/lora-ga, --lowrank ... init) a lower rank would drop part of the base weight"),
+        (cfg.lora.dylora_rank and variant is not Variant.DYLORA, "--dylora-rank applies to --variant dylora"),
+        (optim.loraplus_ratio != 1.0 and variant not in (Variant.LORA, Variant.DORA, Variant.DYLORA, Variant.L4Q),
+         f"--loraplus-ratio sets the B factors' learning rate; the {variant.value} variant trains no B"),
+        (init is LoRAInit.LORA_SB and variant not in (Variant.LORA, Variant.CORE), f"--init lora-sb needs --variant core (got {variant.value})"),
+    ]
+    return [message for broken, message in rules if broken]
+
+
 def check_method(cfg: FinetuneConfig, lowrank: bool, say) -> None:
-    """Combinations of init, variant and optimizer that cannot work, refused up front."""
-    init, variant, optim = cfg.start.init, cfg.lora.variant, cfg.optim
-    if optim.full:
-        if init is not LoRAInit.GAUSSIAN or variant is not Variant.LORA or lowrank:
-            raise LorqError("full-parameter training (--full, --optimizer galore/lisa) trains the base weights: --init, --variant and --lowrank apply to adapters")
-        if QuantFormat(cfg.quant.format) is not QuantFormat.NONE:
-            raise LorqError("full-parameter training (--full, --optimizer galore/lisa) needs a dense base: add --format none")
-    if init is not LoRAInit.GAUSSIAN and lowrank and cfg.lowrank_as is LowRankUse.INIT:
-        raise LorqError(f"--init {init.value} and --lowrank {cfg.method.lowrank.value} both choose the adapter's start; pick one (or --lowrank-as compensate)")
-    if variant in QAT_VARIANTS and init is not LoRAInit.GAUSSIAN:
-        raise LorqError(f"--variant {variant.value} starts from the quantizer's own parameters; use --init gaussian")
-    if variant is Variant.PEQA and QuantFormat(cfg.quant.format) is not QuantFormat.INT:
-        raise LorqError("--variant peqa trains the scales of an INT-k base: add --format int")
-    if variant is Variant.L4Q and QuantFormat(cfg.quant.format) is not QuantFormat.NONE:
-        raise LorqError("--variant l4q quantizes the weights itself while training: add --format none")
-    if variant is Variant.DYLORA and init not in (LoRAInit.GAUSSIAN, LoRAInit.LORA_SB):
-        raise LorqError(f"--variant dylora trains truncated ranks; with --init {init.value} (moved out of the base) a lower rank would drop part of the base weight")
-    if init is LoRAInit.LORA_SB and variant is Variant.LORA:
+    """Refuse impossible combinations up front; --init lora-sb brings its core variant."""
+    conflicts = method_conflicts(cfg, lowrank)
+    if conflicts:
+        raise LorqError(conflicts[0])
+    if cfg.start.init is LoRAInit.LORA_SB and cfg.lora.variant is Variant.LORA:
         cfg.lora.variant = Variant.CORE
         say("lorq: note: --init lora-sb trains an r×r core between frozen factors: using --variant core", flush=True)
-    elif init is LoRAInit.LORA_SB and variant is not Variant.CORE:
-        raise LorqError(f"--init lora-sb needs --variant core (got {variant.value})")
 
 
 def init_batches(train_blocks, cfg: FinetuneConfig) -> list:
@@ -333,7 +345,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             save_peft(model, result, cfg.lora.adapter_name, base_model=adapter_base, restore_base=residual and report is None)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         write_json(out / "summary.json", summary)
-    kind = "quantized model (lorq format)" if quantized_result else "model (HF format)" if writes_model else "adapter (PEFT format)" if cfg.lora.variant not in NATIVE_VARIANTS else "adapter (lorq format)"
+    kind = ("quantized model (lorq format)" if quantized_result else "model (HF format)" if writes_model
+            else "adapter (lorq format)" if cfg.lora.variant in NATIVE_VARIANTS else "adapter (PEFT format)")
     say(f"validation perplexity: {before['ppl']:.3f} before -> {after['ppl']:.3f} after training "
           f"({summary['seconds']:.0f} s). {kind.capitalize()}: {result}; metrics: {out / 'metrics.jsonl'}; plot: {out / 'loss.png'}")
     finish(world)

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lorq.adapters import LoRAConfig, add_adapters, lora_layers
 from lorq.adapters.init import INITS, InitConfig, LoRAInit, apply_starts, compute_starts, full_gradients

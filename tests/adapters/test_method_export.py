@@ -97,3 +97,33 @@ def test_native_adapter_on_the_wrong_model_is_a_clear_error(tiny_llama, tmp_path
     other = LlamaForCausalLM(tiny_llama_config(hidden_size=32))
     with pytest.raises(LorqError, match="does not fit"):
         load_peft(other, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c, t: c.update(options=[1, 2]), "malformed"),
+    (lambda c, t: c.update(r=0), "r > 0"),
+    (lambda c, t: c.update(variant="lora"), "variant among"),
+    (lambda c, t: c.update(options={"nola_bases": 8, "bogus": 1}), "do not fit"),
+    (lambda c, t: t.pop(next(k for k in t if k.endswith("start_A"))), "start_B / start_A"),
+])
+def test_malformed_native_files_are_clear_errors_and_leave_the_base_alone(tiny_llama, tmp_path, edit, match):
+    from safetensors.torch import load_file, save_file
+
+    original = copy.deepcopy(tiny_llama)
+    model = trained(tiny_llama, Variant.CORE, LoRAInit.PISSA) if "start" in match else trained(tiny_llama, Variant.NOLA)
+    save_peft(model, tmp_path / "ad", restore_base=True)
+    cfg_path, w_path = tmp_path / "ad" / "adapter_config.json", tmp_path / "ad" / "adapter_model.safetensors"
+    cfg, tensors = json.loads(cfg_path.read_text()), load_file(w_path)
+    edit(cfg, tensors)
+    cfg_path.write_text(json.dumps(cfg))
+    save_file(tensors, str(w_path))
+    before = {n: p.clone() for n, p in original.named_parameters()}
+    with pytest.raises(LorqError, match=match):
+        load_peft(original, tmp_path / "ad")
+    assert all(torch.equal(p, before[n]) for n, p in original.named_parameters() if n in before)
+
+
+def test_peqa_and_l4q_refuse_to_be_saved_as_adapters(tiny_llama, tmp_path):
+    add_adapters(tiny_llama, LoRAConfig(rank=2, targets=["q_proj"], variant=Variant.L4Q, qat_group_size=32))
+    with pytest.raises(LorqError, match="fold it into the quantized model"):
+        save_peft(tiny_llama, tmp_path / "ad")

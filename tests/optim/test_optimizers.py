@@ -1,7 +1,6 @@
 """Optimizers: 8-bit AdamW against torch's AdamW and bitsandbytes' 8-bit AdamW, GaLore against its
 update rule, LISA's layer sampling and freed state, LoRA+ groups; resumes are exact."""
 
-import copy
 
 import pytest
 import torch
@@ -100,16 +99,12 @@ def test_galore_layerwise_updates_equal_the_step_at_the_end(tmp_path):
 
 
 @pytest.mark.parametrize("oc", [dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2),
-                                dict(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=2),
-                                dict(optimizer=OptimizerKind.ADAMW8BIT)])
+                                dict(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=3),  # resumes at a period boundary
+                                dict(optimizer=OptimizerKind.ADAMW8BIT, full=True)])  # full: tensors past min_8bit_size
 def test_resume_equals_an_uninterrupted_run(tmp_path, oc):
     data = toy_blocks()
 
-    def make():
-        model = full_model()
-        if oc["optimizer"] is OptimizerKind.ADAMW8BIT:
-            add_adapters(model, LoRAConfig(rank=4, dropout=0.0))
-        return model
+    make = full_model
 
     def stop(step):
         if step == 4:  # killed after step 4; the last checkpoint is step 3
@@ -124,6 +119,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, oc):
     train(resumed, data, data, cfg(resume=True), tmp_path / "cut", progress=False, optim=OptimConfig(**oc))
     pw, pr = params(whole), params(resumed)
     assert all(torch.equal(pw[n], pr[n]) for n in pw), [n for n in pw if not torch.equal(pw[n], pr[n])][:3]
+
+
+def test_adamw8bit_state_stays_8bit_through_a_checkpoint():
+    _, _, opt = regression(AdamW8bit, steps=3, lr=0.05, min_8bit_size=1)
+    fresh = AdamW8bit([nn.Parameter(torch.zeros(256, 64))], lr=0.05, min_8bit_size=1)
+    fresh.load_state_dict(opt.state_dict())  # torch casts state to the parameter's dtype on load
+    st = next(iter(fresh.state.values()))
+    assert st["m_codes"].dtype == torch.uint8 and st["v_codes"].dtype == torch.uint8
+
+
+def test_no_weight_decay_on_tensors_whose_neutral_value_is_not_zero(tiny_llama):
+    from lorq.adapters.variants import Variant
+
+    add_adapters(tiny_llama, LoRAConfig(rank=4, targets=["q_proj"], variant=Variant.DORA))
+    plan = build_optimizer(tiny_llama, OptimConfig(), lr=1e-3, weight_decay=0.1)
+    decay = {id(p): g["weight_decay"] for g in plan.optimizer.param_groups for p in g["params"]}
+    layer = tiny_llama.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert decay[id(layer.magnitude)] == 0.0 and decay[id(layer.A)] == 0.1
 
 
 def test_lisa_trains_only_the_sampled_layers_and_frees_the_rest():

@@ -12,8 +12,10 @@ quantized (as QPiSSA does).
 - olora:   Büyükakyüz 2024: W = Q R, B = Q[:, :r], A = R[:r], the base keeps W - s·B A.
 - nlora:   Nyström sketch of W's principal subspace, W ≈ (WΩ)(ΨᵀWΩ)⁺(ΨᵀW), balanced like PiSSA.
 - lora-ga: Wang et al. 2024: G = U S Vᵀ; A = c·V[:, :r]ᵀ, B = c·U[:, r:2r] (PEFT's recommended
-           "ArB2r" directions), c = d_out^¼ / √γ (the paper's stable scale); residual kept.
-- lora-sb: Ponkshe et al. 2024: the first Adam-like step ΔW₀ = -lr·G / rms(G) = U S Vᵀ;
+           "ArB2r" directions), c = d_out^¼ / √γ on both factors and no S, as in the paper (PEFT's
+           implementation also multiplies B by S); residual kept.
+- lora-sb: Ponkshe et al. 2024: a normalized first step ΔW₀ = -lr·G / rms(G) = U S Vᵀ (the
+           gradient's direction at the size of Adam's first step, lr per entry);
            B = U_r, A = V_rᵀ (frozen, `core` variant), core R = S_r / s; the model starts at W + ΔW₀'s
            best rank-r approximation (no residual).
 
@@ -84,6 +86,7 @@ class Start:
 InitFn = Callable[[torch.Tensor, "torch.Tensor | None", int, float, InitConfig, float], Start]
 INITS: dict[LoRAInit, InitFn] = {}
 NEEDS_GRADIENT = {LoRAInit.LORA_GA, LoRAInit.LORA_SB}
+RESIDUAL_INITS = {LoRAInit.PISSA, LoRAInit.OLORA, LoRAInit.NLORA, LoRAInit.LORA_GA}  # the base keeps W - ΔW₀
 
 
 def register_init(kind: LoRAInit):
@@ -133,8 +136,8 @@ def olora(W, G, rank, scaling, cfg, lr) -> Start:
 @register_init(LoRAInit.NLORA)
 def nlora(W, G, rank, scaling, cfg, lr) -> Start:
     g = torch.Generator().manual_seed(W.shape[0] * 31 + W.shape[1])
-    omega = torch.randn(W.shape[1], rank, generator=g)  # (in, r)
-    psi = torch.randn(W.shape[0], rank, generator=g)  # (out, r)
+    omega = torch.randn(W.shape[1], rank, generator=g).to(W.device)  # (in, r)
+    psi = torch.randn(W.shape[0], rank, generator=g).to(W.device)  # (out, r)
     left = W @ omega  # (out, r)
     core = torch.linalg.pinv(psi.T @ left)  # (r, r)
     right = psi.T @ W  # (r, in)
@@ -155,7 +158,7 @@ def lora_ga(W, G, rank, scaling, cfg, lr) -> Start:
 
 @register_init(LoRAInit.LORA_SB)
 def lora_sb(W, G, rank, scaling, cfg, lr) -> Start:
-    step = -lr * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # an Adam-like first step (out, in)
+    step = -lr * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # the gradient's direction, Adam's step size (out, in)
     U, S, V = top_svd(step, rank, cfg.svd_iters)
     return Start(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S) / scaling, residual=False)
 

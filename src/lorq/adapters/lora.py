@@ -7,13 +7,11 @@ by alpha / sqrt(r) instead. Several adapters live side by side, addressed by nam
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import LorqError
 from ..options import opt
@@ -47,12 +45,12 @@ class LoRAConfig:
 
     def validate(self) -> "LoRAConfig":
         self.variant = Variant(self.variant)
+        if self.rank <= 0:
+            raise LorqError(f"rank must be a positive integer, got {self.rank}")
         if self.nola_bases <= 0:
             raise LorqError(f"nola-bases must be positive, got {self.nola_bases}")
         if not 0 <= self.dylora_rank <= self.rank:
             raise LorqError(f"dylora-rank must be in 0..{self.rank} (the rank), got {self.dylora_rank}")
-        if self.rank <= 0:
-            raise LorqError(f"rank must be a positive integer, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise LorqError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
@@ -83,10 +81,17 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise LorqError(f"adapter {name!r} already exists")
         ad = make_adapter(variant, self, rank, alpha, rslora, dropout, **options)
+        ad.to(self.device)  # next to the base (random banks stay shared only on the CPU)
         ad.train(self.training)  # a new adapter follows its layer's train/eval mode
         self.adapters[name] = ad
         self.active.append(name)
         return ad
+
+    @property
+    def device(self) -> torch.device:
+        t = next(self.base.parameters(), None)
+        t = t if t is not None else next(self.base.buffers(), None)
+        return t.device if t is not None else torch.device("cpu")
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -150,13 +155,26 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig, name: str | None = None) -> 
     if not targets:
         raise LorqError(f"target pattern(s) {cfg.targets} match no linear layer of the model")
     for t in targets:
-        layer = model.get_submodule(t)
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer)
-            set_module(model, t, layer)
-        layer.add(name, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, cfg.variant, **cfg.options())
+        wrap_layer(model, t).add(name, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, cfg.variant, **cfg.options())
     mark_trainable(model, name)
     return targets
+
+
+def wrap_layer(model: nn.Module, module: str) -> LoRALinear:
+    """The LoRALinear at `module`, wrapping the linear layer there first if needed."""
+    layer = model.get_submodule(module)
+    if not isinstance(layer, LoRALinear):
+        layer = LoRALinear(layer)
+        set_module(model, module, layer)
+    return layer
+
+
+def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    """Adapter `name` trainable (and nothing else), or the whole model frozen."""
+    if trainable:
+        mark_trainable(model, name)
+    else:
+        model.requires_grad_(False)
 
 
 def mark_trainable(model: nn.Module, name: str) -> None:

@@ -26,8 +26,7 @@ from safetensors.torch import save_file
 
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
-from ..quant.linear import set_module
-from .lora import LoRALinear, lora_layers, mark_trainable
+from .lora import LoRALinear, lora_layers, set_trainable, wrap_layer
 from .variants import Variant
 
 CONFIG_FILE = "adapter_config.json"
@@ -39,7 +38,10 @@ NATIVE_VARIANTS = (Variant.CORE, Variant.NOLA, Variant.RANDLORA)
 
 def is_native(path: Path) -> bool:
     cfg = path / CONFIG_FILE
-    return cfg.is_file() and read_json(cfg).get("peft_type") == "LORQ"
+    if not cfg.is_file():
+        return False
+    config = read_json(cfg)
+    return isinstance(config, dict) and config.get("peft_type") == "LORQ"
 
 
 def bank_key(name: str, t: torch.Tensor) -> str:
@@ -80,10 +82,14 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
         raise LorqError(f"{path}: lorq adapter format_version {config.get('format_version')} is not {FORMAT_VERSION}")
     try:
         variant = Variant(config["variant"])
-        rank, alpha, modules = int(config["r"]), float(config["lora_alpha"]), list(config["modules"])
+        rank, alpha, modules = int(config["r"]), float(config["lora_alpha"]), [str(m) for m in config["modules"]]
+        options, dropout = dict(config.get("options") or {}), float(config.get("lora_dropout", 0.0))
     except (KeyError, ValueError, TypeError) as e:
         raise LorqError(f"{path / CONFIG_FILE}: malformed lorq adapter config ({e})")
+    if variant not in NATIVE_VARIANTS or rank <= 0 or not modules or not 0 <= dropout < 1:
+        raise LorqError(f"{path / CONFIG_FILE}: a lorq adapter needs a variant among {[v.value for v in NATIVE_VARIANTS]}, r > 0, modules and a dropout in [0, 1)")
     tensors = load_safetensors(path / WEIGHTS_FILE)
+    starts = {}
     for module in modules:
         try:
             layer = model.get_submodule(module)
@@ -91,19 +97,21 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
             raise LorqError(f"adapter {path} targets {module}, which this base model does not have")
         if not hasattr(layer, "in_features"):
             raise LorqError(f"adapter {path} targets {module}, which is not a linear layer")
+        start = tensors.get(f"{PREFIX}{module}.start_B"), tensors.get(f"{PREFIX}{module}.start_A")
+        if any(t is not None for t in start):  # the adapter was trained on W - ΔW₀
+            B0, A0 = start
+            if B0 is None or A0 is None or B0.shape[0] != layer.out_features or A0.shape[1] != layer.in_features or B0.shape[1] != A0.shape[0]:
+                raise LorqError(f"{path}: {module}'s start_B / start_A are missing or do not fit the layer")
+            base = layer.base if isinstance(layer, LoRALinear) else layer
+            if not isinstance(base, nn.Linear) or (isinstance(layer, LoRALinear) and layer.adapters):
+                raise LorqError(f"{path} was trained from a residual init: it needs a dense base without other adapters")
+            starts[module] = B0 @ A0
     for module in modules:
-        layer = model.get_submodule(module)
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer)
-            set_module(model, module, layer)
-        start_B, start_A = tensors.get(f"{PREFIX}{module}.start_B"), tensors.get(f"{PREFIX}{module}.start_A")
-        if start_B is not None:  # the adapter was trained on W - ΔW₀: make this base that
-            if not isinstance(layer.base, nn.Linear):
-                raise LorqError(f"{path} was trained from a residual init and needs a dense base")
-            with torch.no_grad():
-                layer.base.weight -= (start_B @ start_A).to(layer.base.weight.dtype)
-        ad = layer.add(name, rank, alpha, bool(config.get("use_rslora")), float(config.get("lora_dropout", 0.0)),
-                       variant, **config.get("options", {}))
+        layer = wrap_layer(model, module)
+        try:
+            ad = layer.add(name, rank, alpha, bool(config.get("use_rslora")), dropout, variant, **options)
+        except TypeError as e:
+            raise LorqError(f"{path / CONFIG_FILE}: options {options} do not fit the {variant.value} variant ({e})")
         own = {k: tensors.get(f"{PREFIX}{module}.{k}") for k in ad.state_dict()}
         missing = [k for k, t in own.items() if t is None]
         if missing:
@@ -115,9 +123,9 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
                 setattr(ad, bank, t)  # the stored basis, shared by the layers of this shape
         except (RuntimeError, KeyError) as e:
             raise LorqError(f"adapter {path} does not fit the base model at {module}: {str(e).splitlines()[0]}")
-    if trainable:
-        mark_trainable(model, name)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    with torch.no_grad():  # only now that everything fits: make the base the one it was trained on
+        for module, delta in starts.items():
+            base = model.get_submodule(module).base
+            base.weight -= delta.to(base.weight.dtype)
+    set_trainable(model, name, trainable)
     return sorted(modules)

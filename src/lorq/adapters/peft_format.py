@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
-from ..quant.linear import QuantizedLinear, set_module
-from .lora import LoRALinear, lora_layers, lora_scaling, mark_trainable
+from ..quant.linear import QuantizedLinear
+from .lora import LoRALinear, lora_layers, lora_scaling, set_trainable, wrap_layer
 from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
 from .variants import Variant
 
@@ -69,6 +69,8 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
     if not layers:
         raise LorqError(f"the model has no adapter named {name!r}")
     variant = next(iter(layers.values())).adapters[name].variant
+    if variant in (Variant.PEQA, Variant.L4Q):
+        raise LorqError(f"a {variant.value} adapter is not exported as an adapter: fold it into the quantized model it becomes (adapters.qat.fold_quantized, then save_quantized)")
     if variant in NATIVE_VARIANTS:
         return save_native(model, out, name, base_model, restore_base)
     tensors, shapes = {}, set()
@@ -196,10 +198,7 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainab
             raise LorqError(f"adapter {path} targets {module}, which this base model does not have")
         check_fits(path, module, layer, A, B)
     for module, (A, B) in pairs.items():
-        layer = model.get_submodule(module)
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer)
-            set_module(model, module, layer)
+        layer = wrap_layer(model, module)
         ad = layer.add(name, A.shape[0], _alpha_for(module, config), bool(config.get("use_rslora")),
                        float(config.get("lora_dropout", 0.0)), variant)
         with torch.no_grad():
@@ -207,9 +206,5 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", trainab
             ad.B.copy_(B)
             if variant is Variant.DORA:
                 ad.magnitude.copy_(config["magnitudes"][module])
-    if trainable:
-        mark_trainable(model, name)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    set_trainable(model, name, trainable)
     return sorted(pairs)

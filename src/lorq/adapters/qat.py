@@ -4,10 +4,12 @@
         Quantization": the integer codes (and zero points) of an INT-k base stay frozen, only the
         per-group scales s train. With w = s (q - z): w' = (s'/s) w, so the update is
         ΔW = (Δs / s) ⊙ W_q, and folding it in rewrites s (and min = -z s) only.
+  Input dropout does not apply to peqa and l4q: they change the weight, not add a branch.
 - l4q:  Jeon et al. 2024, "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning": the LoRA
         update is merged into the weight inside a learned-step-size quantizer (LSQ, Esser et al.
         2020): W_q = α · clamp(⌊(W + s B A) / α⌉, -2^(k-1), 2^(k-1) - 1), rounding with a
-        straight-through gradient, α (per output row and group) trained with A and B. Folding
+        straight-through gradient, α (per output row and group) trained with A and B (without
+        LSQ's gradient scale 1/sqrt(N·Qp): Adam's normalization makes it moot). Folding
         writes W_q as lorq's symmetric INT-k format: one quantized model.
 
 `fold_quantized(model, name)` replaces every layer carrying such an adapter by the
@@ -83,6 +85,7 @@ class L4QAdapter(LowRankAdapter):
     """LoRA merged into the weight inside an LSQ quantizer with trainable step sizes α."""
 
     trainable_names = ("A", "B", "step")
+    no_decay_names = ("step",)
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
                  qat_bits: int = 4, qat_group_size: int = 64, **kw):
@@ -120,7 +123,7 @@ class L4QAdapter(LowRankAdapter):
         """W_q as symmetric INT-k (codes = ⌊W'/α⌉ + 2^(k-1), scale = α in fp16)."""
         cfg = FormatConfig(format="int", bits=self.bits, group_size=self.group, symmetric=True).validate()
         w = layer.base.weight.float() + LowRankAdapter.delta_weight(self).float()
-        scale = self.step.detach().to(torch.float16)
+        scale = self.step.detach().clamp_min(6.2e-5).to(torch.float16)  # fp16's smallest normal: no zero scale
         wg = as_groups(w, self.group)
         codes = (torch.round(wg / scale.float().unsqueeze(-1)) + 2 ** (self.bits - 1)).clamp(0, 2**self.bits - 1).to(torch.uint8)
         qw = AffineWeight.from_codes(w.shape, cfg, from_groups(codes, w.shape[1]), {"scale": scale})

@@ -78,8 +78,9 @@ class Adapter(nn.Module):
     variant: Variant
     trainable_names: tuple[str, ...] = ()
     bank_names: tuple[str, ...] = ()  # frozen random bases shared by layers of one shape
+    no_decay_names: tuple[str, ...] = ()  # trained tensors whose "no change" is not 0 (no weight decay)
 
-    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **_):
+    def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0):  # unknown options: TypeError
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
@@ -157,6 +158,7 @@ class DoRAAdapter(LowRankAdapter):
     """W' = m ⊙ (W + s B A) / ||W + s B A||_row (norm detached); m starts at ||W||_row."""
 
     trainable_names = ("A", "B", "magnitude")
+    no_decay_names = ("magnitude",)
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
@@ -165,7 +167,8 @@ class DoRAAdapter(LowRankAdapter):
 
     @torch.no_grad()
     def reset_magnitude(self, layer) -> None:
-        w = base_weight(layer) + LowRankAdapter.delta_weight(self).float()
+        w = base_weight(layer)
+        w = w + LowRankAdapter.delta_weight(self).float().to(w.device)
         self.magnitude.copy_(torch.linalg.vector_norm(w, dim=1))
 
     def scale(self, layer, dtype) -> torch.Tensor:
@@ -301,6 +304,7 @@ class RandLoRAAdapter(Adapter):
 
     trainable_names = ("lam", "gamma")
     bank_names = ("S", "L")
+    no_decay_names = ("gamma",)
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
                  basis_seed: int = 0, **kw):

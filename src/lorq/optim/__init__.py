@@ -91,16 +91,21 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def param_groups(named: dict[str, nn.Parameter], lr: float, wd: float, loraplus_ratio: float) -> list[dict]:
-    """LoRA+ (Hayou et al. 2024): the B factors learn `ratio` times faster than the rest."""
-    b = [p for n, p in named.items() if n.endswith(".B")]
-    rest = [p for n, p in named.items() if not n.endswith(".B")]
-    groups = [{"params": rest, "lr_scale": 1.0}] if rest else []
-    if b:
-        groups.append({"params": b, "lr_scale": loraplus_ratio})
-    for g in groups:
-        g.update(lr=lr * g["lr_scale"], weight_decay=wd)
-    return groups
+def no_decay_ids(model: nn.Module) -> set[int]:
+    """Trained tensors whose neutral value is not 0 (DoRA's magnitude, step sizes, scalings)."""
+    from ..adapters.variants import Adapter
+
+    return {id(getattr(m, n)) for m in model.modules() if isinstance(m, Adapter) for n in m.no_decay_names}
+
+
+def param_groups(named: dict[str, nn.Parameter], lr: float, wd: float, loraplus_ratio: float, no_decay: set[int] = frozenset()) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): the B factors learn `ratio` times faster than the rest; tensors
+    in `no_decay` get no weight decay."""
+    groups = {}
+    for n, p in named.items():
+        key = (loraplus_ratio if n.endswith(".B") else 1.0, 0.0 if id(p) in no_decay else wd)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr_scale": scale, "lr": lr * scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
 
 
 def galore_groups(model: nn.Module, named: dict[str, nn.Parameter], cfg: OptimConfig, lr: float, wd: float) -> list[dict]:
@@ -127,13 +132,13 @@ def register(kind: OptimizerKind):
 @register(OptimizerKind.ADAMW)
 def build_adamw(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
     named = trainable(model)
-    return Plan(torch.optim.AdamW(param_groups(named, lr, wd, cfg.loraplus_ratio), lr=lr, weight_decay=wd), named)
+    return Plan(torch.optim.AdamW(param_groups(named, lr, wd, cfg.loraplus_ratio, no_decay_ids(model)), lr=lr, weight_decay=wd), named)
 
 
 @register(OptimizerKind.ADAMW8BIT)
 def build_adamw8bit(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
     named = trainable(model)
-    return Plan(AdamW8bit(param_groups(named, lr, wd, cfg.loraplus_ratio), lr=lr, weight_decay=wd), named)
+    return Plan(AdamW8bit(param_groups(named, lr, wd, cfg.loraplus_ratio, no_decay_ids(model)), lr=lr, weight_decay=wd), named)
 
 
 @register(OptimizerKind.GALORE)
@@ -158,12 +163,13 @@ def build_qgalore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, w
     layers = quantize_weights_int8(model)  # the float weights are gone from here on
     named = trainable(model)
     codes = {f"{n}.codes": l.codes for n, l in layers.items()}
+    scales = {f"{n}.scale": l.scale for n, l in layers.items()}  # grow when a weight outgrows its group
     groups = [{"params": list(codes.values()), "rank": cfg.galore_rank, "int8": True, "lr": lr, "weight_decay": wd, "lr_scale": 1.0},
               {"params": list(named.values()), "rank": 0, "lr": lr, "weight_decay": wd, "lr_scale": 1.0}]
     optimizer = QGaLoreAdamW(groups, layers, similarity=cfg.qgalore_similarity, seed=seed, lr=lr, weight_decay=wd,
                              update_gap=cfg.galore_gap, scale=cfg.galore_scale)
     optimizer.clip = max_norm
-    return Plan(optimizer, {**named, **codes}, layerwise=optimizer)
+    return Plan(optimizer, {**named, **codes, **scales}, layerwise=optimizer)
 
 
 @register(OptimizerKind.LISA)

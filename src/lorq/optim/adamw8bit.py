@@ -58,6 +58,17 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every state tensor to its parameter's dtype on load: codes back to uint8."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for key in ("m_codes", "v_codes"):
+                if key in st:
+                    st[key] = st[key].to(torch.uint8)
+            for key in ("m_absmax", "v_absmax", "m", "v"):
+                if key in st:
+                    st[key] = st[key].float()
+
     def moments(self, st: dict, g: torch.Tensor, small: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if small:
             return st.setdefault("m", torch.zeros_like(g)), st.setdefault("v", torch.zeros_like(g))

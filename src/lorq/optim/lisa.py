@@ -57,7 +57,7 @@ class LayerSampler:
         period = step // self.period
         if period == self.current:
             return
-        self.current = period
+        self.current = period  # (None after construction: the first call, or a resume, always selects)
         active = {id(p) for i in self.active_layers(step) for p in self.layer_params[i]} | {id(p) for p in self.always}
         for group in self.optimizer.param_groups:
             for p in group["params"]:

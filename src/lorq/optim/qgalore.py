@@ -1,7 +1,8 @@
 """Q-GaLore (Zhang et al. 2024): GaLore with INT8 weights, INT4 projections and lazy,
 layer-adaptive projection refreshes.
 
-- The decoder's linear weights live as int8 codes with one fp32 scale per (row, group of 128):
+- The decoder's linear weights live as int8 codes with one fp32 scale per (row, group of 128)
+  (a scale grows when an update takes a weight past its group's range):
   `Int8Linear`. Its backward hands the weight gradient straight to the optimizer (no float
   gradient or float weight is ever stored), which applies the GaLore update to the dequantized
   weight and writes it back with stochastic rounding, E[round(x)] = x, so updates smaller than
@@ -27,11 +28,18 @@ GROUP = 128
 P_FORMAT = FormatConfig(format="int", bits=4, group_size=64)
 
 
+def group_absmax(w: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> (out, groups of GROUP): the largest |w| of each group."""
+    pad = -w.shape[1] % GROUP
+    w = torch.cat([w, w[:, -1:].expand(-1, pad)], 1) if pad else w
+    return w.abs().view(w.shape[0], -1, GROUP).amax(-1)
+
+
 def int8_codes(w: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """w (out, in) / scale (out, groups) -> int8 codes in [-127, 127]; stochastic rounding with a
-    generator (floor(x + u), u ~ U[0, 1)), nearest without."""
+    (CPU) generator (floor(x + u), u ~ U[0, 1)), nearest without."""
     x = w / scale.repeat_interleave(GROUP, dim=1)[:, : w.shape[1]]
-    x = torch.floor(x + torch.rand(x.shape, generator=generator)) if generator is not None else torch.round(x)
+    x = torch.floor(x + torch.rand(x.shape, generator=generator).to(x.device)) if generator is not None else torch.round(x)
     return x.clamp(-127, 127).to(torch.int8)
 
 
@@ -61,9 +69,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
-        pad = -w.shape[1] % GROUP
-        wg = torch.cat([w, w[:, -1:].expand(-1, pad)], 1).view(w.shape[0], -1, GROUP) if pad else w.view(w.shape[0], -1, GROUP)
-        scale = (wg.abs().amax(-1) / 127).clamp_min(1e-12)  # (out, groups)
+        scale = (group_absmax(w) / 127).clamp_min(1e-12)  # (out, groups)
         self.register_buffer("scale", scale)
         self.register_buffer("codes", int8_codes(w, scale, None))
         self.bias = linear.bias
@@ -155,5 +161,6 @@ class QGaLoreAdamW(GaLoreAdamW):
         if group["weight_decay"]:
             w.mul_(1 - group["lr"] * group["weight_decay"])
         w.add_(direction, alpha=-group["lr"])
+        layer.scale.copy_(torch.maximum(layer.scale, group_absmax(w) / 127))  # a weight may outgrow its group's range
         g = torch.Generator().manual_seed((self.seed * 1000003 + st["step"]) * 1009 + layer.index)  # resumable
         layer.codes.copy_(int8_codes(w, layer.scale, g))

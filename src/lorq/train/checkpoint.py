@@ -24,14 +24,14 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer, keep: int = 1) -> Path:
-    """params: the tensors the optimizer updates, by name."""
+def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer, keep: int = 1, kind: str = "") -> Path:
+    """params: the tensors the optimizer updates, by name; kind: the optimizer's name."""
     root = checkpoint_root(out_dir)
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in params.items()}
         save_file(tensors, str(tmp / TRAINABLE))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / STATE)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "optimizer_kind": kind}, tmp / STATE)
     atomic_write_text(root / "latest", name + "\n")
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
@@ -47,9 +47,10 @@ def latest_checkpoint(out_dir) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_step=lambda step: None) -> int:
+def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_step=lambda step: None, kind: str = "") -> int:
     """Restore the trained tensors, optimizer and RNG; returns the step it was taken after.
-    at_step(step) runs before the optimizer state is loaded (LISA re-selects that step's layers)."""
+    at_step(step) runs after the optimizer state is loaded (LISA selects that step's layers and
+    frees the state of the others). kind: the optimizer's name, checked against the saved one."""
     tensors = load_safetensors(path / TRAINABLE)
     if set(tensors) != set(params):
         raise LorqError(f"checkpoint {path} was written for different adapters than this run's; use a new --output")
@@ -62,7 +63,12 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_s
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # a truncated or foreign file; torch raises many kinds
         raise LorqError(f"checkpoint {path / STATE} is unreadable ({type(e).__name__})")
+    if state.get("optimizer_kind", kind) != kind:
+        raise LorqError(f"checkpoint {path} was written by --optimizer {state['optimizer_kind']}, this run uses {kind}; use a new --output")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise LorqError(f"checkpoint {path} holds optimizer state for other parameter groups ({str(e).splitlines()[0][:120]}); use a new --output")
     at_step(int(state["step"]))
-    optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])

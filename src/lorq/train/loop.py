@@ -158,7 +158,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
-        start = load_checkpoint(ckpt, plan.params, optimizer, at_step=plan.begin_step)
+        start = load_checkpoint(ckpt, plan.params, optimizer, at_step=plan.begin_step, kind=optim.optimizer.value)
         print(f"lorq: resuming from {ckpt} (step {start})", flush=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to=start if cfg.resume else -1) if world.main else None
     if metrics is not None and start == 0 and initial_val is not None:
@@ -173,51 +173,53 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     last: dict = {}
     peak_state = 0.0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step", disable=not progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups scale the schedule
-        plan.begin_step(step)
-        for ad in adapters:
-            ad.begin_step(step, cfg.seed)
-        optimizer.zero_grad(set_to_none=True)
-        idx = batch_indices(step, len(train_blocks), per_step, cfg.seed)
-        loss_sum, tokens = 0.0, 0
-        micros = idx.split(cfg.batch_size)
-        for i, micro in enumerate(micros):
-            mine = world.share(micro)
-            x = train_blocks.input_ids[mine].to(device)
-            y = train_blocks.labels[mine].to(device)
-            n_all = world.all_sum(int((y[:, 1:] != IGNORE).sum()))  # labelled tokens of the whole micro-batch
-            with no_sync(loss_fn, i < len(micros) - 1), autocast(precision, device):
-                nll, n = loss_fn(x, y)
-                # DDP averages over ranks: x world.size makes it the single-process gradient
-                (nll * world.size / max(n_all, 1) / cfg.grad_accum).backward()
-            loss_sum += nll.item()
-            tokens += n
-        loss_sum, tokens = world.all_sum(loss_sum), world.all_sum(tokens)
-        grad_norm = plan.step(cfg.max_grad_norm)
-        dt = time.perf_counter() - t0
-        state_mb = plan.state_bytes() / 2**20
-        peak_state = max(peak_state, state_mb)
-        last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": x.numel() * world.size * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device),
-                "optimizer_state_mb": round(state_mb, 2), "peak_optimizer_state_mb": round(peak_state, 2)}
-        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
-            last.update(val_loss=val["loss"], val_ppl=val["ppl"])
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups scale the schedule
+            plan.begin_step(step)
+            for ad in adapters:
+                ad.begin_step(step, cfg.seed)
+            optimizer.zero_grad(set_to_none=True)
+            idx = batch_indices(step, len(train_blocks), per_step, cfg.seed)
+            loss_sum, tokens = 0.0, 0
+            micros = idx.split(cfg.batch_size)
+            for i, micro in enumerate(micros):
+                mine = world.share(micro)
+                x = train_blocks.input_ids[mine].to(device)
+                y = train_blocks.labels[mine].to(device)
+                n_all = world.all_sum(int((y[:, 1:] != IGNORE).sum()))  # labelled tokens of the whole micro-batch
+                with no_sync(loss_fn, i < len(micros) - 1), autocast(precision, device):
+                    nll, n = loss_fn(x, y)
+                    # DDP averages over ranks: x world.size makes it the single-process gradient
+                    (nll * world.size / max(n_all, 1) / cfg.grad_accum).backward()
+                loss_sum += nll.item()
+                tokens += n
+            loss_sum, tokens = world.all_sum(loss_sum), world.all_sum(tokens)
+            grad_norm = plan.step(cfg.max_grad_norm)
+            dt = time.perf_counter() - t0
+            state_mb = plan.state_bytes() / 2**20
+            peak_state = max(peak_state, state_mb)
+            last = {"step": step + 1, "loss": loss_sum / max(tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens_per_s": x.numel() * world.size * cfg.grad_accum / dt, "step_s": dt, **peak_memory(device),
+                    "optimizer_state_mb": round(state_mb, 2), "peak_optimizer_state_mb": round(peak_state, 2)}
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
+                last.update(val_loss=val["loss"], val_ppl=val["ppl"])
+                if world.main:
+                    bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
             if world.main:
-                bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
-        if world.main:
-            metrics.write(last)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(out_dir, step + 1, plan.params, optimizer)
-        if on_step is not None:
-            on_step(step + 1)
-    bar.close()
-    plan.close()
+                metrics.write(last)
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                    save_checkpoint(out_dir, step + 1, plan.params, optimizer, kind=optim.optimizer.value)
+            if on_step is not None:
+                on_step(step + 1)
+    finally:  # layerwise GaLore hooks must not outlive the run, even a failed one
+        bar.close()
+        plan.close()
     for p in plan.params.values():  # LISA leaves only its last layers trainable; restore the set
         if p.is_floating_point():
             p.requires_grad_(True)
