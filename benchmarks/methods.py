@@ -119,7 +119,15 @@ def peft_child(lr: float, args) -> dict:
     train_blocks, val_blocks = load_blocks(load_tokenizer(path), DataConfig(block_size=args.block))
     val = val_blocks.take(args.eval_blocks)
     torch.manual_seed(0)
-    model = get_peft_model(bnb_model(path, torch.float32), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    base = bnb_model(path, torch.float32)
+    for m in base.modules():
+        # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight for inference at
+        # its first eval forward, and later training forwards backprop through the repacked op
+        # (gemv_4bit), which has no autograd kernel: the gradients through the base are silently
+        # wrong and the adapter barely learns. Keeping the training layout avoids that.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # lorq's default (torch's is 0.01)
     cfg = TrainConfig(steps=args.steps, lr=lr, warmup_steps=args.warmup)
@@ -220,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--lrs", type=int, default=3, help="learning rates per method (the first N of its grid)")
     p.add_argument("--only", help="method names separated by semicolons (default: all)")
+    p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -230,14 +239,19 @@ def main(argv=None) -> int:
     names = [n for n in METHODS if not args.only or n in args.only.split(";")]
     WORK.mkdir(parents=True, exist_ok=True)
     info, start, rows = machine(), time.perf_counter(), []
+    previous = read_json(RESULTS / "methods.json") if args.update else None
     for name in names:
         options, lrs = METHODS[name]
         print(f"== {name}", flush=True)
         runs = [run_one(name, lr, args) for lr in lrs[: args.lrs]]
         ok = [r for r in runs if "failed" not in r]
         best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
-        rows.append({"name": name, "options": options, "runs": runs, "best": best})
-    result = {"machine": info, "seconds": round(time.perf_counter() - start, 1),
+        rows.append({"name": name, "options": options, "runs": runs, "best": best, **({"remeasured": info["date"]} if previous else {})})
+    if previous:  # the other rows as they were measured
+        fresh = {r["name"]: r for r in rows}
+        rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
+        info = previous["machine"]
+    result = {"machine": info, "seconds": round(time.perf_counter() - start + (previous or {}).get("seconds", 0), 1),
               "settings": {k: getattr(args, k) for k in ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks", "lrs")}
               | {"rank": 16, "alpha": 32, "targets": "all decoder linears", "seed": 0}, "rows": rows}
     result["targets"] = summarize(rows, args)
@@ -267,9 +281,17 @@ def markdown(result) -> str:
         if not b:
             lines.append(f"| {r['name']} | - | failed | | | | | | | {tried} |")
             continue
-        lines.append(f"| {r['name']} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
+        name = f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else r["name"]
+        lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
                      f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f} | {tried} |")
-    extra = [f"- {r['name']}: reaches plain LoRA's final validation loss at step {r['steps_to_lora_final']} of {s['steps']}"
+    by = {r["name"]: r for r in result["rows"] if r["best"]}
+    extra = []
+    if PLAIN in by and ANCHOR in by:
+        a, b = by[ANCHOR]["best"], by[PLAIN]["best"]
+        extra.append(f"- lorq LoRA against the anchor (same rank, targets, batches, schedule, best of 3 lrs each): validation loss "
+                     f"{b['final_val_loss']:.4f} vs {a['final_val_loss']:.4f}, perplexity {b['ppl_after']:.2f} vs {a['ppl_after']:.2f}, "
+                     f"tokens/s {b['tokens_per_s']:.0f} vs {a['tokens_per_s']:.0f}, peak RSS {b['peak_rss_mib']:.0f} vs {a['peak_rss_mib']:.0f} MiB")
+    extra += [f"- {r['name']}: reaches plain LoRA's final validation loss at step {r['steps_to_lora_final']} of {s['steps']}"
              if r.get("steps_to_lora_final") else f"- {r['name']}: does not reach plain LoRA's final validation loss within {s['steps']} steps"
              for r in result["rows"] if "steps_to_lora_final" in r]
     extra += [f"- {r['name']}: {k.replace('_mib_vs_full', '').replace('_', ' ')} = {v}x full fine-tuning"

@@ -124,7 +124,8 @@ def _check_supported(config: dict, path: Path, dora: bool = False) -> None:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise LorqError(f"{path} uses PEFT options lorq does not load yet: {', '.join(bad)}")
+        hint = " (DoRA adapters load in lorq eval and generate; merge and serve take plain LoRA)" if "use_dora" in bad else ""
+        raise LorqError(f"{path} uses PEFT options this command does not support: {', '.join(bad)}{hint}")
 
 
 def _alpha_for(module: str, config: dict) -> float:
