@@ -69,6 +69,7 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "GaLore (fp32 base)": ({"optimizer": "galore", "format": "none"}, GALORE_LRS),
     "Q-GaLore (int8 weights)": ({"optimizer": "qgalore", "format": "none"}, GALORE_LRS),
     "LISA (2 layers, fp32 base)": ({"optimizer": "lisa", "format": "none"}, FULL_LRS),
+    "LISA (2 layers, embeddings frozen, fp32 base)": ({"optimizer": "lisa", "format": "none", "lisa_embeddings": False}, FULL_LRS),
 }
 PLAIN = "LoRA"
 FULL = "Full fine-tuning (AdamW, fp32 base)"
@@ -155,21 +156,33 @@ def peft_child(lr: float, args) -> dict:
 
 
 def child(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options, _ = METHODS[args.child]
     out = Path(args.out)
     result = peft_child(args.lr, args) if args.child == ANCHOR else lorq_child(options, args.lr, args, out)
+    result["threads"] = torch.get_num_threads()
     write_json(args.json, result)
     return 0
+
+
+SETTINGS = ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks")
 
 
 def run_one(name: str, lr: float, args) -> dict | None:
     slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_lr{lr:g}"
     out, js, log = WORK / slug, WORK / f"{slug}.json", WORK / f"{slug}.log"
-    cmd = [sys.executable, __file__, "--child", name, "--lr", str(lr), "--out", str(out), "--json", str(js),
-           *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks")), [])]
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    cmd = [sys.executable, __file__, "--child", name, "--lr", str(lr), "--out", str(out), "--json", str(js), "--threads", str(args.threads),
+           *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in SETTINGS), [])]
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if args.reuse and js.is_file() and read_json(js).get("settings") == settings:
+        code = 0  # measured earlier with the same settings
+    else:
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code == 0:
+            write_json(js, {**read_json(js), "settings": settings})
     took = time.perf_counter() - t0
     if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["?"]
@@ -177,7 +190,8 @@ def run_one(name: str, lr: float, args) -> dict | None:
         return {"lr": lr, "failed": tail[0][:300]}
     r = read_json(js)
     measured = r["step_s"][1:] or r["step_s"]
-    r.update(lr=lr, wall_s=round(took, 1), tokens_per_s=round(r["tokens_per_step"] * len(measured) / sum(measured), 1),
+    r.pop("settings", None)
+    r.update(lr=lr, wall_s=r.get("wall_s", round(took, 1)), tokens_per_s=round(r["tokens_per_step"] * len(measured) / sum(measured), 1),
              final_val_loss=r["val_curve"][-1][1])
     print(f"   {name} lr {lr:g}: val loss {r['final_val_loss']:.4f}, ppl {r['ppl_after']:.2f}, {r['tokens_per_s']:.0f} tok/s, "
           f"peak RSS {r['peak_rss_mib']:.0f} MiB, optimizer state {r['peak_optimizer_state_mib']:.1f} MiB ({took:.0f} s)", flush=True)
@@ -229,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", type=int, default=3, help="learning rates per method (the first N of its grid)")
     p.add_argument("--only", help="method names separated by semicolons (default: all)")
     p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results")
+    p.add_argument("--reuse", action="store_true", help="reuse runs already measured with the same settings (an interrupted benchmark goes on)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads torch threads)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -240,10 +257,14 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     info, start, rows = machine(), time.perf_counter(), []
     previous = read_json(RESULTS / "methods.json") if args.update else None
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(name, lr) for name in names for lr in METHODS[name][1][: args.lrs]]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each run is its own process
+        done = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs)))
     for name in names:
         options, lrs = METHODS[name]
-        print(f"== {name}", flush=True)
-        runs = [run_one(name, lr, args) for lr in lrs[: args.lrs]]
+        runs = [done[(name, lr)] for lr in lrs[: args.lrs]]
         ok = [r for r in runs if "failed" not in r]
         best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
         rows.append({"name": name, "options": options, "runs": runs, "best": best, **({"remeasured": info["date"]} if previous else {})})
@@ -252,7 +273,7 @@ def main(argv=None) -> int:
         rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
         info = previous["machine"]
     result = {"machine": info, "seconds": round(time.perf_counter() - start + (previous or {}).get("seconds", 0), 1),
-              "settings": {k: getattr(args, k) for k in ("steps", "batch", "block", "warmup", "eval_every", "eval_blocks", "lrs")}
+              "settings": {k: getattr(args, k) for k in (*SETTINGS, "lrs", "jobs")}
               | {"rank": 16, "alpha": 32, "targets": "all decoder linears", "seed": 0}, "rows": rows}
     result["targets"] = summarize(rows, args)
     RESULTS.mkdir(exist_ok=True)
@@ -283,7 +304,7 @@ def markdown(result) -> str:
             continue
         name = f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else r["name"]
         lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
-                     f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f} | {tried} |")
+                     f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f}{'*' if b.get('threads') == 1 else ''} | {tried} |")
     by = {r["name"]: r for r in result["rows"] if r["best"]}
     extra = []
     if PLAIN in by and ANCHOR in by:
@@ -296,6 +317,9 @@ def markdown(result) -> str:
              for r in result["rows"] if "steps_to_lora_final" in r]
     extra += [f"- {r['name']}: {k.replace('_mib_vs_full', '').replace('_', ' ')} = {v}x full fine-tuning"
               for r in result["rows"] for k, v in r.items() if k.endswith("_vs_full")]
+    if any(r["best"] and r["best"].get("threads") == 1 for r in result["rows"]):
+        extra.append("- tokens/s marked * come from runs made two at a time with one torch thread each (the others ran alone with two): "
+                     "compare them with each other, not with the unmarked ones")
     lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
 

@@ -112,3 +112,18 @@ def test_bad_combinations_are_refused(tiny_llama):
     with pytest.raises(LorqError, match="exceeds"):
         started(tiny_llama, LoRAInit.PISSA, rank=4096)
     assert set(INITS) == set(LoRAInit) - {LoRAInit.GAUSSIAN}
+
+
+def test_nlora_sketch_never_exceeds_the_weight_and_finds_a_decaying_spectrum():
+    from lorq.adapters.init import nlora
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(96, 64, generator=g)
+    U, _, Vh = torch.linalg.svd(flat, full_matrices=False)
+    decaying = U * 0.6 ** torch.arange(64) @ Vh
+    for W in (flat, decaying):
+        approx = nlora(W, None, 8, 2.0, InitConfig(), 1e-3).delta(2.0)
+        assert approx.norm() <= W.norm() * (1 + 1e-5)  # a projection of W: the residual cannot blow up
+    S = torch.linalg.svdvals(decaying)
+    best = S[8:].norm() / S.norm()
+    assert (decaying - approx).norm() / decaying.norm() <= best + 0.02

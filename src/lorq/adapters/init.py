@@ -10,7 +10,7 @@ quantized (as QPiSSA does).
 - pissa:   Meng et al. 2024: W = U S Vᵀ, s·B A = U_r S_r V_rᵀ (B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ),
            the base keeps the residual. Fast randomized SVD (Halko et al.) with --svd-iters > 0.
 - olora:   Büyükakyüz 2024: W = Q R, B = Q[:, :r], A = R[:r], the base keeps W - s·B A.
-- nlora:   Nyström sketch of W's principal subspace, W ≈ (WΩ)(ΨᵀWΩ)⁺(ΨᵀW), balanced like PiSSA.
+- nlora:   a two-sided Nyström-type sketch of W's principal subspace (no SVD of W), split like PiSSA.
 - lora-ga: Wang et al. 2024: G = U S Vᵀ; A = c·V[:, :r]ᵀ, B = c·U[:, r:2r] (PEFT's recommended
            "ArB2r" directions), c = d_out^¼ / √γ on both factors and no S, as in the paper (PEFT's
            implementation also multiplies B by S); residual kept.
@@ -135,16 +135,19 @@ def olora(W, G, rank, scaling, cfg, lr) -> Start:
 
 @register_init(LoRAInit.NLORA)
 def nlora(W, G, rank, scaling, cfg, lr) -> Start:
+    """Two-sided Nyström-type sketch W ≈ Q_Y (Q_Yᵀ W Q_Z) Q_Zᵀ, Y = W Ω, Z = Wᵀ Ψ (2r columns each),
+    truncated to rank r by the SVD of the 2r×2r middle. The textbook generalized Nyström form
+    (WΩ)(ΨᵀWΩ)⁺(ΨᵀW) has a pseudo-inverse that blew up on SmolLM2's flat spectra (a rank-16
+    approximation 47× the norm of W); with orthonormalized sketches the approximation is a
+    projection of W and can never exceed it."""
+    k = min(2 * rank, *W.shape)
     g = torch.Generator().manual_seed(W.shape[0] * 31 + W.shape[1])
-    omega = torch.randn(W.shape[1], rank, generator=g).to(W.device)  # (in, r)
-    psi = torch.randn(W.shape[0], rank, generator=g).to(W.device)  # (out, r)
-    left = W @ omega  # (out, r)
-    core = torch.linalg.pinv(psi.T @ left)  # (r, r)
-    right = psi.T @ W  # (r, in)
-    q1, r1 = torch.linalg.qr(left @ core)
-    q2, r2 = torch.linalg.qr(right.T)
-    u, S, vh = torch.linalg.svd(r1 @ r2.T)  # the r×r middle of the Nyström approximation
-    return balanced(q1 @ u, S, q2 @ vh.T, scaling)
+    omega = torch.randn(W.shape[1], k, generator=g).to(W.device)  # (in, k)
+    psi = torch.randn(W.shape[0], k, generator=g).to(W.device)  # (out, k)
+    qy, _ = torch.linalg.qr(W @ omega)  # (out, k)
+    qz, _ = torch.linalg.qr(W.T @ psi)  # (in, k)
+    u, S, vh = torch.linalg.svd(qy.T @ W @ qz)  # (k, k) middle
+    return balanced(qy @ u[:, :rank], S[:rank], qz @ vh[:rank].T, scaling)
 
 
 @register_init(LoRAInit.LORA_GA)
