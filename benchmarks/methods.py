@@ -178,6 +178,8 @@ def run_one(name: str, lr: float, args) -> dict | None:
     t0 = time.perf_counter()
     if args.reuse and js.is_file() and read_json(js).get("settings") == settings:
         code = 0  # measured earlier with the same settings
+    elif args.collect:
+        return {"lr": lr, "failed": "not run"}
     else:
         with open(log, "w") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="method names separated by semicolons (default: all)")
     p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results")
     p.add_argument("--reuse", action="store_true", help="reuse runs already measured with the same settings (an interrupted benchmark goes on)")
+    p.add_argument("--collect", action="store_true", help="with --reuse: only gather the runs already made; the others are reported as not run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads torch threads)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -298,7 +301,7 @@ def markdown(result) -> str:
     ]
     for r in result["rows"]:
         b = r["best"]
-        tried = ", ".join(f"{x['lr']:g} ({x['final_val_loss']:.3f})" if "failed" not in x else f"{x['lr']:g} (failed)" for x in r["runs"])
+        tried = ", ".join(f"{x['lr']:g} ({x['final_val_loss']:.3f})" if "failed" not in x else f"{x['lr']:g} ({x['failed'][:40]})" for x in r["runs"])
         if not b:
             lines.append(f"| {r['name']} | - | failed | | | | | | | {tried} |")
             continue
