@@ -14,8 +14,9 @@ quantized (as QPiSSA does).
 - lora-ga: Wang et al. 2024: G = U S Vᵀ; A = c·V[:, :r]ᵀ, B = c·U[:, r:2r] (PEFT's recommended
            "ArB2r" directions), c = d_out^¼ / √γ on both factors and no S, as in the paper (PEFT's
            implementation also multiplies B by S); residual kept.
-- lora-sb: Ponkshe et al. 2024: a normalized first step ΔW₀ = -lr·G / rms(G) = U S Vᵀ (the
-           gradient's direction at the size of Adam's first step, lr per entry);
+- lora-sb: Ponkshe et al. 2024: a normalized first full-fine-tuning step ΔW₀ = -η·G / rms(G) =
+           U S Vᵀ (the gradient's direction, η = --sb-step per entry, a full-FT learning rate: the
+           adapter's own learning rate, 100× larger, made the init wreck the model);
            B = U_r, A = V_rᵀ (frozen, `core` variant), core R = S_r / s; the model starts at W + ΔW₀'s
            best rank-r approximation (no residual).
 
@@ -61,11 +62,12 @@ class InitConfig:
     svd_iters: int = opt(4, "pissa / lora-ga / lora-sb: subspace iterations of the randomized SVD (0 = exact SVD)")
     init_batches: int = opt(8, "lora-ga / lora-sb: micro-batches over which the full-fine-tuning gradient is averaged")
     ga_gamma: float = opt(16.0, "lora-ga: γ of the stable scale c = d_out^(1/4) / sqrt(γ)")
+    sb_step: float = opt(1e-5, "lora-sb: per-weight size (RMS) of the full-fine-tuning first step the init approximates (a full fine-tuning learning rate, not the adapter's)")
 
     def validate(self) -> "InitConfig":
         self.init = LoRAInit(self.init)
-        if self.svd_iters < 0 or self.init_batches <= 0 or self.ga_gamma <= 0:
-            raise LorqError("svd-iters must be >= 0, init-batches and ga-gamma positive")
+        if self.svd_iters < 0 or self.init_batches <= 0 or self.ga_gamma <= 0 or self.sb_step <= 0:
+            raise LorqError("svd-iters must be >= 0, init-batches, ga-gamma and sb-step positive")
         return self
 
 
@@ -161,7 +163,7 @@ def lora_ga(W, G, rank, scaling, cfg, lr) -> Start:
 
 @register_init(LoRAInit.LORA_SB)
 def lora_sb(W, G, rank, scaling, cfg, lr) -> Start:
-    step = -lr * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # the gradient's direction, Adam's step size (out, in)
+    step = -cfg.sb_step * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # the gradient's direction, a full-FT step size (out, in)
     U, S, V = top_svd(step, rank, cfg.svd_iters)
     return Start(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S) / scaling, residual=False)
 
