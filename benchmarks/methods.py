@@ -298,7 +298,8 @@ def markdown(result) -> str:
         f"Embedded SmolLM2-135M-Instruct, embedded CPython-docs task; {s['steps']} steps x {s['batch']} blocks x {s['block']} tokens, "
         f"{s['warmup']} warm-up steps then cosine, seed 0, validation loss on {s['eval_blocks']} blocks every {s['eval_every']} steps; "
         f"rank {s['rank']}, alpha {s['alpha']}, {s['targets']}; {s['lrs']} learning rates per method, the best final validation loss kept. "
-        f"Adapter methods on lorq NF4 (double quant); full-parameter methods on the fp32 base. Whole run {result['seconds'] / 60:.0f} min.", "",
+        f"Adapter methods on lorq NF4 (double quant); full-parameter methods on the fp32 base. The training steps of all runs took "
+        f"{sum(sum(x.get('step_s', [])) for r in result['rows'] for x in r['runs']) / 60:.0f} min in all (plus loading and validation).", "",
         "| method | best lr | val loss | val ppl | untrained ppl | trainable params | peak RSS MiB | optimizer state MiB | tokens/s | lrs tried (final val loss) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -306,7 +307,8 @@ def markdown(result) -> str:
         b = r["best"]
         tried = ", ".join(f"{x['lr']:g} ({x['final_val_loss']:.3f})" if "failed" not in x else f"{x['lr']:g} ({x['failed'][:40]})" for x in r["runs"])
         if not b:
-            lines.append(f"| {r['name']} | - | failed | | | | | | | {tried} |")
+            what = "not run" if all(x.get("failed") == "not run" for x in r["runs"]) else "failed"
+            lines.append(f"| {r['name']} | - | {what} | | | | | | | {tried} |")
             continue
         name = f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else r["name"]
         lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
@@ -317,7 +319,9 @@ def markdown(result) -> str:
         a, b = by[ANCHOR]["best"], by[PLAIN]["best"]
         extra.append(f"- lorq LoRA against the anchor (same rank, targets, batches, schedule, best of 3 lrs each): validation loss "
                      f"{b['final_val_loss']:.4f} vs {a['final_val_loss']:.4f}, perplexity {b['ppl_after']:.2f} vs {a['ppl_after']:.2f}, "
-                     f"tokens/s {b['tokens_per_s']:.0f} vs {a['tokens_per_s']:.0f}, peak RSS {b['peak_rss_mib']:.0f} vs {a['peak_rss_mib']:.0f} MiB")
+                     f"peak RSS {b['peak_rss_mib']:.0f} vs {a['peak_rss_mib']:.0f} MiB"
+                     + (f", tokens/s {b['tokens_per_s']:.0f} vs {a['tokens_per_s']:.0f}" if a.get("threads") == b.get("threads") else
+                        " (their tokens/s were measured with different thread counts: not compared)"))
     extra += [f"- {r['name']}: reaches plain LoRA's final validation loss at step {r['steps_to_lora_final']} of {s['steps']}"
              if r.get("steps_to_lora_final") else f"- {r['name']}: does not reach plain LoRA's final validation loss within {s['steps']} steps"
              for r in result["rows"] if "steps_to_lora_final" in r]
