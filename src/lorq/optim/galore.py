@@ -57,15 +57,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.hooked_norm_sq = 0.0
         self.clip = 0.0
 
-    def group_of(self, p) -> dict:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
-
     def refresh_projection(self, st: dict, G: torch.Tensor, group: dict) -> None:
         # a bool, not a string: Optimizer.load_state_dict would turn a string into a generator
         st["P"], st["left"] = projection(G, min(group["rank"], *G.shape), group["svd_iters"])
 
     def projector(self, st: dict) -> torch.Tensor:
         return st["P"]
+
+    def refresh_due(self, st: dict, group: dict) -> bool:
+        return st["step"] % group["update_gap"] == 0
+
+    def projected_direction(self, st: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
+        """scale · P N(Pᵀ g) (or its right-side twin), refreshing P when due."""
+        st.setdefault("step", 0)
+        if self.refresh_due(st, group):
+            self.refresh_projection(st, g, group)
+        st["step"] += 1
+        P = self.projector(st)
+        return group["scale"] * project_back(adam_direction(st, project(g, P, st["left"]), group["betas"], group["eps"]), P, st["left"])
+
+    def clipped(self, g: torch.Tensor) -> torch.Tensor:
+        """A hooked matrix's gradient, its norm counted and clipped to `clip` on its own."""
+        norm = float(g.norm())
+        self.hooked_norm_sq += norm**2
+        return g * (self.clip / (norm + 1e-6)) if self.clip > 0 and norm > self.clip else g
 
     @torch.no_grad()
     def update(self, p: torch.Tensor, group: dict) -> None:
@@ -74,12 +89,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         st = self.state[p]
         wd, lr = group["weight_decay"], group["lr"]
         if group["rank"] and g.dim() == 2:
-            st.setdefault("step", 0)
-            if st["step"] % group["update_gap"] == 0:
-                self.refresh_projection(st, g, group)
-            st["step"] += 1
-            P = self.projector(st)
-            direction = group["scale"] * project_back(adam_direction(st, project(g, P, st["left"]), group["betas"], group["eps"]), P, st["left"])
+            direction = self.projected_direction(st, g, group)
         else:
             direction = adam_direction(st, g, group["betas"], group["eps"])
         if wd:
@@ -108,10 +118,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def hook(self, p: torch.Tensor, group: dict) -> None:
-        norm = float(p.grad.norm())
-        self.hooked_norm_sq += norm**2
-        if self.clip > 0 and norm > self.clip:
-            p.grad.mul_(self.clip / (norm + 1e-6))
+        p.grad = self.clipped(p.grad)
         self.update(p, group)
         p.grad = None
 

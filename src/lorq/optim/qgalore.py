@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..quant.affine import AffineWeight
 from ..quant.base import FormatConfig
 from ..quant.linear import DECODER_LINEARS, match_modules, set_module
-from .galore import GaLoreAdamW, adam_direction, project, project_back
+from .galore import GaLoreAdamW
 
 GROUP = 128
 P_FORMAT = FormatConfig(format="int", bits=4, group_size=64)
@@ -123,6 +123,8 @@ class QGaLoreAdamW(GaLoreAdamW):
         self.similarity, self.seed = similarity, seed
         for i, layer in enumerate(layers.values()):
             layer.grad_hook, layer.index = self.int8_hook, i
+        # by index: load_state_dict replaces the group dicts
+        self.int8_group = next(i for i, g in enumerate(self.param_groups) if g.get("int8"))
 
     def refresh_projection(self, st: dict, G: torch.Tensor, group: dict) -> None:
         old = self.projector(st) if "P_codes" in st else None
@@ -139,24 +141,18 @@ class QGaLoreAdamW(GaLoreAdamW):
                 st["gap"] = st["gap"] * 2
                 st["next_refresh"] = st["step"] + st["gap"]
 
+    def refresh_due(self, st: dict, group: dict) -> bool:
+        return st["step"] >= st.get("next_refresh", 0)
+
     def projector(self, st: dict) -> torch.Tensor:
         qw = AffineWeight((st["P_rows"], st["P_cols"]), P_FORMAT, st["P_codes"], st["P_scale"], st["P_min"])
         return qw.dequantize(torch.float32)
 
     @torch.no_grad()
     def int8_hook(self, layer: Int8Linear, grad_w: torch.Tensor) -> None:
-        group = next(g for g in self.param_groups if any(p is layer.codes for p in g["params"]))
-        norm = float(grad_w.norm())
-        self.hooked_norm_sq += norm**2
-        if self.clip > 0 and norm > self.clip:
-            grad_w = grad_w * (self.clip / (norm + 1e-6))
+        group = self.param_groups[self.int8_group]
         st = self.state[layer.codes]
-        st.setdefault("step", 0)
-        if st["step"] >= st.get("next_refresh", 0):
-            self.refresh_projection(st, grad_w, group)
-        st["step"] += 1
-        P = self.projector(st)
-        direction = group["scale"] * project_back(adam_direction(st, project(grad_w, P, st["left"]), group["betas"], group["eps"]), P, st["left"])
+        direction = self.projected_direction(st, self.clipped(grad_w), group)
         w = layer.weight_float()
         if group["weight_decay"]:
             w.mul_(1 - group["lr"] * group["weight_decay"])
