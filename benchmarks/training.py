@@ -13,7 +13,7 @@ second / the machine's bf16 GEMM throughput measured in the same run (fp32 too);
 torch.profiler breakdown of one lorq step. Writes benchmarks/results/training.{json,md,png}.
 
     .venv/bin/python benchmarks/training.py              # about 15 minutes on 2 cores
-    .venv/bin/python benchmarks/training.py --steps 4 --warmup 1   # a quick look
+    .venv/bin/python benchmarks/training.py --steps 4 --warmup 1 --rounds 1   # a quick look
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ CONFIGS = {  # name -> lorq finetune options (None: the PEFT anchor)
     "lorq (defaults)": {},
     "lorq, full logits (--loss-chunk 0)": {"loss_chunk": 0},
     "lorq, --grad-checkpointing": {"grad_checkpointing": True},
+    "lorq, fp32 compute (--precision fp32)": {"precision": "fp32"},
 }
 BF16 = "lorq, forced bf16 (--precision bf16)"  # opt-in (--bf16): without AVX512-BF16/AMX it is emulated and very slow
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -156,24 +157,44 @@ def child(args) -> int:
     return 0
 
 
-def run_config(name: str, args) -> dict:
+def run_config(name: str, args, round_: int) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
+    slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_{round_}"
     cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--out", str(WORK / slug), "--json", str(WORK / f"{slug}.json")]
-    if name == "lorq (defaults)":
+    if name == "lorq (defaults)" and round_ == 0:
         cmd.append("--profile")
-    print(f"== {name}", flush=True)
+    print(f"== round {round_ + 1}: {name}", flush=True)
     subprocess.run(cmd, check=True)
-    r = read_json(WORK / f"{slug}.json")
-    measured = r["step_s"][args.warmup:]
+    return read_json(WORK / f"{slug}.json")
+
+
+def combine(name: str, runs: list[dict], warmup: int) -> dict:
+    """One row from a configuration's rounds: tokens/s over every measured step of every round,
+    the peak RSS of its largest round, the losses of the first (rounds repeat them)."""
+    measured = [t for r in runs for t in r["step_s"][warmup:]]
     tokens_per_s = BATCH * SEQ * len(measured) / sum(measured)
-    return {"name": name, **r, "tokens_per_s": round(tokens_per_s, 1), "achieved_gflops": round(tokens_per_s * r["flops_per_token"] / 1e9, 2)}
+    per_round = [round(BATCH * SEQ * len(r["step_s"][warmup:]) / sum(r["step_s"][warmup:]), 1) for r in runs]
+    first = runs[0]
+    return {"name": name, **first, "step_s": [r["step_s"] for r in runs], "tokens_per_s_rounds": per_round,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "profile": next((r["profile"] for r in runs if r.get("profile")), None),
+            "tokens_per_s": round(tokens_per_s, 1), "achieved_gflops": round(tokens_per_s * first["flops_per_token"] / 1e9, 2)}
+
+
+def interleaved(names: list[str], args) -> list[dict]:
+    """Every configuration once per round, the order reversed every other round, so the slow
+    and fast phases of a shared machine fall on all of them alike."""
+    runs = {n: [] for n in names}
+    for k in range(args.rounds):
+        for name in names if k % 2 == 0 else names[::-1]:
+            runs[name].append(run_config(name, args, k))
+    return [combine(n, runs[n], args.warmup) for n in names]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every configuration, interleaved (tokens/s pools their steps)")
     p.add_argument("--bf16", action="store_true", help="also run lorq with forced bf16 autocast (slow where the CPU has no native bf16)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -184,7 +205,7 @@ def main(argv=None) -> int:
         return child(args)
     info, start = machine(), time.perf_counter()
     gemm = {"bf16_gflops": round(gemm_gflops(torch.bfloat16), 1), "fp32_gflops": round(gemm_gflops(torch.float32), 1)}
-    rows = [run_config(name, args) for name in [*CONFIGS, *([BF16] if args.bf16 else [])]]
+    rows = interleaved([*CONFIGS, *([BF16] if args.bf16 else [])], args)
     gemm_after = {"bf16_gflops": round(gemm_gflops(torch.bfloat16), 1), "fp32_gflops": round(gemm_gflops(torch.float32), 1)}
     peak = max(gemm["bf16_gflops"], gemm_after["bf16_gflops"])
     for r in rows:
@@ -195,7 +216,7 @@ def main(argv=None) -> int:
         r["speed_vs_anchor"] = round(r["tokens_per_s"] / anchor["tokens_per_s"], 2)
         r["rss_vs_anchor"] = round(r["peak_rss_mib"] / anchor["peak_rss_mib"], 2)
     result = {"machine": info, "gemm_before": gemm, "gemm_after": gemm_after,
-              "settings": {"steps": args.steps, "warmup": args.warmup, "batch": BATCH, "seq": SEQ, "lora": "r16 alpha 32 all decoder linears"},
+              "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": BATCH, "seq": SEQ, "lora": "r16 alpha 32 all decoder linears"},
               "seconds": round(time.perf_counter() - start, 1), "rows": rows}
     lorq = next(r for r in rows if r["name"] == "lorq (defaults)")
     result["targets"] = {
@@ -218,14 +239,15 @@ def markdown(result) -> str:
         f"{m['cpu']}, {m['cores']} cores (AVX512-BF16: {m['avx512_bf16']}, AMX: {m['amx_bf16']}), torch {m['torch']}, "
         f"transformers {m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. Embedded SmolLM2-135M-Instruct, NF4 + double "
         f"quantization, LoRA {s['lora']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} steps ({s['warmup']} warm-up steps "
-        f"left out of tokens/s), same batches for all. GEMM throughput measured in the same run (1024^3 matmul): "
+        f"left out of tokens/s), {s.get('rounds', 1)} interleaved rounds per configuration (tokens/s pools their measured steps), same batches for all. GEMM throughput measured in the same run (1024^3 matmul): "
         f"bf16 {result['gemm_before']['bf16_gflops']} / {result['gemm_after']['bf16_gflops']} GFLOP/s, fp32 "
         f"{result['gemm_before']['fp32_gflops']} / {result['gemm_after']['fp32_gflops']} GFLOP/s (before / after). Whole run {result['seconds'] / 60:.1f} min.", "",
-        "| configuration | tokens/s | vs anchor | peak RSS MiB | vs anchor | GFLOP/s | MFU (bf16 GEMM) | MFU (fp32 GEMM) | final loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | tokens/s | per round | vs anchor | peak RSS MiB | vs anchor | GFLOP/s | MFU (bf16 GEMM) | MFU (fp32 GEMM) | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['speed_vs_anchor']:.2f}x | {r['peak_rss_mib']:.0f} | {r['rss_vs_anchor']:.2f}x | "
+        rounds = " / ".join(f"{t:.0f}" for t in r.get("tokens_per_s_rounds", []))
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {rounds} | {r['speed_vs_anchor']:.2f}x | {r['peak_rss_mib']:.0f} | {r['rss_vs_anchor']:.2f}x | "
                      f"{r['achieved_gflops']:.1f} | {100 * r['mfu_vs_bf16_gemm']:.1f}% | {100 * r['mfu_vs_fp32_gemm']:.1f}% | {r['losses'][-1]:.3f} |")
     prof = next((r["profile"] for r in result["rows"] if r.get("profile")), None)
     if prof:

@@ -30,3 +30,22 @@ def test_models_that_rescale_logits_keep_the_full_path(tiny_llama):
     assert chunkable(tiny_llama)[0] is not None
     tiny_llama.config.final_logit_softcapping = 30.0
     assert chunkable(tiny_llama) == (None, None)
+
+
+def test_fused_loss_of_a_plain_head_equals_the_full_logits_loss(tiny_llama):
+    """Adapters on the decoder only: the output layer is a plain nn.Linear and takes the fused
+    loss (gradient computed in forward); loss and adapter gradients match full logits."""
+    add_adapters(tiny_llama, LoRAConfig(rank=4, dropout=0.0))
+    randomize_B(tiny_llama)
+    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[1, 5:9] = IGNORE
+    out = {}
+    for chunk in (0, 16):
+        tiny_llama.zero_grad()
+        nll, n = next_token_nll(tiny_llama, x, y, chunk)
+        (nll / n).backward()
+        out[chunk] = (nll.item(), n, torch.cat([p.grad.flatten() for p in tiny_llama.parameters() if p.requires_grad]))
+    assert out[16][1] == out[0][1]
+    assert out[16][0] == pytest.approx(out[0][0], rel=1e-6)
+    assert torch.allclose(out[16][2], out[0][2], atol=1e-6)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..errors import LorqError
 from ..options import opt
-from ..quant.linear import DECODER_LINEARS, QuantizedLinear, match_modules, set_module
+from ..quant.linear import DECODER_LINEARS, QuantizedLinear, compute_dtype, match_modules, set_module
 from .variants import Adapter, LowRankAdapter, Variant, lora_scaling, make_adapter  # noqa: F401  (re-exported)
 
 
@@ -100,13 +100,14 @@ class LoRALinear(nn.Module):
         self.active = [a for a in self.active if a != name]
 
     def forward(self, x: torch.Tensor, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # under autocast: cast once for the base and every adapter
         base_out = self.base(x)
         index = adapter_index if adapter_index is not None else self.adapter_index
         out = base_out
         if index is None:
             for name in self.active:
                 if name not in self.merged:
-                    out = out + self.adapters[name].delta(x, base_out, self).to(out.dtype)
+                    out = self.adapters[name].add_delta(out, x, base_out, self)
             return out
         index = index.reshape(index.shape + (1,) * (x.dim() - 1 - index.dim())).expand(x.shape[:-1])
         out = out.clone()

@@ -84,6 +84,8 @@ class RoundSTE(torch.autograd.Function):
 class L4QAdapter(LowRankAdapter):
     """LoRA merged into the weight inside an LSQ quantizer with trainable step sizes α."""
 
+    add_delta = Adapter.add_delta  # its delta is the quantized weight's, not the low-rank product
+
     trainable_names = ("A", "B", "step")
     no_decay_names = ("step",)
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..train.cross_entropy import fusable, linear_cross_entropy
 from ..train.data import IGNORE, Blocks
 from ..train.precision import Precision, autocast
 
 
-LOSS_CHUNK = 1024  # tokens per output-layer chunk: 1024 x 49k vocab x 4 B = 200 MB of logits at most
+LOSS_CHUNK = 256  # tokens per output-layer chunk: 256 x 49k vocab x 4 B = 50 MB of logits at most (faster than 1024 on CPU)
 
 
 def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
@@ -21,18 +22,22 @@ def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
 
     With chunk > 0 the full (B, T, vocab) logits are never formed: the decoder's hidden states
     of the labelled positions go through the output layer and the cross-entropy `chunk` tokens
-    at a time, each chunk recomputed in backward (activation checkpointing) instead of stored.
+    at a time; with gradients on, a plain linear output layer takes the fused loss (its
+    gradient computed chunk by chunk in forward), any other head recomputes each chunk in
+    backward (activation checkpointing) instead of storing it.
     """
     decoder, head = chunkable(model) if chunk > 0 else (None, None)
     if decoder is None:
-        logits = model(input_ids=input_ids).logits[:, :-1]  # (B, T-1, V)
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         target = labels[:, 1:]  # (B, T-1)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
         return nll, int((target != IGNORE).sum())
-    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, H)
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE  # only labelled positions need logits
     hidden, target = hidden.reshape(-1, hidden.shape[-1])[keep], target[keep]  # (N, H), (N,)
+    if torch.is_grad_enabled() and fusable(head):
+        return linear_cross_entropy(hidden, head, target, chunk), len(target)
     nll = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(target), chunk):
         h, t = hidden[i : i + chunk], target[i : i + chunk]

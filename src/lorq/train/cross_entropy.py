@@ -1,0 +1,73 @@
+"""Cross-entropy through the output layer with its gradient computed in the forward pass.
+
+For logits z = h Wᵀ (+ b) and targets t, sum_i CE(z_i, t_i) has d/dz_i = softmax(z_i) − onehot(t_i).
+Each chunk of rows forms its logits once (in the compute dtype, upcast to fp32 for the
+log-sum-exp), turns them in place into that gradient and multiplies it back through W: the
+loss is done with its logits before backward starts. Against the checkpointed chunked loss this
+saves the recomputed output-layer matmul and its log-softmax, and the full (tokens, vocab)
+logits never exist (Liger-Kernel's fused linear cross-entropy does the same on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..quant.linear import compute_dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, chunk: int, dtype: torch.dtype):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)  # (V, H), cast once per call
+            b = bias.to(torch.float32) if bias is not None else None
+            nll = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            for i in range(0, len(target), chunk):
+                hc, tc = h[i : i + chunk].to(dtype), target[i : i + chunk]
+                z = (hc @ w.t()).float()  # (c, V)
+                if b is not None:
+                    z += b
+                rows = torch.arange(len(tc), device=z.device)
+                picked, peak = z[rows, tc], z.amax(dim=1, keepdim=True)
+                total = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max), in place
+                nll += (peak + total.log()).sum() - picked.sum()  # log-sum-exp minus the target's logit
+                if grad_h is None and grad_w is None and grad_b is None:
+                    continue
+                z.div_(total)  # softmax
+                z[rows, tc] -= 1.0  # dCE/dz
+                g = z.to(dtype)
+                if grad_h is not None:
+                    grad_h[i : i + chunk] = (g @ w).to(h.dtype)
+                if grad_w is not None:
+                    grad_w += (g.t() @ hc).float()
+                if grad_b is not None:
+                    grad_b += z.sum(dim=0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [g * grad_out if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
+        if grads[1] is not None:
+            grads[1] = grads[1].to(ctx.dtypes[0])
+        if grads[2] is not None:
+            grads[2] = grads[2].to(ctx.dtypes[1])
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def fusable(head) -> bool:
+    """The fused loss applies to a plain linear output layer (not one wrapped by an adapter)."""
+    return type(head) is nn.Linear
+
+
+def linear_cross_entropy(h: torch.Tensor, head: nn.Linear, target: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum_i CE(head(h_i), t_i) for h (N, H) and targets (N,), chunk rows at a time, in the
+    compute dtype (autocast's when it is on)."""
+    return _LinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk, compute_dtype(h))

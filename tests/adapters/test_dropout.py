@@ -1,0 +1,78 @@
+"""The adapters' input dropout (16-bit masks) and the fused LoRA addition."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorq.adapters import LoRAConfig, add_adapters
+from lorq.adapters.lora import LoRALinear, lora_layers
+from lorq.adapters.variants import Dropout
+
+from tests_helpers import randomize_B
+
+
+def test_eval_mode_and_p0_are_the_identity():
+    x = torch.randn(5, 7)
+    assert Dropout(0.3).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_drop_rate_and_expectation(p):
+    torch.manual_seed(0)
+    d = Dropout(p).train()
+    x = torch.ones(1_000_003)  # not a multiple of 4: the last 64-bit draw is cut
+    y = d(x)
+    scale = 65536 / (65536 - round(p * 65536))
+    values = y.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(scale)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(p, abs=5 * (p * (1 - p) / x.numel()) ** 0.5 + 1e-5)  # 5 sigma
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps E[y] = x
+
+
+def test_masks_follow_the_seed_and_gradients_follow_the_mask():
+    d = Dropout(0.2).train()
+    x = torch.randn(3, 100, requires_grad=True)
+    torch.manual_seed(1)
+    a = d(x)
+    torch.manual_seed(1)
+    b = d(x)
+    c = d(x)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    a.sum().backward()
+    kept = a != 0
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 65536 / (65536 - round(0.2 * 65536))))
+    assert torch.all(x.grad[~kept] == 0)
+
+
+def test_kept_defers_the_rescale():
+    torch.manual_seed(2)
+    d = Dropout(0.25).train()
+    x = torch.randn(64, 32)
+    kept, rescale = d.kept(x)
+    assert rescale == pytest.approx(4 / 3)
+    assert torch.all((kept == 0) | (kept == x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_addition_equals_base_plus_delta_with_dropout_on(dtype):
+    """LoRALinear adds (s·A dropout(x)) Bᵀ with one addmm; the same RNG state gives the same
+    result as base(x) + delta(x) from the variant's own delta."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    add_adapters(model, LoRAConfig(rank=4, alpha=8, dropout=0.3, targets=["0"]))
+    randomize_B(model)
+    layer = lora_layers(model)["0"]
+    layer.train()
+    assert isinstance(layer, LoRALinear)
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+        torch.manual_seed(7)
+        fused = layer(x)
+        torch.manual_seed(7)
+        xc = x.to(dtype)
+        base = layer.base(xc)
+        plain = base + layer.adapters["default"].delta(xc, base, layer).to(base.dtype)
+    assert fused.dtype == plain.dtype
+    assert torch.allclose(fused.float(), plain.float(), atol=1e-5 if dtype is torch.float32 else 3e-2)

@@ -1,0 +1,59 @@
+"""The fused output-layer cross-entropy against torch's own (the oracle)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorq.train.cross_entropy import fusable, linear_cross_entropy
+
+
+def reference(h, head, t):
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_loss_and_every_gradient_equal_torch_cross_entropy(bias, chunk):
+    torch.manual_seed(0)
+    head = nn.Linear(24, 90, bias=bias)
+    h = torch.randn(45, 24, requires_grad=True)
+    t = torch.randint(0, 90, (45,))
+    params = [h, head.weight] + ([head.bias] if bias else [])
+    ref = reference(h, head, t)
+    ref_grads = torch.autograd.grad(3 * ref, params)
+    out = linear_cross_entropy(h, head, t, chunk)
+    grads = torch.autograd.grad(3 * out, params)  # the incoming gradient scales them
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient_and_h_does():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    h = torch.randn(10, 16, requires_grad=True)
+    linear_cross_entropy(h, head, torch.randint(0, 50, (10,)), 4).backward()
+    assert head.weight.grad is None and h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_is_close_to_the_fp32_loss():
+    torch.manual_seed(0)
+    head = nn.Linear(64, 500, bias=False).requires_grad_(False)
+    h = torch.randn(33, 64, requires_grad=True)
+    t = torch.randint(0, 500, (33,))
+    ref = reference(h, head, t)
+    (g_ref,) = torch.autograd.grad(ref, h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, head, t, 8)
+    (g,) = torch.autograd.grad(out, h)
+    assert out.dtype == torch.float32 and g.dtype == h.dtype
+    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.99
+
+
+def test_only_plain_linear_heads_fuse():
+    from lorq.adapters.lora import LoRALinear
+
+    assert fusable(nn.Linear(4, 4))
+    assert not fusable(LoRALinear(nn.Linear(4, 4)))
