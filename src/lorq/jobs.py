@@ -275,7 +275,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         nonlocal starts
         blocks = lambda: init_batches(load_blocks(tok, cfg.data)[0], cfg)  # noqa: E731
         torch.manual_seed(cfg.train.seed)
-        starts = compute_starts(model, cfg.lora, cfg.start, cfg.train.lr, blocks, progress=world.main)
+        starts = compute_starts(model, cfg.lora, cfg.start, blocks, progress=world.main)
 
     # as the LoRA init, every matrix gets factors of the adapter's rank, outside the bit budget
     adapter_rank = cfg.lora.rank if lowrank and cfg.lowrank_as is LowRankUse.INIT else 0

@@ -24,7 +24,7 @@ def batches(n=2, seed=0):
 def started(model, init, variant=Variant.LORA, rank=4, **kw):
     """The model with adapter 'default' started by `init`, and the starts."""
     lora = LoRAConfig(rank=rank, alpha=8.0, dropout=0.0, targets=TARGETS, variant=variant)
-    starts = compute_starts(model, lora, InitConfig(init=init, **kw), lr=1e-3, batches=batches, progress=False)
+    starts = compute_starts(model, lora, InitConfig(init=init, **kw), batches=batches, progress=False)
     add_adapters(model, lora)
     apply_starts(model, "default", starts)
     return model.eval(), starts
@@ -122,7 +122,7 @@ def test_nlora_sketch_never_exceeds_the_weight_and_finds_a_decaying_spectrum():
     U, _, Vh = torch.linalg.svd(flat, full_matrices=False)
     decaying = U * 0.6 ** torch.arange(64) @ Vh
     for W in (flat, decaying):
-        approx = nlora(W, None, 8, 2.0, InitConfig(), 1e-3).delta(2.0)
+        approx = nlora(W, None, 8, 2.0, InitConfig()).delta(2.0)
         assert approx.norm() <= W.norm() * (1 + 1e-5)  # a projection of W: the residual cannot blow up
     S = torch.linalg.svdvals(decaying)
     best = S[8:].norm() / S.norm()

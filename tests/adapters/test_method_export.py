@@ -21,7 +21,7 @@ X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 def trained(model, variant=Variant.LORA, init=LoRAInit.GAUSSIAN, rank=4, **kw):
     """`model` with adapter 'default' (started by `init`) whose trainable tensors were moved."""
     lora = LoRAConfig(rank=rank, alpha=8.0, dropout=0.0, targets=TARGETS, variant=variant, nola_bases=8, **kw)
-    starts = compute_starts(model, lora, InitConfig(init=init, svd_iters=0), lr=1e-3, batches=lambda: [(X, X)], progress=False)
+    starts = compute_starts(model, lora, InitConfig(init=init, svd_iters=0), batches=lambda: [(X, X)], progress=False)
     add_adapters(model, lora)
     apply_starts(model, "default", starts)
     g = torch.Generator().manual_seed(1)

@@ -125,18 +125,18 @@ def top_svd(M: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Te
 
 
 @register_init(LoRAInit.PISSA)
-def pissa(W, G, rank, scaling, cfg, lr) -> Start:
+def pissa(W, G, rank, scaling, cfg) -> Start:
     return balanced(*top_svd(W, rank, cfg.svd_iters), scaling)
 
 
 @register_init(LoRAInit.OLORA)
-def olora(W, G, rank, scaling, cfg, lr) -> Start:
+def olora(W, G, rank, scaling, cfg) -> Start:
     Q, R = torch.linalg.qr(W)  # W (out, in) = Q (out, k) R (k, in)
     return Start(B=Q[:, :rank].contiguous(), A=R[:rank].contiguous())
 
 
 @register_init(LoRAInit.NLORA)
-def nlora(W, G, rank, scaling, cfg, lr) -> Start:
+def nlora(W, G, rank, scaling, cfg) -> Start:
     """Two-sided Nyström-type sketch W ≈ Q_Y (Q_Yᵀ W Q_Z) Q_Zᵀ, Y = W Ω, Z = Wᵀ Ψ (2r columns each),
     truncated to rank r by the SVD of the 2r×2r middle. The textbook generalized Nyström form
     (WΩ)(ΨᵀWΩ)⁺(ΨᵀW) has a pseudo-inverse that blew up on SmolLM2's flat spectra (a rank-16
@@ -153,7 +153,7 @@ def nlora(W, G, rank, scaling, cfg, lr) -> Start:
 
 
 @register_init(LoRAInit.LORA_GA)
-def lora_ga(W, G, rank, scaling, cfg, lr) -> Start:
+def lora_ga(W, G, rank, scaling, cfg) -> Start:
     if 2 * rank > min(G.shape):
         raise LorqError(f"lora-ga needs 2r = {2 * rank} <= min(out, in) = {min(G.shape)}")
     U, S, V = top_svd(G, 2 * rank, cfg.svd_iters)
@@ -162,7 +162,7 @@ def lora_ga(W, G, rank, scaling, cfg, lr) -> Start:
 
 
 @register_init(LoRAInit.LORA_SB)
-def lora_sb(W, G, rank, scaling, cfg, lr) -> Start:
+def lora_sb(W, G, rank, scaling, cfg) -> Start:
     step = -cfg.sb_step * G / G.pow(2).mean().sqrt().clamp_min(1e-12)  # the gradient's direction, a full-FT step size (out, in)
     U, S, V = top_svd(step, rank, cfg.svd_iters)
     return Start(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S) / scaling, residual=False)
@@ -197,7 +197,7 @@ def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[tor
 
 
 @torch.no_grad()
-def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig, lr: float,
+def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig,
                    batches: Callable[[], list] | None = None, progress: bool = True) -> dict[str, Start]:
     """The init's Start of every target layer of a dense model; residual inits are subtracted
     from the base weights in place (so that quantizing the model afterwards quantizes W - ΔW₀)."""
@@ -222,7 +222,7 @@ def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig, lr: floa
         W = weight.detach().float()
         if lora.rank > min(W.shape):
             raise LorqError(f"rank {lora.rank} exceeds {m}'s smaller dimension {min(W.shape)}")
-        start = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg, lr)
+        start = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg)
         if start.residual:
             weight.copy_((W - start.delta(scaling)).to(weight.dtype))
         starts[m] = start
