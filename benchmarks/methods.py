@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", type=int, default=3, help="learning rates per method (the first N of its grid)")
     p.add_argument("--grid-index", type=int, help="run only this learning rate of each method's grid (0, 1 or 2)")
     p.add_argument("--only", help="method names separated by semicolons (default: all)")
-    p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results")
+    p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results (with --grid-index: only that learning rate, the row's other runs kept)")
     p.add_argument("--reuse", action="store_true", help="reuse runs already measured with the same settings (an interrupted benchmark goes on)")
     p.add_argument("--collect", action="store_true", help="with --reuse: only gather the runs already made; the others are reported as not run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads torch threads)")
@@ -271,9 +271,13 @@ def main(argv=None) -> int:
     for name in names:
         options, lrs = METHODS[name]
         runs = [done[(name, lr)] for lr in lrs[: args.lrs] if (name, lr) in done]
+        if previous and args.grid_index is not None:  # fill in one learning rate: keep the row's others as measured
+            kept = {x["lr"]: x for r in previous["rows"] if r["name"] == name for x in r["runs"] if x.get("failed") != "not run"}
+            runs = sorted([*runs, *(x for lr, x in kept.items() if (name, lr) not in done)], key=lambda x: x["lr"])
         ok = [r for r in runs if "failed" not in r]
         best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
-        rows.append({"name": name, "options": options, "runs": runs, "best": best, **({"remeasured": info["date"]} if previous else {})})
+        mark = {} if not previous else {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]}
+        rows.append({"name": name, "options": options, "runs": runs, "best": best, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}
         rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
@@ -310,7 +314,8 @@ def markdown(result) -> str:
             what = "not run" if all(x.get("failed") == "not run" for x in r["runs"]) else "failed"
             lines.append(f"| {r['name']} | - | {what} | | | | | | | {tried} |")
             continue
-        name = f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else r["name"]
+        name = (f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else
+                f"{r['name']} (learning rates added {r['filled_in']})" if r.get("filled_in") else r["name"])
         lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
                      f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f}{'*' if b.get('threads') == 1 else ''} | {tried} |")
     by = {r["name"]: r for r in result["rows"] if r["best"]}
@@ -330,6 +335,9 @@ def markdown(result) -> str:
     if any(r["best"] and r["best"].get("threads") == 1 for r in result["rows"]):
         extra.append("- tokens/s marked * come from runs made two at a time with one torch thread each (the others ran alone with two): "
                      "compare them with each other, not with the unmarked ones")
+    if any(r.get("filled_in") for r in result["rows"]):
+        extra.append("- rows marked \"learning rates added\": the learning rates missing from the first run were measured on that date "
+                     "with the code of that date (`--update --grid-index`); the row's other runs are the original ones")
     lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
 
