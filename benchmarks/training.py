@@ -6,9 +6,11 @@ LoRA r=16 / alpha 32 on every decoder linear layer of an NF4 + double-quantized 
 AdamW schedule and number of steps:
   - PEFT + bitsandbytes (anchor): `BitsAndBytesConfig(load_in_4bit, nf4, double quant)`, fp32
     compute, `get_peft_model`, loss from `model(input_ids, labels=...)` (full logits), a plain loop;
-  - lorq with its defaults (`--precision auto`, chunked cross-entropy), and variants that show
-    what each option buys: full logits (`--loss-chunk 0`), activation checkpointing, forced bf16;
-measured after `--warmup` steps: tokens/s, peak RSS, loss per step; MFU = model FLOPs per
+  - lorq with its defaults (`--precision auto`, the fused chunked cross-entropy), and variants
+    that show what each option buys: full logits (`--loss-chunk 0`), activation checkpointing,
+    fp32 compute (`--precision fp32`), and with `--bf16` forced bf16;
+each configuration runs `--rounds` times, interleaved (order reversed every other round), and
+is measured after `--warmup` steps: tokens/s, peak RSS, loss per step; MFU = model FLOPs per
 second / the machine's bf16 GEMM throughput measured in the same run (fp32 too); and a
 torch.profiler breakdown of one lorq step. Writes benchmarks/results/training.{json,md,png}.
 
