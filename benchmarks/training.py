@@ -170,12 +170,15 @@ def run_config(name: str, args, round_: int) -> dict:
     return read_json(WORK / f"{slug}.json")
 
 
+def tokens_per_second(step_s: list[float]) -> float:
+    return BATCH * SEQ * len(step_s) / sum(step_s)
+
+
 def combine(name: str, runs: list[dict], warmup: int) -> dict:
     """One row from a configuration's rounds: tokens/s over every measured step of every round,
     the peak RSS of its largest round, the losses of the first (rounds repeat them)."""
-    measured = [t for r in runs for t in r["step_s"][warmup:]]
-    tokens_per_s = BATCH * SEQ * len(measured) / sum(measured)
-    per_round = [round(BATCH * SEQ * len(r["step_s"][warmup:]) / sum(r["step_s"][warmup:]), 1) for r in runs]
+    tokens_per_s = tokens_per_second([t for r in runs for t in r["step_s"][warmup:]])
+    per_round = [round(tokens_per_second(r["step_s"][warmup:]), 1) for r in runs]
     first = runs[0]
     return {"name": name, **first, "step_s": [r["step_s"] for r in runs], "tokens_per_s_rounds": per_round,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "profile": next((r["profile"] for r in runs if r.get("profile")), None),

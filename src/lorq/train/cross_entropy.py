@@ -36,7 +36,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 picked, peak = z[rows, tc], z.amax(dim=1, keepdim=True)
                 total = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max), in place
                 nll += (peak + total.log()).sum() - picked.sum()  # log-sum-exp minus the target's logit
-                if grad_h is None and grad_w is None and grad_b is None:
+                if not (need_h or need_w or need_b):
                     continue
                 z.div_(total)  # softmax
                 z[rows, tc] -= 1.0  # dCE/dz
@@ -47,19 +47,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (g.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                     grad_b.to(bias.dtype) if grad_b is not None else None)
         return nll
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = [g * grad_out if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
-        if grads[1] is not None:
-            grads[1] = grads[1].to(ctx.dtypes[0])
-        if grads[2] is not None:
-            grads[2] = grads[2].to(ctx.dtypes[1])
-        return grads[0], grads[1], grads[2], None, None, None
+        grad_h, grad_w, grad_b = (g * grad_out if g is not None else None for g in ctx.grads)
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def fusable(head) -> bool:
