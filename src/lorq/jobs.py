@@ -37,8 +37,8 @@ from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
 from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
-from .train.distributed import check_divisible, finish, init_world
-from .train.loop import TrainConfig, train
+from .train.distributed import check_divisible, finish, gathered, init_world, is_sharded
+from .train.loop import NextTokenLoss, TrainConfig, check_fsdp, train
 from .train.plot import plot_loss
 from .train.precision import Precision, resolve
 
@@ -245,10 +245,11 @@ def init_batches(train_blocks, cfg: FinetuneConfig) -> list:
     return out
 
 
-def save_full_model(model, tok, out: Path) -> None:
-    """The fully fine-tuned model as an HF directory, atomically."""
+def save_full_model(model, tok, out: Path, state_dict: dict | None = None) -> None:
+    """The fully fine-tuned model as an HF directory, atomically (state_dict: its weights
+    gathered, when the model holds only shards)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tok.save_pretrained(tmp)
 
 
@@ -260,6 +261,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     cfg.optim.validate()
     world = init_world()  # torchrun: data-parallel ranks; rank 0 prints and writes
     check_divisible(cfg.train.batch_size, world)
+    check_fsdp(cfg.train, cfg.optim, world)
     say = print if world.main else (lambda *a, **k: None)
     start = time.perf_counter()
     out = Path(cfg.output)
@@ -313,18 +315,21 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     say(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
           f"{what}, {trainable_count(model):,} trainable parameters; "
           f"{len(train_blocks)} training / {len(val_eval)} validation blocks of {cfg.data.block_size} tokens; {precision.value} compute"
-        + (f"; data-parallel over {world.size} processes" if world.distributed else ""), flush=True)
+        + (f"; {'sharded (FSDP)' if cfg.train.fsdp else 'data-parallel'} over {world.size} processes" if world.distributed else ""), flush=True)
     before = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval before")
     say(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
     n_trainable = trainable_count(model)
-    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim)
+    loss = NextTokenLoss(model, cfg.train.loss_chunk)
+    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim, loss=loss)
+    nll = loss if is_sharded(loss) else None  # --fsdp: the model runs only through the sharded loss module
     if cfg.lora.variant is Variant.DYLORA and not full:
         for layer in lora_layers(model).values():
             layer.adapters[cfg.lora.adapter_name].set_rank(cfg.lora.dylora_rank or cfg.lora.rank)
     quantized_result = cfg.lora.variant in QAT_VARIANTS and not full
     if quantized_result:  # the product is the quantized model itself: evaluate what is written
         fold_quantized(model, cfg.lora.adapter_name)
-    after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after")
+    after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after", nll=nll)
+    whole = gathered(model.state_dict(keep_vars=True)) if nll is not None else None  # every rank takes part
     writes_model = full or quantized_result  # a model, not an adapter, is the result
     result = out / ("model" if writes_model else "adapter")
     summary = {
@@ -339,7 +344,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             save_quantized(model, tok, result, source=str(cfg.model))
         elif full:
             dequantize_weights(model)  # qgalore's int8 weights become plain linears for the HF file
-            save_full_model(model, tok, result)
+            save_full_model(model, tok, result, whole)
         else:
             # a residual init on a dense base: export against the original weights (rank r + r0)
             save_peft(model, result, cfg.lora.adapter_name, base_model=adapter_base, restore_base=residual and report is None)

@@ -2,12 +2,15 @@
 on the same global batch: the same losses step by step and the same adapter."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from lorq.errors import LorqError
 
 ARGS = ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--eval-every", "3",
         "--save-every", "3", "--precision", "fp32", "--rank", "4", "--dropout", "0"]
@@ -45,3 +48,67 @@ def test_a_batch_that_does_not_split_is_an_error(tiny_model_dir, tmp_path):
            "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"), *ARGS[:2], "--batch-size", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "does not split over 2 processes" in done.stderr
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+FULL = ["--full", "--format", "none"]
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory, real_tokenizer_dir):
+    """The tiny Llama with its output layer tied to the embeddings, as SmolLM2's is."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from lorq.models.loading import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tied-llama")
+    torch.manual_seed(0)
+    tok = load_tokenizer(real_tokenizer_dir)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def same_trajectory(a, b):
+    """Same losses step by step; the gradient norm sums shards in another order (fp32)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key, rel in (("loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-4)):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=rel), (x["step"], key)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_fsdp_shards_full_training_and_follows_one_process(tied_model_dir, tmp_path):
+    one = finetune([], tied_model_dir, tmp_path / "one", *FULL)
+    two = finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *FULL, "--fsdp")
+    same_trajectory(one, two)
+    # each rank holds half of the AdamW state (the layers' dims split evenly over 2)
+    assert two[-1]["optimizer_state_mb"] == pytest.approx(one[-1]["optimizer_state_mb"] / 2, rel=0.01)
+    wa, wb = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
+    assert set(wa) == set(wb) and "lm_head.weight" not in wb  # gathered whole, the tie kept
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # checkpoints are whole either way: FSDP resumes a single-process one, and the other way round
+    for src, dst in (("one", "fsdp-from-one"), ("two", "one-from-fsdp")):
+        shutil.copytree(tmp_path / src, tmp_path / dst)
+    more = ["--steps", "5", "--resume"]
+    reference = finetune([], tied_model_dir, tmp_path / "one", *FULL, *more)
+    for launcher, out, extra in ((TORCHRUN, "fsdp-from-one", ["--fsdp"]), ([], "one-from-fsdp", [])):
+        resumed = finetune(launcher, tied_model_dir, tmp_path / out, *FULL, *more, *extra)
+        same_trajectory(reference, resumed)
+
+
+def test_fsdp_is_refused_where_it_cannot_shard():
+    from lorq.optim import OptimConfig
+    from lorq.train.distributed import World
+    from lorq.train.loop import TrainConfig, check_fsdp
+
+    fsdp = TrainConfig(fsdp=True)
+    with pytest.raises(LorqError, match="one process"):
+        check_fsdp(fsdp, OptimConfig(full=True).validate(), World())
+    for optim in (OptimConfig(), OptimConfig(optimizer="galore"), OptimConfig(optimizer="lisa")):
+        with pytest.raises(LorqError, match="--fsdp shards full-parameter training with AdamW"):
+            check_fsdp(fsdp, optim.validate(), World(0, 2))
+    check_fsdp(fsdp, OptimConfig(full=True).validate(), World(0, 2))  # allowed
+    check_fsdp(TrainConfig(), OptimConfig().validate(), World(0, 2))  # DDP: nothing to check

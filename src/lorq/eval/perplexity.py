@@ -63,7 +63,12 @@ def chunkable(model):
 
 
 @torch.no_grad()
-def perplexity(model, blocks: Blocks, batch_size: int = 4, precision: Precision = Precision.FP32, progress: bool = False, desc: str = "eval") -> dict:
+def perplexity(model, blocks: Blocks, batch_size: int = 4, precision: Precision = Precision.FP32, progress: bool = False,
+               desc: str = "eval", nll=None) -> dict:
+    """nll(input_ids, labels) -> (sum, count): how the model is run (next_token_nll on it if
+    None; a sharded model runs through its FSDP root)."""
+    if nll is None:
+        nll = lambda x, y: next_token_nll(model, x, y)  # noqa: E731
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -73,8 +78,8 @@ def perplexity(model, blocks: Blocks, batch_size: int = 4, precision: Precision 
         x = blocks.input_ids[i : i + batch_size].to(device)
         y = blocks.labels[i : i + batch_size].to(device)
         with autocast(precision, device):
-            nll, n = next_token_nll(model, x, y)
-        total += nll.item()
+            loss, n = nll(x, y)
+        total += loss.item()
         count += n
     model.train(was_training)
     loss = total / max(count, 1)

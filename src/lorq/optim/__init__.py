@@ -72,7 +72,8 @@ class Plan:
     def step(self, max_norm: float) -> float:
         """Clip the gradients still held, update; returns the gradient norm."""
         held = [p for p in self.params.values() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(held, max_norm if max_norm > 0 else float("inf"))) if held else 0.0
+        norm = torch.nn.utils.clip_grad_norm_(held, max_norm if max_norm > 0 else float("inf")) if held else 0.0
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded (FSDP) gradients: a DTensor
         self.optimizer.step()
         if self.layerwise is not None:
             norm = math.sqrt(norm**2 + self.layerwise.take_hooked_norm() ** 2)
@@ -80,11 +81,17 @@ class Plan:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now."""
-        return sum(t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+        return sum(local_nbytes(t) for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t))
 
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def local_nbytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of t: its shard if t is sharded (FSDP)."""
+    shard = t.to_local() if hasattr(t, "to_local") else t
+    return shard.numel() * shard.element_size()
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ..errors import LorqError
 from ..io import atomic_dir, atomic_write_text, load_safetensors
+from .distributed import place, place_optimizer_state
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -24,14 +25,15 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer, keep: int = 1, kind: str = "") -> Path:
-    """params: the tensors the optimizer updates, by name; kind: the optimizer's name."""
+def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer_state: dict, keep: int = 1, kind: str = "") -> Path:
+    """params: the tensors the optimizer updates, by name (whole, not sharded); optimizer_state:
+    its state_dict(); kind: the optimizer's name."""
     root = checkpoint_root(out_dir)
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in params.items()}
         save_file(tensors, str(tmp / TRAINABLE))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "optimizer_kind": kind}, tmp / STATE)
+        torch.save({"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "optimizer_kind": kind}, tmp / STATE)
     atomic_write_text(root / "latest", name + "\n")
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
@@ -50,7 +52,8 @@ def latest_checkpoint(out_dir) -> Path | None:
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_step=lambda step: None, kind: str = "") -> int:
     """Restore the trained tensors, optimizer and RNG; returns the step it was taken after.
     at_step(step) runs after the optimizer state is loaded (LISA selects that step's layers and
-    frees the state of the others). kind: the optimizer's name, checked against the saved one."""
+    frees the state of the others). kind: the optimizer's name, checked against the saved one.
+    Sharded (FSDP) parameters and their optimizer state take this rank's part of the saved ones."""
     tensors = load_safetensors(path / TRAINABLE)
     if set(tensors) != set(params):
         raise LorqError(f"checkpoint {path} was written for different adapters than this run's; use a new --output")
@@ -58,7 +61,7 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_s
         for n, p in params.items():
             if p.shape != tensors[n].shape:
                 raise LorqError(f"checkpoint {path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}")
-            p.copy_(tensors[n])
+            p.copy_(place(tensors[n], p))
     try:
         state = torch.load(path / STATE, weights_only=True)
     except Exception as e:  # a truncated or foreign file; torch raises many kinds
@@ -66,7 +69,7 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_s
     if state.get("optimizer_kind", kind) != kind:
         raise LorqError(f"checkpoint {path} was written by --optimizer {state['optimizer_kind']}, this run uses {kind}; use a new --output")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(place_optimizer_state(state["optimizer"], optimizer))
     except (ValueError, KeyError) as e:
         raise LorqError(f"checkpoint {path} holds optimizer state for other parameter groups ({str(e).splitlines()[0][:120]}); use a new --output")
     at_step(int(state["step"]))

@@ -6,6 +6,13 @@ gradients. The global batch of each step is the one a single process would use, 
 across ranks (each micro-batch of --batch-size blocks gives batch-size / N blocks to each
 rank), and the loss is scaled so the averaged gradient equals the single-process gradient.
 Only rank 0 writes files; every rank reads the same checkpoint to resume.
+
+`--fsdp` (full-parameter AdamW only) shards instead of replicating: FSDP2 (`fully_shard`) makes
+each decoder layer a unit whose weights are all-gathered just before its forward and backward
+and freed after, and the rest (embeddings, final norm, output layer) the root unit; gradients
+are reduce-scattered and each rank keeps the AdamW state of its shard only. Checkpoints and the
+final model are gathered and written unsharded, the files of a single-process run: any number
+of processes resumes them.
 """
 
 from __future__ import annotations
@@ -65,10 +72,70 @@ def check_divisible(batch_size: int, world: World) -> None:
         raise LorqError(f"--batch-size {batch_size} does not split over {world.size} processes; use a multiple of {world.size}")
 
 
+def is_sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def shard(loss: nn.Module, layers: list[nn.Module]) -> nn.Module:
+    """FSDP2 over the loss module (in place): a unit per decoder layer, the root unit holding
+    the rest. The root is the loss module, not the model, because the loss calls the decoder
+    and the output layer itself: the root's forward must be the one that gathers them."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    return fully_shard(loss)
+
+
+def full(t):
+    """The whole tensor of a sharded one (a collective: every rank calls it); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def gathered(tensors: dict) -> dict:
+    """Every sharded tensor of the dict made whole, as one process holds them (a collective).
+    A tensor under two names (tied embeddings) stays one tensor, so writers see the tie."""
+    whole: dict[int, torch.Tensor] = {}
+    for v in tensors.values():
+        if id(v) not in whole:
+            whole[id(v)] = full(v)
+    return {k: whole[id(v)] for k, v in tensors.items()}
+
+
+def full_state(params: dict[str, torch.Tensor], optimizer_state: dict) -> tuple[dict, dict]:
+    """Parameters and optimizer state with every shard gathered."""
+    state = {i: gathered(st) for i, st in optimizer_state["state"].items()}
+    return gathered(params), {**optimizer_state, "state": state}
+
+
+def place(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `like`: this rank's shard if `like` is sharded (a collective)."""
+    if not hasattr(like, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.dtype), like.device_mesh, like.placements)
+
+
+def place_optimizer_state(saved: dict, optimizer) -> dict:
+    """A whole (unsharded) optimizer state dict laid out as the optimizer's parameters are."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in saved["state"].items():
+        p = params[int(i)] if int(i) < len(params) else None
+        state[i] = {k: place(v, p) if p is not None and torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
+    return {**saved, "state": state}
+
+
 def wrap(module: nn.Module, world: World) -> nn.Module:
     """DDP around the module that computes the loss (its forward is where DDP hooks in). The
     ranks built identical models from the same seed, so no initial broadcast is needed."""
-    if not world.distributed:
+    if not world.distributed or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -80,6 +147,9 @@ def wrap(module: nn.Module, world: World) -> nn.Module:
 
 def no_sync(module: nn.Module, skip: bool):
     """Accumulate gradients locally (no all-reduce) for all but the last micro-batch of a step."""
+    if is_sharded(module):
+        module.set_requires_gradient_sync(not skip)
+        return nullcontext()
     return module.no_sync() if skip and hasattr(module, "no_sync") else nullcontext()
 
 

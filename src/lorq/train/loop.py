@@ -24,10 +24,11 @@ from ..eval.memory import lifetime_peak_mib, reset_peak
 from ..adapters.variants import Adapter
 from ..io import atomic_write_text
 from ..optim import OptimConfig, OptimizerKind, build_optimizer
+from ..optim.lisa import decoder_layers
 from ..options import opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE, Blocks
-from .distributed import World, check_divisible, no_sync, wrap
+from .distributed import World, check_divisible, full_state, is_sharded, no_sync, shard, wrap
 from .precision import Precision, autocast, resolve
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
     grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
+    fsdp: bool = opt(False, "under torchrun with --full (AdamW): shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
 
     def validate(self) -> "TrainConfig":
         for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
@@ -131,18 +133,31 @@ class NextTokenLoss(nn.Module):
         return next_token_nll(self.model, input_ids, labels, self.chunk)
 
 
+def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
+    if not cfg.fsdp:
+        return
+    if not world.distributed:
+        raise LorqError("--fsdp shards over the processes of torchrun; this is one process (run it without --fsdp)")
+    if not optim.full or optim.optimizer is not OptimizerKind.ADAMW:
+        raise LorqError("--fsdp shards full-parameter training with AdamW (--full); adapters are small enough to "
+                        "replicate (drop --fsdp), galore/qgalore project whole matrices and lisa switches layers, which shards do not allow")
+
+
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
           on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None,
-          world: World = World(), optim: OptimConfig | None = None) -> dict:
+          world: World = World(), optim: OptimConfig | None = None, loss: NextTokenLoss | None = None) -> dict:
     """Train the parameters with requires_grad; returns the final metrics.
 
     `initial_val` (perplexity() of the untrained model) is logged as step 0 of a fresh run.
     world: the data-parallel ranks (distributed.init_world() under torchrun); rank 0 writes.
     optim: the optimizer (AdamW by default; see lorq.optim).
+    loss: the module trained through (NextTokenLoss(model, cfg.loss_chunk) if None); with
+    cfg.fsdp it is sharded in place, and the model can then only be run through it.
     """
     cfg.validate()
     optim = (optim or OptimConfig()).validate()
     check_divisible(cfg.batch_size, world)
+    check_fsdp(cfg, optim, world)
     if optim.optimizer is OptimizerKind.LISA and world.distributed:
         raise LorqError("lisa changes the trained layers every period; run it in one process")
     progress = progress and world.main
@@ -150,6 +165,15 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     precision = resolve(cfg.precision, device)
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
+    loss = loss if loss is not None else NextTokenLoss(model, cfg.loss_chunk)
+    if cfg.fsdp and not is_sharded(loss):
+        names = decoder_layers(model)
+        if not names:
+            raise LorqError(f"--fsdp: no decoder layers found in {type(model).__name__}")
+        shard(loss, [model.get_submodule(n) for n in names])  # before the optimizer: it must hold the shards
+    loss_fn = wrap(loss, world)
+    root = loss_fn if is_sharded(loss_fn) else None  # sharded: the model runs only through its root
     plan = build_optimizer(model, optim, cfg.lr, cfg.weight_decay, cfg.seed, cfg.grad_accum, cfg.max_grad_norm, world.size)
     optimizer = plan.optimizer
     adapters = [m for m in model.modules() if isinstance(m, Adapter)]
@@ -164,8 +188,6 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     if metrics is not None and start == 0 and initial_val is not None:
         metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
-    set_grad_checkpointing(model, cfg.grad_checkpointing)
-    loss_fn = wrap(NextTokenLoss(model, cfg.loss_chunk), world)
     model.train()
     reset_peak()  # the high-water mark of training, not of loading and quantizing the model
     if device.type == "cuda":
@@ -207,14 +229,18 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
                     "optimizer_state_mb": round(state_mb, 2), "peak_optimizer_state_mb": round(peak_state, 2)}
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision)
+                val = perplexity(model, val_blocks.take(cfg.eval_blocks or None), cfg.batch_size, precision, nll=root)
                 last.update(val_loss=val["loss"], val_ppl=val["ppl"])
                 if world.main:
                     bar.write(f"step {step + 1}: train loss {last['loss']:.4f}, validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
             if world.main:
                 metrics.write(last)
-                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                    save_checkpoint(out_dir, step + 1, plan.params, optimizer, kind=optim.optimizer.value)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                params, state = plan.params, optimizer.state_dict()
+                if root is not None:  # every rank takes part in gathering the shards
+                    params, state = full_state(params, state)
+                if world.main:
+                    save_checkpoint(out_dir, step + 1, params, state, kind=optim.optimizer.value)
             if on_step is not None:
                 on_step(step + 1)
     finally:  # layerwise GaLore hooks must not outlive the run, even a failed one
