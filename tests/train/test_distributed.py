@@ -107,8 +107,21 @@ def test_fsdp_is_refused_where_it_cannot_shard():
     fsdp = TrainConfig(fsdp=True)
     with pytest.raises(LorqError, match="one process"):
         check_fsdp(fsdp, OptimConfig(full=True).validate(), World())
-    for optim in (OptimConfig(), OptimConfig(optimizer="galore"), OptimConfig(optimizer="lisa")):
+    for optim in (OptimConfig(), OptimConfig(optimizer="galore"), OptimConfig(optimizer="qgalore")):
         with pytest.raises(LorqError, match="--fsdp shards full-parameter training with AdamW"):
             check_fsdp(fsdp, optim.validate(), World(0, 2))
-    check_fsdp(fsdp, OptimConfig(full=True).validate(), World(0, 2))  # allowed
+    for optim in (OptimConfig(full=True), OptimConfig(optimizer="lisa")):  # allowed
+        check_fsdp(fsdp, optim.validate(), World(0, 2))
     check_fsdp(TrainConfig(), OptimConfig().validate(), World(0, 2))  # DDP: nothing to check
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_lisa_switches_layers_under_fsdp_as_in_one_process(tied_model_dir, tmp_path):
+    """One of the two layers trained at a time, resampled every 2 steps (layers 0, 1, 0 with
+    seed 0): the sharded run trains the same layers (no gradient for the frozen one)."""
+    lisa = [*FULL[1:], "--optimizer", "lisa", "--lisa-layers", "1", "--lisa-period", "2", "--steps", "5", "--eval-every", "5", "--save-every", "5"]
+    one = finetune([], tied_model_dir, tmp_path / "one", *lisa)
+    two = finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *lisa, "--fsdp")
+    same_trajectory(one, two)
+    wa, wb = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
