@@ -107,10 +107,10 @@ def test_fsdp_is_refused_where_it_cannot_shard():
     fsdp = TrainConfig(fsdp=True)
     with pytest.raises(LorqError, match="one process"):
         check_fsdp(fsdp, OptimConfig(full=True).validate(), World())
-    for optim in (OptimConfig(), OptimConfig(optimizer="galore"), OptimConfig(optimizer="qgalore")):
+    for optim in (OptimConfig(), OptimConfig(optimizer="qgalore")):
         with pytest.raises(LorqError, match="--fsdp shards full-parameter training with AdamW"):
             check_fsdp(fsdp, optim.validate(), World(0, 2))
-    for optim in (OptimConfig(full=True), OptimConfig(optimizer="lisa")):  # allowed
+    for optim in (OptimConfig(full=True), OptimConfig(optimizer="galore"), OptimConfig(optimizer="lisa")):  # allowed
         check_fsdp(fsdp, optim.validate(), World(0, 2))
     check_fsdp(TrainConfig(), OptimConfig().validate(), World(0, 2))  # DDP: nothing to check
 
@@ -125,3 +125,15 @@ def test_lisa_switches_layers_under_fsdp_as_in_one_process(tied_model_dir, tmp_p
     same_trajectory(one, two)
     wa, wb = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_galore_under_fsdp_projects_whole_gradients_and_resumes(tied_model_dir, tmp_path):
+    """Rank 64 makes the 64 x 64 matrices' projected moments shaped like their weights: they
+    must stay whole (not sharded) through a checkpoint; the projection is refreshed every 2 steps."""
+    galore = [*FULL[1:], "--optimizer", "galore", "--galore-rank", "64", "--galore-gap", "2", "--no-galore-layerwise",
+              "--eval-every", "5", "--save-every", "3"]
+    one = finetune([], tied_model_dir, tmp_path / "one", *galore, "--steps", "5")
+    finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *galore, "--fsdp", "--steps", "3")
+    two = finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *galore, "--fsdp", "--steps", "5", "--resume")
+    same_trajectory(one, two)

@@ -121,7 +121,8 @@ def galore_groups(model: nn.Module, named: dict[str, nn.Parameter], cfg: OptimCo
     projected = [p for n, p in named.items() if n.rsplit(".", 1)[0] in linears and p.dim() == 2]
     ids = {id(p) for p in projected}
     rest = [p for p in named.values() if id(p) not in ids]
-    return [{"params": projected, "rank": cfg.galore_rank, "lr": lr, "weight_decay": wd, "lr_scale": 1.0},
+    # whole_state: the projected states are never sharded, even when shaped like their weight (FSDP)
+    return [{"params": projected, "rank": cfg.galore_rank, "lr": lr, "weight_decay": wd, "lr_scale": 1.0, "whole_state": True},
             {"params": rest, "rank": 0, "lr": lr, "weight_decay": wd, "lr_scale": 1.0}]
 
 

@@ -8,6 +8,10 @@ norms) get plain AdamW. `layerwise`: each matrix is updated in its gradient hook
 backward and its gradient freed at once (GaLore's per-layer updates), so the model's full
 gradient is never held; the global norm cannot be clipped then, each matrix's gradient is
 clipped to max_grad_norm on its own.
+
+Sharded (FSDP) weights: a projected matrix's gradient is gathered whole (the projection needs
+all of it), every rank computes the same update from it and applies its own rows; the
+projected states are small and held whole by every rank.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import torch
 
 from ..adapters.init import top_svd
+from ..train.distributed import full, place
 
 
 def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
@@ -89,7 +94,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         st = self.state[p]
         wd, lr = group["weight_decay"], group["lr"]
         if group["rank"] and g.dim() == 2:
-            direction = self.projected_direction(st, g, group)
+            direction = place(self.projected_direction(st, full(g), group), p)
         else:
             direction = adam_direction(st, g, group["betas"], group["eps"])
         if wd:

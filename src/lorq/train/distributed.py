@@ -114,21 +114,24 @@ def full_state(params: dict[str, torch.Tensor], optimizer_state: dict) -> tuple[
 
 
 def place(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`whole` laid out as `like`: this rank's shard if `like` is sharded (a collective)."""
+    """`whole` laid out as `like`: this rank's shard if `like` is sharded. Every rank holds the
+    same whole tensor, so each takes its part without communicating."""
     if not hasattr(like, "device_mesh"):
         return whole
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(whole.to(like.dtype), like.device_mesh, like.placements)
+    return distribute_tensor(whole.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def place_optimizer_state(saved: dict, optimizer) -> dict:
-    """A whole (unsharded) optimizer state dict laid out as the optimizer's parameters are."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    """A whole (unsharded) optimizer state dict laid out as the optimizer's parameters are: a
+    state tensor of its parameter's shape is sharded like it, unless the parameter's group
+    keeps whole states (`whole_state`: GaLore's projected moments, whatever their shape)."""
+    params = [(p, g.get("whole_state", False)) for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for i, st in saved["state"].items():
-        p = params[int(i)] if int(i) < len(params) else None
-        state[i] = {k: place(v, p) if p is not None and torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
+        p, whole = params[int(i)] if int(i) < len(params) else (None, True)
+        state[i] = {k: place(v, p) if not whole and torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
     return {**saved, "state": state}
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
     grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
-    fsdp: bool = opt(False, "under torchrun with --full (AdamW) or lisa: shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
+    fsdp: bool = opt(False, "under torchrun with --full (AdamW), galore or lisa: shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
 
     def validate(self) -> "TrainConfig":
         for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
@@ -138,9 +138,9 @@ def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
         return
     if not world.distributed:
         raise LorqError("--fsdp shards over the processes of torchrun; this is one process (run it without --fsdp)")
-    if not optim.full or optim.optimizer not in (OptimizerKind.ADAMW, OptimizerKind.LISA):
-        raise LorqError("--fsdp shards full-parameter training with AdamW (--full) or LISA; adapters are small enough to "
-                        "replicate (drop --fsdp), and galore/qgalore project whole weight matrices, which the shards split")
+    if not optim.full or optim.optimizer not in (OptimizerKind.ADAMW, OptimizerKind.GALORE, OptimizerKind.LISA):
+        raise LorqError("--fsdp shards full-parameter training with AdamW (--full), GaLore or LISA; adapters are small enough "
+                        "to replicate (drop --fsdp), and qgalore's int8 weights update inside their own backward, outside the shards")
 
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
