@@ -68,7 +68,8 @@ def perplexity(model, blocks: Blocks, batch_size: int = 4, precision: Precision 
     """nll(input_ids, labels) -> (sum, count): how the model is run (next_token_nll on it if
     None; a sharded model runs through its FSDP root)."""
     if nll is None:
-        nll = lambda x, y: next_token_nll(model, x, y)  # noqa: E731
+        def nll(x, y):
+            return next_token_nll(model, x, y)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -7,12 +7,12 @@ across ranks (each micro-batch of --batch-size blocks gives batch-size / N block
 rank), and the loss is scaled so the averaged gradient equals the single-process gradient.
 Only rank 0 writes files; every rank reads the same checkpoint to resume.
 
-`--fsdp` (full-parameter AdamW only) shards instead of replicating: FSDP2 (`fully_shard`) makes
-each decoder layer a unit whose weights are all-gathered just before its forward and backward
-and freed after, and the rest (embeddings, final norm, output layer) the root unit; gradients
-are reduce-scattered and each rank keeps the AdamW state of its shard only. Checkpoints and the
-final model are gathered and written unsharded, the files of a single-process run: any number
-of processes resumes them.
+`--fsdp` (full-parameter AdamW, GaLore, LISA) shards instead of replicating: FSDP2
+(`fully_shard`) makes each decoder layer a unit whose weights are all-gathered just before its
+forward and backward and freed after, and the rest (embeddings, final norm, output layer) the
+root unit; gradients are reduce-scattered and each rank keeps the optimizer state of its shard
+only. Checkpoints and the final model are gathered and written unsharded, the files of a
+single-process run: any number of processes resumes them.
 """
 
 from __future__ import annotations
