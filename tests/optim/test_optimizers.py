@@ -87,6 +87,35 @@ def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_galore_unprojected_parameters_take_torch_adamw_steps():
+    """Embeddings and norms get plain AdamW: the same steps as torch.optim.AdamW."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(40, 24))
+    b = nn.Parameter(a.detach().clone())
+    ours = GaLoreAdamW([{"params": [a], "rank": 0}], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for step in range(4):
+        g = torch.randn(40, 24, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), step
+
+
+def test_galore_layerwise_holds_no_gradient_after_backward():
+    """Every parameter, the embeddings included, is updated in its hook and its gradient freed."""
+    model = full_model()
+    before = params(model)
+    plan = build_optimizer(model, OptimConfig(optimizer=OptimizerKind.GALORE, galore_rank=8), lr=1e-3, weight_decay=0.0, max_norm=1.0)
+    try:
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        plan.close()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
 def test_galore_layerwise_updates_equal_the_step_at_the_end(tmp_path):
     data = toy_blocks()
     a, b = full_model(), full_model()

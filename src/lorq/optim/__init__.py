@@ -44,7 +44,7 @@ class OptimConfig:
     galore_rank: int = opt(128, "galore: rank of the gradient projection")
     galore_gap: int = opt(200, "galore: steps between projection refreshes (T)")
     galore_scale: float = opt(0.25, "galore: scale of the projected-back update (α)")
-    galore_layerwise: bool = opt(True, "galore: update each matrix during backward and free its gradient (needs grad-accum 1; clips per matrix)")
+    galore_layerwise: bool = opt(True, "galore: update each parameter during backward and free its gradient (needs grad-accum 1; clips per parameter)")
     qgalore_similarity: float = opt(0.4, "qgalore: a layer's projection refresh interval doubles when its new projection is this similar to the last (mean |cos|)")
     lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
     lisa_period: int = opt(20, "lisa: steps between layer resamplings")
