@@ -236,6 +236,24 @@ def summarize(rows: list[dict], args) -> dict:
     return targets
 
 
+def next_lr(lr: float, up: bool) -> float:
+    """The neighbour of lr in the 1-3-10 series the grids use (3e-3 -> 1e-2 up, 1e-3 down)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    one = round(lr / 10**exp) < 2  # mantissa 1 (else 3)
+    if up:
+        return float(f"3e{exp}") if one else float(f"1e{exp + 1}")
+    return float(f"3e{exp - 1}") if one else float(f"1e{exp}")
+
+
+def beyond(row: dict) -> float | None:
+    """The learning rate past the end of those tried where the row's best sits (None: bracketed)."""
+    tried = sorted(x["lr"] for x in row["runs"] if "failed" not in x)
+    if not row.get("best") or len(tried) < 2:
+        return None
+    best = row["best"]["lr"]
+    return next_lr(best, up=True) if best == tried[-1] else next_lr(best, up=False) if best == tried[0] else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=24)
@@ -248,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-index", type=int, help="run only this learning rate of each method's grid (0, 1 or 2)")
     p.add_argument("--only", help="method names separated by semicolons (default: all)")
     p.add_argument("--update", action="store_true", help="re-measure the --only methods and replace their rows in the existing results (with --grid-index: only that learning rate, the row's other runs kept)")
+    p.add_argument("--extend", action="store_true", help="for each method whose best learning rate is the lowest or highest it tried, run the next one beyond it (1-3-10 series), keeping the row's other runs")
     p.add_argument("--reuse", action="store_true", help="reuse runs already measured with the same settings (an interrupted benchmark goes on)")
     p.add_argument("--collect", action="store_true", help="with --reuse: only gather the runs already made; the others are reported as not run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads torch threads)")
@@ -262,22 +281,32 @@ def main(argv=None) -> int:
     names = [n for n in METHODS if not args.only or n in args.only.split(";")]
     WORK.mkdir(parents=True, exist_ok=True)
     info, start, rows = machine(), time.perf_counter(), []
-    previous = read_json(RESULTS / "methods.json") if args.update else None
+    previous = read_json(RESULTS / "methods.json") if args.update or args.extend else None
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = [(name, lr) for name in names for i, lr in enumerate(METHODS[name][1][: args.lrs]) if args.grid_index in (None, i)]
+    if args.extend:
+        edge = {r["name"]: beyond(r) for r in previous["rows"]}
+        names = [n for n in names if edge.get(n) is not None]
+        jobs = [(n, edge[n]) for n in names]
+        print("extending: " + "; ".join(f"{n} lr {lr:g}" for n, lr in jobs), flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each run is its own process
         done = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs)))
     for name in names:
         options, lrs = METHODS[name]
         runs = [done[(name, lr)] for lr in lrs[: args.lrs] if (name, lr) in done]
-        if previous and args.grid_index is not None:  # fill in one learning rate: keep the row's others as measured
+        if args.extend:
+            runs = [done[j] for j in jobs if j[0] == name]
+        if previous and (args.grid_index is not None or args.extend):  # one learning rate more: keep the row's others
             kept = {x["lr"]: x for r in previous["rows"] if r["name"] == name for x in r["runs"] if x.get("failed") != "not run"}
             runs = sorted([*runs, *(x for lr, x in kept.items() if (name, lr) not in done)], key=lambda x: x["lr"])
         ok = [r for r in runs if "failed" not in r]
         best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
-        mark = {} if not previous else {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]}
-        rows.append({"name": name, "options": options, "runs": runs, "best": best, **mark})
+        old = next((r for r in (previous or {}).get("rows", []) if r["name"] == name), {})
+        mark = ({} if not previous else {"extended": info["date"]} if args.extend else
+                {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]})
+        keep = {k: old[k] for k in ("filled_in", "extended") if k in old and args.extend}
+        rows.append({"name": name, "options": options, "runs": runs, "best": best, **keep, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}
         rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
@@ -314,15 +343,17 @@ def markdown(result) -> str:
             what = "not run" if all(x.get("failed") == "not run" for x in r["runs"]) else "failed"
             lines.append(f"| {r['name']} | - | {what} | | | | | | | {tried} |")
             continue
-        name = (f"{r['name']} (re-measured {r['remeasured']})" if r.get("remeasured") else
-                f"{r['name']} (learning rates added {r['filled_in']})" if r.get("filled_in") else r["name"])
+        notes = ([f"re-measured {r['remeasured']}"] if r.get("remeasured") else []) + \
+                ([f"learning rates added {r['filled_in']}"] if r.get("filled_in") else []) + \
+                ([f"sweep extended {r['extended']}"] if r.get("extended") else [])
+        name = f"{r['name']} ({'; '.join(notes)})" if notes else r["name"]
         lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
                      f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f}{'*' if b.get('threads') == 1 else ''} | {tried} |")
     by = {r["name"]: r for r in result["rows"] if r["best"]}
     extra = []
     if PLAIN in by and ANCHOR in by:
         a, b = by[ANCHOR]["best"], by[PLAIN]["best"]
-        extra.append(f"- lorq LoRA against the anchor (same rank, targets, batches, schedule, best of 3 lrs each): validation loss "
+        extra.append(f"- lorq LoRA against the anchor (same rank, targets, batches, schedule, best of the learning rates tried each): validation loss "
                      f"{b['final_val_loss']:.4f} vs {a['final_val_loss']:.4f}, perplexity {b['ppl_after']:.2f} vs {a['ppl_after']:.2f}, "
                      f"peak RSS {b['peak_rss_mib']:.0f} vs {a['peak_rss_mib']:.0f} MiB"
                      + (f", tokens/s {b['tokens_per_s']:.0f} vs {a['tokens_per_s']:.0f}" if a.get("threads") == b.get("threads") else
@@ -338,6 +369,10 @@ def markdown(result) -> str:
     if any(r.get("filled_in") for r in result["rows"]):
         extra.append("- rows marked \"learning rates added\": the learning rates missing from the first run were measured on that date "
                      "with the code of that date (`--update --grid-index`); the row's other runs are the original ones")
+    if any(r.get("extended") for r in result["rows"]):
+        extra.append("- rows marked \"sweep extended\": their best learning rate was the lowest or highest of their grid, so the next "
+                     "one beyond it (1-3-10 series) was measured on that date with the code of that date (`--extend`); the best of all "
+                     "the learning rates tried is reported")
     lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
 
