@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         old = next((r for r in (previous or {}).get("rows", []) if r["name"] == name), {})
         mark = ({} if not previous else {"extended": info["date"]} if args.extend else
                 {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]})
-        keep = {k: old[k] for k in ("filled_in", "extended") if k in old and args.extend}
+        keep = {k: old[k] for k in ("remeasured", "filled_in", "extended") if k in old and args.extend}
         rows.append({"name": name, "options": options, "runs": runs, "best": best, **keep, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}
@@ -366,6 +366,9 @@ def markdown(result) -> str:
     if any(r["best"] and r["best"].get("threads") == 1 for r in result["rows"]):
         extra.append("- tokens/s marked * come from runs made two at a time with one torch thread each (the others ran alone with two): "
                      "compare them with each other, not with the unmarked ones")
+    if any(r.get("remeasured") for r in result["rows"]):
+        extra.append("- rows marked \"re-measured\": every learning rate of their grid measured again on that date with the code of "
+                     "that date (`--update`), after a change to the method")
     if any(r.get("filled_in") for r in result["rows"]):
         extra.append("- rows marked \"learning rates added\": the learning rates missing from the first run were measured on that date "
                      "with the code of that date (`--update --grid-index`); the row's other runs are the original ones")
