@@ -4,7 +4,8 @@ Every method trains the embedded SmolLM2-135M-Instruct on the embedded task (CPy
 the same budget: the same steps, batches (a pure function of seed and step), block size, seed,
 warm-up + cosine schedule and validation blocks; each method sweeps 3 learning rates (its own
 grid: methods with few parameters need larger ones) and the best final validation loss is
-reported. Adapter methods run on lorq's NF4 base (double quantization); full-parameter methods
+reported; `--extend` adds one more past the end of the sweep where a row's best sits (repeat
+until every row is bracketed). Adapter methods run on lorq's NF4 base (double quantization); full-parameter methods
 (full AdamW, GaLore, Q-GaLore, LISA) need a dense base and run on fp32 (Q-GaLore turns the
 decoder's weights into int8 itself); PEQA trains the scales of an INT4 base, and L4Q trains on the
 fp32 base and writes an INT4 model, whose perplexity is the one reported. The anchor, PEFT LoRA r16 on a

@@ -70,11 +70,11 @@ def tied_model_dir(tmp_path_factory, real_tokenizer_dir):
     return path
 
 
-def same_trajectory(a, b):
+def same_trajectory(a, b, loss_rel=1e-5, grad_rel=1e-4):
     """Same losses step by step; the gradient norm sums shards in another order (fp32)."""
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
-        for key, rel in (("loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-4)):
+        for key, rel in (("loss", loss_rel), ("val_loss", loss_rel), ("grad_norm", grad_rel)):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=rel), (x["step"], key)
 
@@ -136,4 +136,6 @@ def test_galore_under_fsdp_projects_whole_gradients_and_resumes(tied_model_dir, 
     one = finetune([], tied_model_dir, tmp_path / "one", *galore, "--steps", "5")
     finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *galore, "--fsdp", "--steps", "3")
     two = finetune(TORCHRUN, tied_model_dir, tmp_path / "two", *galore, "--fsdp", "--steps", "5", "--resume")
-    same_trajectory(one, two)
+    # at full rank the SVD basis of near-equal singular values turns with fp32-level gradient
+    # differences, and Adam's per-coordinate steps in that basis with it: looser than AdamW's
+    same_trajectory(one, two, loss_rel=1e-4, grad_rel=2e-3)
