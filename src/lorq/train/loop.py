@@ -134,6 +134,9 @@ class NextTokenLoss(nn.Module):
 
 
 def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
+    """Whether the run can be data-parallel the way it asks (DDP, or FSDP with --fsdp)."""
+    if optim.optimizer is OptimizerKind.LISA and world.distributed and not cfg.fsdp:
+        raise LorqError("lisa changes the trained layers every period, which DDP cannot follow; add --fsdp (or run one process)")
     if not cfg.fsdp:
         return
     if not world.distributed:
@@ -158,8 +161,6 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     optim = (optim or OptimConfig()).validate()
     check_divisible(cfg.batch_size, world)
     check_fsdp(cfg, optim, world)
-    if optim.optimizer is OptimizerKind.LISA and world.distributed and not cfg.fsdp:
-        raise LorqError("lisa changes the trained layers every period, which DDP cannot follow; add --fsdp (or run one process)")
     progress = progress and world.main
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
