@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantization import machine  # noqa: E402
+from training import BATCH, SEQ, tokens_per_second  # noqa: E402
 
 from lorq.io import atomic_write_text, write_json  # noqa: E402
 
@@ -41,19 +42,18 @@ def finetune(name: str, processes: int, extra: list[str], steps: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
     cmd = [sys.executable, *launcher, "-m", "lorq", "finetune", "--output", str(out), "--full", "--format", "none",
-           "--steps", str(steps), "--batch-size", "4", "--block-size", "256", "--eval-blocks", "4", "--eval-every", str(steps),
+           "--steps", str(steps), "--batch-size", str(BATCH), "--block-size", str(SEQ), "--eval-blocks", "4", "--eval-every", str(steps),
            "--save-every", str(steps), *extra]
     print(f"{name}: {' '.join(cmd[1:])}", flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if "loss" in r]
-    timed = steps_[1:]  # the first step pays for warming up
+    trained = [r for r in records if "loss" in r]
     return {"system": name, "processes": processes,
-            "tokens_per_s": round(4 * 256 * len(timed) / sum(r["step_s"] for r in timed), 1),
-            "peak_rss_mib": max(r["peak_rss_mb"] for r in steps_), "optimizer_state_mib": steps_[-1]["optimizer_state_mb"],
-            "losses": [round(r["loss"], 4) for r in steps_], "val_loss": steps_[-1].get("val_loss")}
+            "tokens_per_s": round(tokens_per_second([r["step_s"] for r in trained[1:]]), 1),  # the first step warms up
+            "peak_rss_mib": max(r["peak_rss_mb"] for r in trained), "optimizer_state_mib": trained[-1]["optimizer_state_mb"],
+            "losses": [round(r["loss"], 4) for r in trained], "val_loss": trained[-1].get("val_loss")}
 
 
 def markdown(result: dict) -> str:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..errors import LorqError
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS, match_modules
+from ..train.distributed import full
 from .adamw8bit import AdamW8bit
 from .galore import GaLoreAdamW
 from .lisa import LayerSampler
@@ -73,7 +74,7 @@ class Plan:
         """Clip the gradients still held, update; returns the gradient norm."""
         held = [p for p in self.params.values() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(held, max_norm if max_norm > 0 else float("inf")) if held else 0.0
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded (FSDP) gradients: a DTensor
+        norm = float(full(norm))  # sharded (FSDP) gradients give a DTensor norm
         self.optimizer.step()
         if self.layerwise is not None:
             norm = math.sqrt(norm**2 + self.layerwise.take_hooked_norm() ** 2)
