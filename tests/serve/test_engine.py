@@ -165,3 +165,21 @@ def test_abort_takes_a_waiting_request_out_of_the_queue_at_once(tiny_model_dir):
 def test_a_tiny_temperature_samples_the_argmax():
     logits = torch.tensor([1.0, 3.0, 2.0])
     assert nucleus_sample(logits, 1e-45, 1.0, torch.Generator().manual_seed(0)) == 1
+
+
+def test_a_finished_request_leaves_nothing_in_its_kv_slot(tiny_model_dir):
+    """A decoding sequence reads its KV slot up to the batch's longest length, masked past its
+    own; the mask weighs stale entries by 0, but 0 x NaN is NaN. So what a diverged request
+    wrote (NaN keys and values) must be gone before its slot serves another request."""
+    engine, _, tok = engine_for(tiny_model_dir, None)
+    long_p, short_p = encode_prompt(tok, " ".join(PROMPTS)), encode_prompt(tok, "hi")
+    (alone,) = engine.generate([(short_p, None, greedy(6))])
+    poisoned = engine.submit(long_p, None, greedy(3), lambda d, r: None)
+    engine.step()
+    for t in engine.pool.k + engine.pool.v:
+        t[poisoned.slot, :, : poisoned.cached] = float("nan")  # what a diverged adapter leaves behind
+    while engine.busy:
+        engine.step()
+    short, _ = engine.generate([(short_p, None, greedy(6)), (long_p, None, greedy(9))])  # short takes the poisoned slot 0
+    assert short.text == alone.text
+    assert not any(t.any() for t in engine.pool.k + engine.pool.v)  # every slot freed, moved-from ones too

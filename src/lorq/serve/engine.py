@@ -280,10 +280,14 @@ class Engine:
                 self.finish(seq, reason)
         ids = {s.id for s in gone}
         alive = [s for s in self.running if s.id not in ids]
+        for seq in gone:
+            if seq.slot >= 0:
+                self.pool.clear(seq.slot, len(seq.prompt) + len(seq.generated))
         holes = sorted(s.slot for s in gone if s.slot < len(alive))
         movers = sorted((s for s in alive if s.slot >= len(alive)), key=lambda s: s.slot)
         for hole, seq in zip(holes, movers):
             self.pool.move(seq.slot, hole, seq.cached)
+            self.pool.clear(seq.slot, seq.cached)
             seq.slot = hole
         self.running = sorted(alive, key=lambda s: s.slot)
         for seq in gone:
@@ -337,6 +341,8 @@ class Engine:
                 print(f"lorq: engine step failed: {type(e).__name__}: {e}", flush=True)
                 failed, self.running = self.running, []
                 for seq in failed:
+                    if seq.slot >= 0:
+                        self.pool.clear(seq.slot)
                     seq.slot = -1
                     if seq.finish_reason is None:
                         self.finish(seq, "error")

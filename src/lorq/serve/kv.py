@@ -53,6 +53,13 @@ class KVPool:
             for t in cache:
                 t[dst, :, :length] = t[src, :, :length]
 
+    def clear(self, slot: int, length: int | None = None) -> None:
+        """Zero a slot's first `length` positions (all if None). A decoding sequence reads its slot
+        up to the batch's longest length, masked past its own; the mask weighs stale entries by 0,
+        but 0 x NaN is NaN, so a freed slot must not keep what a diverged request wrote."""
+        for t in self.k + self.v:
+            t[slot, :, :length].zero_()
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
