@@ -71,10 +71,14 @@ def test_load_and_unload_adapters_only_from_the_root(live, many_adapters, tmp_pa
     assert "extra" in [m.id for m in c.models.list()]
     c.completions.create(model="extra", prompt="hi", max_tokens=2)
     os.symlink(many_adapters / "ad1", live.state.store.root / "escape")
+    shutil.copytree(many_adapters / "ad1", live.state.store.root / "broken")
+    config = live.state.store.root / "broken" / "adapter_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "lora_alpha"}))  # a KeyError inside
     for body, status in [
         ({"lora_name": "x", "lora_path": "../ad1"}, 400), ({"lora_name": "x", "lora_path": str(many_adapters / "ad1")}, 400),
         ({"lora_name": "x", "lora_path": "escape"}, 400), ({"lora_name": "x", "lora_path": "nope"}, 404),
         ({"lora_name": "extra", "lora_path": "ad4"}, 400), ({"lora_name": "../x"}, 400), ({"lora_name": "tiny"}, 400), ({}, 400),
+        ({"lora_name": "x", "lora_path": "a" * 300}, 400), ({"lora_name": "x", "lora_path": "broken"}, 400),
     ]:
         with pytest.raises(openai.APIStatusError) as e:
             post("/load_lora_adapter", body)
@@ -97,10 +101,62 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
         c.chat.completions.create(model="ad0", messages=[{"role": "wizard", "content": "x"}])
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-adapter", prompt="hi")
-    req = urllib.request.Request(live.url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req)
-    assert e.value.code == 400 and "message" in json.loads(e.value.read())["error"]
+    bad = [dict(seed=10**20), dict(top_k=5), dict(min_tokens=3), dict(logprobs=0), dict(repetition_penalty=1.2),
+           dict(max_tokens=True), dict(max_tokens="5"), dict(stream="yes"), dict(prompt="\ud800"), dict(prompt=[1, 10**6]),
+           dict(prompt=["hi"] * 300), dict(response_format={"type": "json_object"})]
+    for kw in bad:  # every one a 400 with OpenAI's error object, none a 500 or silently ignored
+        status, body = post_json(live, "/v1/completions", {"model": "ad0", "prompt": "hi", "max_tokens": 2, **kw})
+        assert status == 400 and body["error"]["message"], kw
+    status, body = post_json(live, "/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    for path, method, code in [("/v1/models/ad0", "GET", 404), ("/v1/completions", "GET", 405)]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(live.url + path, method=method))
+        assert e.value.code == code and json.loads(e.value.read())["error"]["code"] == code
+
+
+def post_json(live, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(live.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_token_id_prompts_and_null_fields(live, ref):
+    """A prompt of token IDs answers like its text; null means a field's default (OpenAI's API)."""
+    ids = live.state.engine.tok("Hello there", add_special_tokens=False)["input_ids"]
+    by_text = post_json(live, "/v1/completions", {"model": "ad2", "prompt": "Hello there", "max_tokens": 5, "temperature": 0})[1]
+    status, by_ids = post_json(live, "/v1/completions", {"model": "ad2", "prompt": [ids, ids], "max_tokens": 5, "temperature": 0,
+                                                          "n": None, "stream": None, "echo": None, "ignore_eos": None, "seed": 2**64 - 1})
+    assert status == 200 and [c["text"] for c in by_ids["choices"]] == [by_text["choices"][0]["text"]] * 2
+
+
+def test_a_client_that_goes_away_is_cancelled_while_tokens_still_come(live):
+    """A non-streaming request whose client disconnects stops within about a second, even
+    though its tokens keep coming (each engine step is slowed down to 20 ms here)."""
+    import socket
+
+    engine, forward = live.state.engine, live.state.engine.model.forward
+    engine.model.forward = lambda *a, **k: (time.sleep(0.02), forward(*a, **k))[1]
+    try:
+        body = json.dumps({"model": "ad0", "prompt": "hi", "max_tokens": 200, "ignore_eos": True, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 5
+        while not engine.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.running
+        sock.close()
+        deadline = time.time() + 2.5  # 200 tokens would take 4 s or more
+        while engine.busy and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.busy
+    finally:
+        del engine.model.forward
 
 
 def test_64_concurrent_requests_across_10_adapters(live, ref):
@@ -229,3 +285,11 @@ def test_a_request_cancelled_while_its_adapter_is_read_releases_it(live):
         store.read = read
     assert "slow" in store.cache and not store.in_use.get("slow")
     store.unregister("slow")
+
+
+def test_an_empty_api_key_is_refused_at_startup():
+    from lorq.errors import LorqError
+    from lorq.serve.server import ServeConfig
+
+    with pytest.raises(LorqError, match="must not be empty"):
+        ServeConfig(api_key="").validate()

@@ -23,29 +23,44 @@ class APIError(LorqError):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat; unknown fields are ignored, as OpenAI's servers do."""
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat; unknown fields are ignored, as OpenAI's servers do,
+    but known sampling fields this server does not implement are refused, not ignored. Types are
+    strict (no "5" for 5, no true for 1); null means the field's default, as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stream: bool | None = False
     stream_options: dict | None = None
-    n: int = 1
+    n: int | None = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
+    top_logprobs: int | None = None
+    top_k: int | None = None  # vLLM's extensions from here on
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     def check_supported(self) -> None:
         unsupported = {
-            "n": self.n != 1, "presence_penalty": bool(self.presence_penalty), "frequency_penalty": bool(self.frequency_penalty),
-            "logit_bias": bool(self.logit_bias), "logprobs": bool(self.logprobs),
+            "n": self.n not in (None, 1), "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs is not None and self.logprobs is not False, "top_logprobs": bool(self.top_logprobs),
+            "top_k": self.top_k not in (None, 0, -1), "min_tokens": bool(self.min_tokens),
+            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+            "response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools),
         }
         for name, used in unsupported.items():
             if used:
@@ -56,7 +71,7 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed, ignore_eos=self.ignore_eos,
+            top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed, ignore_eos=bool(self.ignore_eos),
         )
         try:
             return params.validate()
@@ -68,15 +83,19 @@ class SamplingFields(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+Prompt = str | list[int]  # text, or token IDs as OpenAI's API allows
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
-    def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[Prompt]:
+        """One prompt or a list: text, or token IDs (one list of ints, or a list of them)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)) else self.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         if self.echo or (self.best_of or 1) > 1 or self.suffix:

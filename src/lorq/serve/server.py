@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LorqError
 from ..eval.generate import chat_text, encode_prompt
@@ -57,6 +58,8 @@ class ServeConfig:
             raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
         if self.adapters and not Path(self.adapters).is_dir():
             raise LorqError(f"adapter root {self.adapters} is not a directory")
+        if self.api_key == "":
+            raise LorqError("--api-key must not be empty (leave it out to serve without a key)")
         return self
 
 
@@ -92,13 +95,15 @@ class Server:
             raise
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "model")
-        except LorqError as e:
-            raise APIError(400, f"adapter {model!r} cannot be loaded: {e}", param="model")
+        except Exception as e:  # whatever is wrong in the adapter's files is the request's problem, not a 500
+            raise APIError(400, f"adapter {model!r} cannot be loaded: {describe(e)}", param="model")
 
     async def start(self, model: str, prompts: list[list[int]], params: SamplingParams, arrival: float):
         """Submit one sequence per prompt; events arrive on the returned queue as (index, delta, reason)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
+        if len(prompts) > self.engine.cfg.max_queue:  # could never be queued at once: not a "retry later"
+            raise APIError(400, f"{len(prompts)} prompts in one request, more than the queue holds ({self.engine.cfg.max_queue})", param="prompt")
         try:
             for i, prompt in enumerate(prompts):
                 adapter = await self.adapter_for(model)
@@ -131,22 +136,40 @@ class Server:
 
     async def collect(self, seqs: list[Sequence], events: asyncio.Queue, request: Request) -> list[tuple[str, str]]:
         texts, reasons, left = [""] * len(seqs), [""] * len(seqs), len(seqs)
+        gone = asyncio.ensure_future(client_gone(request))
         try:
             while left:
-                try:
-                    i, delta, reason = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # nobody waits for the answer: stop working on it
-                        raise APIError(499, "the client closed the connection")
-                    continue
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise APIError(499, "the client closed the connection")  # nobody waits for the answer: stop working on it
+                i, delta, reason = get.result()
                 texts[i] += delta
                 if reason is not None:
                     reasons[i], left = reason, left - 1
         finally:
+            gone.cancel()
             self.abort(seqs)  # the client went away before the end
         if "error" in reasons:
             raise server_error()
         return list(zip(texts, reasons))
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. (Starlette's is_disconnected() polls with an
+    already-cancelled receive, which behind an http middleware never sees the disconnect.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+MAX_BODY_BYTES = 16 * 2**20  # a request body larger than this is refused (413) before it is read
+
+
+def describe(e: Exception) -> str:
+    """A one-line account of an exception for an error message."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if isinstance(e, LorqError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def sse(obj) -> str:
@@ -163,8 +186,18 @@ def endpoint(request: Request) -> str:
     return getattr(route, "path", "unmatched")
 
 
-def encode(server: Server, text: str, chat: bool) -> list[int]:
-    return server.engine.tok(text, add_special_tokens=False)["input_ids"] if chat else encode_prompt(server.engine.tok, text, chat=False)
+def encode(server: Server, prompt: str | list[int], chat: bool) -> list[int]:
+    """Token IDs of a prompt: text through the tokenizer, or IDs checked against the vocabulary."""
+    if not isinstance(prompt, str):
+        vocab = server.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"token IDs in the prompt must be in 0..{vocab - 1}", param="prompt")
+        return list(prompt)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the prompt is not valid Unicode text (it holds an unpaired surrogate)", param="prompt")
+    return server.engine.tok(prompt, add_special_tokens=False)["input_ids"] if chat else encode_prompt(server.engine.tok, prompt, chat=False)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -184,8 +217,17 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").body(), status_code=400)
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
         return JSONResponse(APIError(400, f"invalid request: {where}: {first.get('msg')}", param=where).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods, unreadable bodies
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        error = APIError(e.status_code, message.get(e.status_code, f"invalid request: {e.detail}"), kind)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -193,6 +235,10 @@ def create_app(server: Server) -> FastAPI:
             error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error")
             server.metrics.requests.labels("unauthorized", "401").inc()
             return JSONResponse(error.body(), status_code=401)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            error = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+            server.metrics.requests.labels(endpoint(request), "413").inc()
+            return JSONResponse(error.body(), status_code=413)
         try:
             response = await call_next(request)
         except Exception:
@@ -219,7 +265,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.perf_counter()
-        prompts = [encode(server, p, chat=False) for p in req.prompts()]
+        prompts = await run_in_threadpool(lambda: [encode(server, p, chat=False) for p in req.prompts()])  # off the event loop
         params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
         seqs, events = await server.start(req.model, prompts, params, arrival)
         rid = new_id("cmpl")
@@ -235,8 +281,8 @@ def create_app(server: Server) -> FastAPI:
         try:
             text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
         except Exception as e:  # the template's own checks (e.g. roles out of order)
-            raise APIError(400, f"the messages do not fit the chat template: {str(e).splitlines()[0] if str(e) else type(e).__name__}", param="messages")
-        prompt = encode(server, text, chat=True)
+            raise APIError(400, f"the messages do not fit the chat template: {describe(e)}", param="messages")
+        prompt = await run_in_threadpool(encode, server, text, True)
         limit = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), max(server.engine.max_length - len(prompt), 1))
         params = req.sampling(limit)
         seqs, events = await server.start(req.model, [prompt], params, arrival)
@@ -254,8 +300,8 @@ def create_app(server: Server) -> FastAPI:
             await run_in_threadpool(server.store.register, req.lora_name, req.lora_path)
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "lora_path")
-        except LorqError as e:
-            raise APIError(400, str(e))
+        except Exception as e:  # bad paths (too long, a symlink loop) and bad adapter files alike
+            raise APIError(400, f"adapter {req.lora_name!r} cannot be loaded: {describe(e)}", param="lora_path")
         return PlainTextResponse(f"Success: adapter {req.lora_name!r} loaded")
 
     @app.post("/v1/unload_lora_adapter")
