@@ -73,3 +73,19 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
         load_peft(tiny_llama, tmp_path / "other")
     with pytest.raises(LorqError, match="not found"):
         load_peft(tiny_llama, tmp_path / "missing")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: [c], "not a JSON object"), (lambda c: {**c, "lora_alpha": "x"}, "lora_alpha must be a number"),
+    (lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a number"), (lambda c: {**c, "alpha_pattern": "bad"}, "alpha_pattern"),
+    (lambda c: {**c, "alpha_pattern": {"(": 3}}, "not a valid regex"),
+])
+def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):
+    """Every reader of PEFT adapters (eval, generate, merge, export, serve) gets a LorqError, not
+    a KeyError or TypeError from inside the scaling."""
+    add_adapters(tiny_llama, LoRAConfig(rank=4))
+    save_peft(tiny_llama, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(LorqError, match=message):
+        load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")

@@ -111,6 +111,27 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
     return Path(out)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_config(config, path: Path) -> None:
+    """The fields lorq reads have the types PEFT writes (a malformed file is a one-line error,
+    not an exception from deep inside the scaling)."""
+    if not isinstance(config, dict):
+        raise LorqError(f"{path / CONFIG_FILE} is not a JSON object")
+    if config.get("peft_type", "LORA") in ("LORA", None) and not _is_number(config.get("lora_alpha")):
+        raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+        raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to numbers")
+    for key in pattern:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern key {key!r} is not a valid regex ({e})")
+
+
 def _check_supported(config: dict, path: Path, dora: bool = False) -> None:
     if config.get("peft_type", "LORA") == "LORQ":
         raise LorqError(f"{path} holds a lorq-native {config.get('variant')} adapter; this command takes PEFT LoRA adapters")
@@ -143,6 +164,7 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
     if not path.is_dir():
         raise LorqError(f"adapter directory {path} not found")
     config = read_json(path / CONFIG_FILE)
+    _check_config(config, path)
     _check_supported(config, path, dora)
     tensors = load_safetensors(path / WEIGHTS_FILE)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -163,6 +185,8 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
             raise LorqError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
         if ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["B"].shape[1] != ab["A"].shape[0]:
             raise LorqError(f"{path}: {module} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, which do not multiply")
+        if ab["A"].shape[0] == 0:
+            raise LorqError(f"{path}: {module} has rank 0")
     if config.get("use_dora"):
         missing = sorted(set(pairs) - set(magnitudes))
         if missing or any(magnitudes[m].shape != (pairs[m]["B"].shape[0],) for m in pairs):

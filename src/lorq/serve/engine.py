@@ -281,7 +281,7 @@ class Engine:
         ids = {s.id for s in gone}
         alive = [s for s in self.running if s.id not in ids]
         for seq in gone:
-            if seq.slot >= 0:
+            if seq.slot >= 0:  # prompt + generated: also covers a prompt whose first token failed (cached is one short then)
                 self.pool.clear(seq.slot, len(seq.prompt) + len(seq.generated))
         holes = sorted(s.slot for s in gone if s.slot < len(alive))
         movers = sorted((s for s in alive if s.slot >= len(alive)), key=lambda s: s.slot)

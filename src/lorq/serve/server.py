@@ -224,7 +224,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods, unreadable bodies
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         error = APIError(e.status_code, message.get(e.status_code, f"invalid request: {e.detail}"), kind)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
