@@ -225,6 +225,32 @@ def test_merge_and_export_bad_inputs(tiny_model_dir, adapters, tmp_path, capsys)
     one_line_error(capsys, "export", "--model", tiny_model_dir, "--outtype", "q4", match="invalid choice")
     one_line_error(capsys, "export", "--model", tmp_path / "nope", match="not found")
     assert not (tmp_path / "m").exists() and not (tiny_model_dir / "sub").exists()
+    for bad in ("nan", "inf"):
+        one_line_error(capsys, *base, "--adapter", adapters[0], "--weights", bad, match="finite")
+        one_line_error(capsys, "export", "--model", tiny_model_dir, "--adapter", adapters[0], "--weights", bad, "--output", tmp_path / "x.gguf", match="finite")
+
+
+def test_outputs_never_destroy_the_inputs_or_foreign_files(tiny_model_dir, adapters, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    fast_quant = ["--format", "int", "--eval-blocks", "0"]
+    for out in (tiny_model_dir, tiny_model_dir.parent):
+        one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", out, *fast_quant, match="overlaps")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", foreign, *fast_quant, match="not a quantized checkpoint")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", foreign / "notes.txt", *fast_quant, match="not a directory")
+    one_line_error(capsys, "merge", "--model", tiny_model_dir, "--adapter", adapters[0], "--output", foreign, match="not a merged model")
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--output", foreign, *FAST, match="not a fine-tuning run")
+    for out in (tiny_model_dir / "model.safetensors", foreign / "notes.txt"):
+        one_line_error(capsys, "export", "--model", tiny_model_dir, "--output", out, match="overlaps" if out.parent == tiny_model_dir else "not a GGUF file")
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+    # an earlier output of the same kind is replaced, as before
+    q = tmp_path / "q"
+    for _ in range(2):
+        code, _, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, *fast_quant)
+        assert code == 0, err
 
 
 def test_serve_bad_inputs(tiny_model_dir, tmp_path, capsys):

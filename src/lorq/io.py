@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,9 +22,12 @@ def atomic_dir(path: str | Path):
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
     An interrupted write leaves only the hidden temporary directory (removed on the way out),
-    never a partial `path`. A previous `path` is moved aside first and deleted after the swap.
+    never a partial `path`. A previous `path` is moved aside first and deleted after the swap;
+    a file there is never replaced by a directory.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` has no name to build the temporary's from
+    if path.exists() and not path.is_dir():
+        raise LorqError(f"{path} exists and is not a directory; choose another output")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -38,6 +42,60 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """One path is the other, or lies inside it."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_inputs_apart(out: Path, reads) -> None:
+    for p in reads:
+        if p is not None and Path(p).exists() and overlaps(out, Path(p)):
+            raise LorqError(f"output {out} overlaps {p}, which this command reads; choose another output")
+
+
+def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), replaces: bool = True) -> Path:
+    """Refuse an output directory whose writing would destroy something that is not ours: the
+    current directory (or one above it) when the output replaces the directory, a path that
+    overlaps an input, a file, or a non-empty directory holding none of `markers` (the files by
+    which an earlier lorq output of this kind is recognised, and may be replaced)."""
+    out = Path(out)
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if replaces and (resolved == cwd or resolved in cwd.parents):
+        raise LorqError(f"output {out} is the current directory or holds it, and would be replaced; choose a new directory")
+    check_inputs_apart(out, reads)
+    if out.exists():
+        if not out.is_dir():
+            raise LorqError(f"output {out} exists and is not a directory; choose another output")
+        if any(out.iterdir()) and not any((out / m).exists() for m in markers):
+            raise LorqError(f"output {out} is a non-empty directory that is not a {kind} written by lorq "
+                            f"(it has no {markers[0]}); choose a new directory, or remove it yourself")
+    return out
+
+
+def check_output_file(out: str | Path, magic: bytes, kind: str, reads=()) -> Path:
+    """Refuse an output file that overlaps an input, is a directory, or exists without `magic`
+    (an earlier output of this kind may be replaced, nothing else)."""
+    out = Path(out)
+    check_inputs_apart(out, reads)
+    if out.is_dir():
+        raise LorqError(f"output {out} is a directory; give a file name")
+    if out.exists():
+        try:
+            with out.open("rb") as f:
+                head = f.read(len(magic))
+        except OSError as e:
+            raise LorqError(f"output {out} cannot be read to check what it is ({e.strerror})")
+        if head != magic:
+            raise LorqError(f"output {out} exists and is not a {kind}; choose another name, or remove it yourself")
+    return out
+
+
+def check_finite(name: str, values) -> None:
+    if any(not math.isfinite(v) for v in values):
+        raise LorqError(f"{name} must be finite numbers")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -15,9 +15,9 @@ import torch
 from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
-from .io import atomic_dir, write_json
+from .io import atomic_dir, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, MODEL_HELP, load_model
+from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model
 from .options import opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
@@ -171,6 +171,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
     if cfg.eval_blocks < 0:
         raise LorqError("eval-blocks must be >= 0")
+    check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules])
     base = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules, cfg.rank, cfg.budget)
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if report is None:
@@ -190,6 +191,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
           f"{summary['bits_per_weight']:.3f} bits/weight (all metadata counted), relative weight error "
           f"{summary['relative_error']:.4f}{ppl}, {summary['seconds']:.1f} s, {summary['size_on_disk_mb']} MiB on disk -> {out}")
     return summary
+
+
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
 def trainable_count(model) -> int:
@@ -264,7 +268,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     check_fsdp(cfg.train, cfg.optim, world)
     say = print if world.main else (lambda *a, **k: None)
     start = time.perf_counter()
-    out = Path(cfg.output)
+    # the run writes beside what is there (adapter/, checkpoints/, ...), but only into its own kind
+    out = check_output_dir(cfg.output, "fine-tuning run", RUN_MARKERS, reads=[cfg.model], replaces=False)
     if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
         say(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE

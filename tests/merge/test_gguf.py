@@ -93,3 +93,22 @@ def test_unsupported_architecture_is_an_error(tmp_path, real_tokenizer_dir):
     with pytest.raises(LorqError, match="supports llama"):
         export(tmp_path / "gpt2", tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapters, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan-adapter"
+    shutil.copytree(adapters[0], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    first = next(iter(tensors))
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    out = tmp_path / "m.gguf"
+    export(tiny_model_dir, out, "f16")  # an earlier export may be replaced, but not by a broken one
+    before = out.read_bytes()
+    with pytest.raises(LorqError, match="non-finite"):
+        export_gguf(ExportConfig(model=str(tiny_model_dir), adapter=[str(bad)], output=str(out), outtype="f16"), progress=False)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..adapters.lora import lora_layers
 from ..adapters.peft_format import adapter_scaling, check_fits, load_peft, read_peft
 from ..errors import LorqError
+from ..io import check_finite
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AdapterUpdate:
         weights = list(weights) if weights else [1.0] * len(paths)
         if len(weights) != len(paths):
             raise LorqError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
+        check_finite("--weights", weights)
         update = cls([Path(p) for p in paths], [float(w) for w in weights])
         for path, w in zip(update.paths, update.weights):
             config, pairs = read_peft(path)

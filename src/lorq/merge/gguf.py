@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorqError
+from ..io import check_output_file
 from ..models.loading import DEFAULT_MODEL, MODEL_HELP, load_tokenizer
 from ..options import opt
 from .delta import AdapterUpdate
@@ -168,9 +169,10 @@ def export_gguf(cfg: ExportConfig, progress: bool = True) -> dict:
         raise LorqError(f"GGUF export supports {', '.join(SUPPORTED)} models; {src.path} is {src.config.model_type!r}")
     update = AdapterUpdate.read(cfg.adapter, cfg.weights) if cfg.adapter else AdapterUpdate([], [])
     check_targets(src, update)
-    out = Path(cfg.output)
+    # only an earlier GGUF file may be replaced, and never a file of the model or adapters read
+    out = check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[src.path, *update.paths])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.gguf")
     start = time.perf_counter()
     config = src.config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads or config.num_attention_heads}
@@ -190,14 +192,16 @@ def export_gguf(cfg: ExportConfig, progress: bool = True) -> dict:
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
         w.close()
+        seconds = time.perf_counter() - start
+        diff = verify_gguf(cfg, update, tmp) if cfg.verify else None  # before the file takes the output's place
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     summary = {"model": str(src.path), "adapters": [str(p) for p in update.paths], "output": str(out),
-               "outtype": cfg.outtype.value, "size_mib": round(out.stat().st_size / 2**20, 2), "seconds": round(time.perf_counter() - start, 2)}
+               "outtype": cfg.outtype.value, "size_mib": round(out.stat().st_size / 2**20, 2), "seconds": round(seconds, 2)}
     if cfg.verify:
-        summary["max_abs_logit_diff"] = verify_gguf(cfg, update, out)
+        summary["max_abs_logit_diff"] = diff
     check = f", max |Δlogit| vs the source {summary['max_abs_logit_diff']:.2e} (read back by transformers)" if cfg.verify else ""
     print(f"exported {src.path.name}{' + ' + str(len(update.paths)) + ' adapter(s)' if update.paths else ''} as GGUF {cfg.outtype.value}: "
           f"{summary['size_mib']:.1f} MiB in {summary['seconds']:.1f} s{check} -> {out}")
@@ -226,5 +230,9 @@ def verify_gguf(cfg: ExportConfig, update: AdapterUpdate, out: Path) -> float:
     probe = base.tok(PROBE, return_tensors="pt").input_ids
     want = base.model(input_ids=probe).logits.float()
     got = load_gguf(out)(input_ids=probe).logits.float()
+    if not torch.isfinite(want).all():
+        raise LorqError("the source model (with its adapters) gives non-finite logits; nothing was written")
+    if not torch.isfinite(got).all():
+        raise LorqError("the GGUF file read back gives non-finite logits; nothing was written")
     return (got - want).abs().max().item()
 

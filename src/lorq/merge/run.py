@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 
 from ..adapters.lora import lora_layers
-from ..errors import LorqError
 from ..eval.memory import PeakRSS
 from ..eval.perplexity import perplexity
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, check_output_dir, write_json
 from ..models.loading import QUANT_CONFIG, load_model
 from ..quant import QuantizedLinear
 from ..quant.checkpoint import quant_meta
@@ -26,15 +25,6 @@ from .merge import (
 )
 
 REPORT = "merge_report.json"
-
-
-def check_output(out: Path, src: Source, update: AdapterUpdate) -> None:
-    """Never write over (or into) the base or an adapter that is being read."""
-    resolved = out.resolve()
-    for p in [src.path, *update.paths]:
-        p = p.resolve()
-        if resolved == p or p in resolved.parents or resolved in p.parents:
-            raise LorqError(f"output {out} overlaps {p}, which the merge reads; choose another output directory")
 
 
 def naive_merge_in_place(model: nn.Module, update: AdapterUpdate, cfg: MergeConfig) -> None:
@@ -90,8 +80,8 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool) -> tuple[AdapterU
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
-    out = Path(cfg.output)
-    check_output(out, src, update)
+    # never over (or into) the base or an adapter being read, nor over anything but an earlier merge
+    out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[src.path, *update.paths])
     details = {}
     with atomic_dir(out) as tmp:
         if dense:
@@ -103,6 +93,8 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool) -> tuple[AdapterU
             details = {"bits_per_weight": round(bits, 4), "relative_error_vs_exact": round(report.rel_error, 6),
                        "merged_modules": len(report.modules), "requant": cfg.requant.value, "requant_method": cfg.requant_method.value}
         write_side_files(src, tmp, cfg.dtype, dense)
+        # marks the directory as a merge (replaceable by the next one) even if the evaluation is cut short
+        write_json(tmp / REPORT, {"base": str(src.path), "adapters": [str(p) for p in update.paths], "evaluated": False})
     return update, dense, details
 
 
