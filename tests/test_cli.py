@@ -191,6 +191,57 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written leftovers
 
 
+def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
+    cases = [
+        (["finetune", "--lr", "nan"], "finite"), (["finetune", "--alpha", "inf"], "finite"),
+        (["finetune", "--alpha", "0"], "alpha must be a positive"), (["finetune", "--alpha", "-8"], "alpha must be a positive"),
+        (["finetune", "--weight-decay", "-1"], "weight-decay"), (["finetune", "--max-grad-norm", "-1"], "max-grad-norm"),
+        (["finetune", "--targets", "(unclosed"], "not a valid regular expression"), (["finetune", "--targets", ""], "empty --targets"),
+        (["finetune", "--adapter-name", ""], "adapter-name"), (["finetune", "--adapter-name", "a.b"], "adapter-name"),
+        (["generate", "--temperature", "nan"], "finite"), (["quantize", "--outlier-threshold", "nan"], "finite"),
+        (["quantize", "--format", "int8-outlier", "--outlier-threshold", "0"], "outlier-threshold"),
+        (["quantize", "--method", "hqq", "--format", "int", "--hqq-lp-norm", "0"], "hqq-lp-norm"),
+        (["quantize", "--method", "hqq", "--format", "int", "--hqq-kappa", "0.5"], "hqq-kappa"),
+        (["serve", "--adapter-cache-mb", "nan"], "finite"),
+    ]
+    for args, match in cases:
+        one_line_error(capsys, *args, "--model", tiny_model_dir, "--output", tmp_path / "out", match=match) if args[0] in ("finetune", "quantize") \
+            else one_line_error(capsys, *args, "--model", tiny_model_dir, match=match)
+    config = tmp_path / "c.yaml"
+    for text, match in (("steps: 1.7\n", "invalid value 1.7"), ("steps: true\n", "invalid value True")):
+        config.write_text(text)
+        one_line_error(capsys, "finetune", "--config", config, match=match)
+    config.write_bytes(b"steps: \xff\xfe\n")
+    one_line_error(capsys, "finetune", "--config", config, match="not valid YAML")
+
+
+def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import socket
+
+    from lorq import jobs
+
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--format", "int", "--output", tmp_path / "file" / "q", match="is a file")
+    broken = tmp_path / "truncated"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[: 100] if f.name == "model.safetensors" else f.read_bytes())
+    one_line_error(capsys, "eval", "--model", broken, match="cannot load the model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        one_line_error(capsys, "serve", "--model", tiny_model_dir, "--port", busy.getsockname()[1], match="cannot listen")
+
+    for error, line in ((PermissionError(13, "Permission denied", "/data/x"), "lorq: error: Permission denied: /data/x"),
+                        (KeyError("a bug"), "lorq: error: KeyError: 'a bug' (unexpected; LORQ_DEBUG=1 shows the traceback)")):
+        def broken_job(cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(jobs, "run_eval", broken_job)
+        code, _, err = run(capsys, "eval")
+        assert code == 1 and err.strip().splitlines() == [line], err
+
+
 def test_every_command_has_help(capsys):
     from lorq.cli import COMMANDS
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import types
 import typing
@@ -116,7 +118,7 @@ def load_yaml(path: str, cls) -> dict:
         raise LorqError(f"config file {p} not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LorqError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
         raise LorqError(f"config file {p} must hold a mapping of options")
@@ -134,6 +136,12 @@ def _coerce(value, tp, name: str):
             return [typing.get_args(base)[0](v) for v in (value if isinstance(value, list) else [value])]
         if base is bool and not isinstance(value, bool):
             raise ValueError
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError  # YAML's 1.7 is not the integer 1
+        if base is int and isinstance(value, bool):
+            raise ValueError  # nor is YAML's true
+        if base is float and not math.isfinite(float(value)):
+            raise LorqError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
         return base(value)
     except (ValueError, TypeError):
         raise LorqError(f"invalid value {value!r} for {name.replace('_', '-')}")
@@ -186,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     except LorqError as e:
         print(f"lorq: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the system refused: permissions, a full disk, a name too long
+        print(f"lorq: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("LORQ_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"lorq: error: {type(e).__name__}: {first} (unexpected; LORQ_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lorq: interrupted (completed checkpoints and outputs are intact)", file=sys.stderr)
         return 130

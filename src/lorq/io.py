@@ -56,6 +56,17 @@ def check_inputs_apart(out: Path, reads) -> None:
             raise LorqError(f"output {out} overlaps {p}, which this command reads; choose another output")
 
 
+def check_creatable(out: Path) -> None:
+    """The output can be made: its nearest existing ancestor is a directory we may write in."""
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LorqError(f"cannot create output {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorqError(f"cannot create output {out}: no permission to write in {parent}")
+
+
 def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), replaces: bool = True) -> Path:
     """Refuse an output directory whose writing would destroy something that is not ours: the
     current directory (or one above it) when the output replaces the directory, a path that
@@ -66,6 +77,7 @@ def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads
     if replaces and (resolved == cwd or resolved in cwd.parents):
         raise LorqError(f"output {out} is the current directory or holds it, and would be replaced; choose a new directory")
     check_inputs_apart(out, reads)
+    check_creatable(out)
     if out.exists():
         if not out.is_dir():
             raise LorqError(f"output {out} exists and is not a directory; choose another output")
@@ -80,6 +92,7 @@ def check_output_file(out: str | Path, magic: bytes, kind: str, reads=()) -> Pat
     (an earlier output of this kind may be replaced, nothing else)."""
     out = Path(out)
     check_inputs_apart(out, reads)
+    check_creatable(out)
     if out.is_dir():
         raise LorqError(f"output {out} is a directory; give a file name")
     if out.exists():

@@ -31,7 +31,7 @@ from .quant import (
     quantize_model, save_quantized,
 )
 from .quant.base import no_quant
-from .serve.server import ServeConfig, build_server, serve
+from .serve.server import ServeConfig, build_server, check_address, serve
 from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
@@ -387,7 +387,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def run_generate(cfg: GenerateConfig) -> str:
-    if cfg.max_new_tokens <= 0 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+    if cfg.max_new_tokens <= 0 or not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
         raise LorqError("max-new-tokens must be positive, temperature >= 0 and top-p in (0, 1]")
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
@@ -397,6 +397,7 @@ def run_generate(cfg: GenerateConfig) -> str:
 
 def run_serve(cfg: ServeConfig) -> None:
     cfg.validate()
+    check_address(cfg.host, cfg.port)
     base = prepare_base(cfg.model, cfg.quant)
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
     serve(build_server(base.model, base.tok, name, cfg), cfg)

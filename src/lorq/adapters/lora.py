@@ -7,6 +7,8 @@ by alpha / sqrt(r) instead. Several adapters live side by side, addressed by nam
 
 from __future__ import annotations
 
+import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,6 +55,17 @@ class LoRAConfig:
             raise LorqError(f"dylora-rank must be in 0..{self.rank} (the rank), got {self.dylora_rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise LorqError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise LorqError(f"alpha must be a positive number, got {self.alpha}")
+        if not self.adapter_name or "." in self.adapter_name:
+            raise LorqError(f"adapter-name must be a non-empty name without '.' (it becomes part of module names), got {self.adapter_name!r}")
+        for pattern in self.targets:
+            if not pattern:
+                raise LorqError("an empty --targets pattern would match every linear layer, the output layer too")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LorqError(f"--targets {pattern!r} is not a valid regular expression: {e}")
         return self
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import struct
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import LorqError
@@ -48,7 +50,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError, struct.error) as e:  # struct: a cut header
         raise LorqError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}")
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -136,7 +138,7 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32):
         check_causal_lm(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated file
             raise LorqError(f"cannot load the model in {path}: {str(e).splitlines()[0]}")
     model.eval()
     return model, load_tokenizer(path), path

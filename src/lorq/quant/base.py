@@ -64,6 +64,8 @@ class FormatConfig:
         for name in ("double_quant", "symmetric", "clip_search"):
             if not isinstance(getattr(self, name), bool):
                 raise LorqError(f"{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
+        if not (self.outlier_threshold is None or self.outlier_threshold > 0):
+            raise LorqError(f"outlier-threshold must be a positive number, got {self.outlier_threshold}")
         if self.format is QuantFormat.NONE:
             return self
         cls = FORMATS.get(self.format)

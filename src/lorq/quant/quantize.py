@@ -47,6 +47,9 @@ class MethodConfig(LowRankConfig, HQQConfig, GPTQConfig):
         self.method = QuantMethod(self.method)
         if self.calib_samples <= 0 or self.calib_seq_len <= 1 or self.hqq_iters < 0 or self.gptq_block <= 0:
             raise LorqError("calib-samples, gptq-block and calib-seq-len (> 1) must be positive and hqq-iters >= 0")
+        if not (self.hqq_lp_norm > 0 and self.hqq_beta > 0 and self.hqq_kappa >= 1):
+            raise LorqError(f"hqq-lp-norm and hqq-beta must be positive and hqq-kappa >= 1, got "
+                            f"{self.hqq_lp_norm}, {self.hqq_beta}, {self.hqq_kappa}")
         if not 0 <= self.gptq_damp < 1:
             raise LorqError(f"gptq-damp must be in [0, 1), got {self.gptq_damp}")
         return self
@@ -126,7 +129,7 @@ def load_rules(path: str | Path, default_quant: FormatConfig, default_method: Qu
         raise LorqError(f"rules file {p} not found")
     try:
         data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LorqError(f"rules file {p} is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(data, list) or not data:
         raise LorqError(f"rules file {p} must hold a non-empty list of rules")

@@ -54,7 +54,7 @@ class ServeConfig:
         self.engine.validate()
         if not 0 < self.port < 65536:
             raise LorqError(f"port must be in 1..65535, got {self.port}")
-        if self.adapter_cache_mb <= 0 or self.shutdown_timeout < 0:
+        if not (self.adapter_cache_mb > 0 and self.shutdown_timeout >= 0):
             raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
         if self.adapters and not Path(self.adapters).is_dir():
             raise LorqError(f"adapter root {self.adapters} is not a directory")
@@ -361,6 +361,20 @@ def build_server(model, tok, name: str, cfg: ServeConfig) -> Server:
     if name in store.names:
         raise LorqError(f"an adapter directory is named {name!r} like the base model; pass --served-name")
     return Server(engine, store, name, cfg.api_key if cfg.api_key is not None else os.environ.get("LORQ_API_KEY") or None)
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will, before the model is loaded: a busy port or an unknown
+    host is one line at once, not uvicorn's log lines after a minute of loading."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(address)
+    except OSError as e:  # socket.gaierror included
+        raise LorqError(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 def serve(server: Server, cfg: ServeConfig) -> None:

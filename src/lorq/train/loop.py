@@ -57,8 +57,10 @@ class TrainConfig:
         for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, k) <= 0:
                 raise LorqError(f"{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_blocks < 0 or self.loss_chunk < 0:
+        if not self.lr > 0 or self.warmup_steps < 0 or self.eval_blocks < 0 or self.loss_chunk < 0:
             raise LorqError("lr must be positive, warmup-steps, eval-blocks and loss-chunk non-negative")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise LorqError(f"weight-decay and max-grad-norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}")
         self.precision = Precision(self.precision)
         return self
 
