@@ -147,6 +147,10 @@ def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
     assert code == 0, err
     assert "resuming from" in stdout
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    for changed, match in ((["--format", "int"], "made with --format nf, this command gives int"),
+                           (["--block-size", "16"], "--block-size 32, this command gives 16")):
+        one_line_error(capsys, *args, "--resume", "--steps", "5", *changed, match=match)
+    one_line_error(capsys, "finetune", "--model", "/nonexistent/model", "--output", tmp_path / "none", "--resume", match="no checkpoint")
 
 
 def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
@@ -168,12 +172,21 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "5", "--output", tmp_path / "q3", match="unsupported bits 5")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "hqq", "--format", "nf", match="asymmetric affine")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", tmp_path / "missing.yaml", match="rules file")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("- {pattern: 'mlp\\.down_prj', format: int, bits: 8}\n")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", typo, "--output", tmp_path / "q4", match="matches no linear layer")
+    for budget, match in ((["--budget-groups", "3"], "group size"), (["--format", "fp8"], "supports bits")):
+        one_line_error(capsys, "quantize", "--model", "/nonexistent", "--budget-bits", "3", *budget, "--output", tmp_path / "q5", match=match)
+    one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "lisa", "--lisa-layers", "0", match="lisa-layers")
+    one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")
     one_line_error(capsys, "quantize", "--format", "int7", match="invalid choice")
     one_line_error(capsys, "quantize", "--group", "3", match="group size must be")
     one_line_error(capsys, "quantize", "--method", "gptq", "--calib-samples", "0", match="must be positive")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "gptq", "--calib-file", tmp_path / "nope.txt", match="not found")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--max-new-tokens", "300", match="exceed the model's context of 256")
+    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-model-len", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")
 
     # an adapter for another base, and a corrupt safetensors file

@@ -80,7 +80,9 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         base = _base_type(tp)
         shown = default.value if isinstance(default, Enum) else default
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default: {str(shown).replace('%', '%%')})")
+        # a help text that explains its own default (None meaning "4, or 8 for ...") keeps only that
+        default_note = "" if "default" in help_text else f" (default: {str(shown).replace('%', '%%')})"
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=help_text + default_note)
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is list:

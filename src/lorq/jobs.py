@@ -6,6 +6,7 @@ The CLI (`lorq.cli`) builds the configs from options and YAML; Python users call
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +33,13 @@ from .quant import (
 )
 from .quant.base import no_quant
 from .serve.server import ServeConfig, build_server, check_address, serve
-from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate
+from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate, candidates
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
 from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
 from .train.distributed import check_divisible, finish, gathered, init_world, is_sharded
+from .train.checkpoint import check_same_options, latest_checkpoint
 from .train.loop import NextTokenLoss, TrainConfig, check_fsdp, train
 from .train.plot import plot_loss
 from .train.precision import Precision, resolve
@@ -109,6 +111,14 @@ def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None 
     return rules + [Rule(DECODER_LINEARS, quant, mcfg.method, mcfg.lowrank, rank)]
 
 
+def check_rules_match(model, rules: list[Rule], where: str) -> None:
+    """A rule whose pattern names no linear layer is a typo, not a no-op."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for rule in rules:
+        if not any(re.search(rule.pattern, n) for n in names):
+            raise LorqError(f"rule pattern {rule.pattern!r} in {where} matches no linear layer of the model")
+
+
 def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
     """calib_samples token sequences spread evenly over the calibration data: all of
     --calib-file, or the embedded training split (never the validation split)."""
@@ -140,7 +150,11 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     tok): runs on the loaded model first (adapter inits that change the dense weights)."""
     mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
     rules = quant_rules(quant, mcfg, rules_file, rank)
+    if budget.budget_bits is not None and quant.validate().format is not QuantFormat.NONE:
+        candidates(quant, budget, [0])  # impossible choices are refused before the model is loaded
     model, tok, path = load_model(model_name)
+    if rules_file and not is_quantized(model):
+        check_rules_match(model, rules[:-1], rules_file)
     if before_quantize is not None:
         before_quantize(model, tok)
     if is_quantized(model) or all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
@@ -194,6 +208,19 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
 
 
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+# options that may change on --resume: they do not change the trained result (more --steps
+# continue a finished run)
+RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output"}
+
+
+def run_options(cfg: FinetuneConfig) -> dict:
+    """The flat options that shape a fine-tuning run's result, as JSON values."""
+    flat = {}
+    for key, value in asdict(cfg).items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    if Path(cfg.model).exists():
+        flat["model"] = str(Path(cfg.model).resolve())  # one model, however its path is spelled
+    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUME_FREE}
 
 
 def trainable_count(model) -> int:
@@ -266,6 +293,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     world = init_world()  # torchrun: data-parallel ranks; rank 0 prints and writes
     check_divisible(cfg.train.batch_size, world)
     check_fsdp(cfg.train, cfg.optim, world)
+    cfg.optim.check_accumulation(cfg.train.grad_accum, world.size)
     say = print if world.main else (lambda *a, **k: None)
     start = time.perf_counter()
     # the run writes beside what is there (adapter/, checkpoints/, ...), but only into its own kind
@@ -275,6 +303,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
     cfg.lowrank_as = LowRankUse(cfg.lowrank_as)
     check_method(cfg, lowrank, say)
+    cfg.quant.validate()  # its defaults filled in (bits)
+    options = run_options(cfg)  # recorded in every checkpoint as they are now, before loading
+    if cfg.train.resume:  # before anything is loaded: a run that cannot resume says so at once
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        check_same_options(ckpt, options)
     full = cfg.optim.full
     starts: dict = {}
 
@@ -325,7 +360,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     say(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
     n_trainable = trainable_count(model)
     loss = NextTokenLoss(model, cfg.train.loss_chunk)
-    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim, loss=loss)
+    final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim, loss=loss,
+                  options=options)
     nll = loss if is_sharded(loss) else None  # --fsdp: the model runs only through the sharded loss module
     if cfg.lora.variant is Variant.DYLORA and not full:
         for layer in lora_layers(model).values():

@@ -49,3 +49,14 @@ def test_fused_loss_of_a_plain_head_equals_the_full_logits_loss(tiny_llama):
     assert out[16][1] == out[0][1]
     assert out[16][0] == pytest.approx(out[0][0], rel=1e-6)
     assert torch.allclose(out[16][2], out[0][2], atol=1e-6)
+
+
+def test_no_tokens_is_an_error_not_a_perfect_perplexity(tiny_llama):
+    from lorq.errors import LorqError
+    from lorq.eval.perplexity import perplexity
+    from lorq.train.data import Blocks
+
+    for blocks in (Blocks(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8, dtype=torch.long)),
+                   Blocks(torch.ones(2, 8, dtype=torch.long), torch.full((2, 8), IGNORE))):
+        with pytest.raises(LorqError, match="no tokens to evaluate"):
+            perplexity(tiny_llama, blocks)

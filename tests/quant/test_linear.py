@@ -100,6 +100,22 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     with pytest.raises(LorqError, match="format_version 99.*newer lorq"):
         load_quantized(out)
     meta["format_version"] = 2
+    good = dict(meta["modules"]["model.layers.0.self_attn.q_proj"])
+    meta["modules"]["model.layers.0.self_attn.q_proj"] = "nf"
+    (out / QUANT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(LorqError, match="is not a mapping"):
+        load_quantized(out)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    cut = dict(tensors)
+    cut["model.layers.0.self_attn.q_proj.absmax_codes"] = cut["model.layers.0.self_attn.q_proj.absmax_codes"][:3].clone()
+    save_file(cut, out / "model.safetensors")
+    meta["modules"]["model.layers.0.self_attn.q_proj"] = good
+    (out / QUANT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(LorqError, match="q_proj: its tensors do not fit its config"):
+        load_quantized(out)  # at load, not at the first forward
+    save_file(tensors, out / "model.safetensors")
     meta["modules"]["model.layers.0.self_attn.q_proj"]["format"] = "int7"
     (out / QUANT_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(LorqError, match="invalid settings for model.layers.0.self_attn.q_proj"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import LorqError
+
 
 def chat_text(tok, messages: list[dict]) -> str:
     """The conversation in the tokenizer's chat template, ready for the assistant's turn."""
@@ -19,6 +21,9 @@ def encode_prompt(tok, prompt: str, chat: bool = True) -> list[int]:
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
     ids = torch.tensor([encode_prompt(tok, prompt, chat)])
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and ids.shape[1] + max_new_tokens > context:
+        raise LorqError(f"the prompt ({ids.shape[1]} tokens) + max-new-tokens {max_new_tokens} exceed the model's context of {context} tokens")
     torch.manual_seed(seed)
     sample = temperature > 0
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)

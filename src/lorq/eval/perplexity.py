@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..errors import LorqError
 from ..train.cross_entropy import fusable, linear_cross_entropy
 from ..train.data import IGNORE, Blocks
 from ..train.precision import Precision, autocast
@@ -83,5 +84,7 @@ def perplexity(model, blocks: Blocks, batch_size: int = 4, precision: Precision 
         total += loss.item()
         count += n
     model.train(was_training)
-    loss = total / max(count, 1)
+    if count == 0:  # exp(0) = 1 would read as a perfect model
+        raise LorqError("no tokens to evaluate: the evaluation data is empty (or each block is a single token)")
+    loss = total / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}

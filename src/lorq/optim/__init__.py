@@ -59,7 +59,18 @@ class OptimConfig:
             raise LorqError("loraplus-ratio, galore-rank, galore-gap and galore-scale must be positive")
         if not 0 < self.qgalore_similarity <= 1:
             raise LorqError(f"qgalore-similarity must be in (0, 1], got {self.qgalore_similarity}")
+        if self.lisa_layers <= 0 or self.lisa_period <= 0:
+            raise LorqError("lisa-layers and lisa-period must be positive")
         return self
+
+    def check_accumulation(self, grad_accum: int, world_size: int) -> None:
+        """Optimizers that update weights during backward see one micro-batch on one process."""
+        if grad_accum == 1 and world_size == 1:
+            return
+        if self.optimizer is OptimizerKind.QGALORE:
+            raise LorqError("qgalore updates each int8 weight during backward: it needs --grad-accum 1 and one process")
+        if self.optimizer is OptimizerKind.GALORE and self.galore_layerwise:
+            raise LorqError("galore's layerwise updates need --grad-accum 1 and one process (or --no-galore-layerwise)")
 
 
 @dataclass
@@ -157,8 +168,7 @@ def build_galore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, wo
                             scale=cfg.galore_scale)
     plan = Plan(optimizer, named)
     if cfg.galore_layerwise:
-        if grad_accum != 1 or world_size != 1:
-            raise LorqError("galore's layerwise updates need --grad-accum 1 and one process (or --no-galore-layerwise)")
+        cfg.check_accumulation(grad_accum, world_size)
         plan.layerwise, plan.hooks = optimizer, optimizer.attach_layerwise(max_norm)
     return plan
 
@@ -167,8 +177,7 @@ def build_galore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, wo
 def build_qgalore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
     from .qgalore import QGaLoreAdamW, quantize_weights_int8
 
-    if grad_accum != 1 or world_size != 1:
-        raise LorqError("qgalore updates each int8 weight during backward: it needs --grad-accum 1 and one process")
+    cfg.check_accumulation(grad_accum, world_size)
     layers = quantize_weights_int8(model)  # the float weights are gone from here on
     named = trainable(model)
     codes = {f"{n}.codes": l.codes for n, l in layers.items()}

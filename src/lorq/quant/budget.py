@@ -80,17 +80,18 @@ class Candidate:
 
 def candidates(base: FormatConfig, bcfg: BudgetConfig, ranks: list[int]) -> list[Candidate]:
     """Every valid (bits, group) of the base format times every rank."""
-    out = []
+    out, why = [], ""
     for bits in sorted(set(bcfg.budget_choices)):
         for group in sorted(set(bcfg.budget_groups)):
             cfg = replace(base, bits=bits, group_size=group)
             try:
                 cfg.validate()
-            except LorqError:
+            except LorqError as e:  # a choice the format lacks is skipped; none left is an error
+                why = why or f"--budget-choices {bits} with --budget-groups {group}: {e}"
                 continue
             out.extend(Candidate(cfg, r) for r in sorted(set(ranks)))
     if not out:
-        raise LorqError(f"no valid budget choice: format {base.format.value} supports bits {FORMATS.get(base.format).supported_bits}")
+        raise LorqError(f"no valid budget choice ({why}); format {base.format.value} supports bits {FORMATS.get(base.format).supported_bits}")
     return out
 
 

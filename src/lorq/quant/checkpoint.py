@@ -84,6 +84,8 @@ def read_meta(path: Path) -> dict:
 def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.Tensor], shape: tuple[int, int]) -> QuantizedLinear:
     """Module `name` of checkpoint `path` from its spec and its own tensors (prefix removed;
     consumed). shape: (out, in) the model config gives the module."""
+    if not isinstance(spec, dict):
+        raise LorqError(f"{path / QUANT_CONFIG}: the entry of {name} is not a mapping")
     if (shape[1], shape[0]) != (spec.get("in_features"), spec.get("out_features")):
         raise LorqError(f"quantized module {name} has shape mismatching the model config in {path}")
     try:
@@ -95,9 +97,12 @@ def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.T
     if (factors[0] is None) != (factors[1] is None) or (factors[0] is not None) != bool(spec.get("rank")):
         raise LorqError(f"{path}: the low-rank factors of {name} are missing or do not match its config")
     try:
-        return QuantizedLinear(shape[1], shape[0], cfg, own, bias, factors if factors[0] is not None else None)
-    except ValueError as e:
-        raise LorqError(f"{path}: {name}: {e}")
+        layer = QuantizedLinear(shape[1], shape[0], cfg, own, bias, factors if factors[0] is not None else None)
+        if layer.dequantize().shape != shape:  # a cut or foreign tensor fails here, not in a later forward
+            raise ValueError(f"dequantizes to {tuple(layer.dequantize().shape)}, not {shape}")
+        return layer
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # missing or misshapen tensors
+        raise LorqError(f"{path}: {name}: its tensors do not fit its config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
 def load_quantized(path: str | Path):

@@ -153,7 +153,9 @@ class Engine:
         context = getattr(c, "max_position_embeddings", None) or 1 << 30
         window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
         context = min(context, window or context)  # within its window, sliding attention is full attention
-        self.max_length = min(self.cfg.max_model_len or context, context)
+        if self.cfg.max_model_len > context:
+            raise LorqError(f"--max-model-len {self.cfg.max_model_len} exceeds the model's context of {context} tokens")
+        self.max_length = self.cfg.max_model_len or context
         self.eos = eos_ids(model, tok)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device

@@ -14,31 +14,49 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, atomic_write_text, load_safetensors
+from ..io import atomic_dir, atomic_write_text, load_safetensors, read_json, write_json
 from .distributed import place, place_optimizer_state
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
+OPTIONS = "options.json"  # the options that shape the result, compared on --resume
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer_state: dict, keep: int = 1, kind: str = "") -> Path:
+def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimizer_state: dict, keep: int = 1, kind: str = "",
+                    options: dict | None = None) -> Path:
     """params: the tensors the optimizer updates, by name (whole, not sharded); optimizer_state:
-    its state_dict(); kind: the optimizer's name."""
+    its state_dict(); kind: the optimizer's name; options: the run's options (JSON), if known."""
     root = checkpoint_root(out_dir)
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in params.items()}
         save_file(tensors, str(tmp / TRAINABLE))
         torch.save({"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "optimizer_kind": kind}, tmp / STATE)
+        if options is not None:
+            write_json(tmp / OPTIONS, options)
     atomic_write_text(root / "latest", name + "\n")
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return root / name
+
+
+def check_same_options(ckpt: Path, options: dict) -> None:
+    """--resume continues the run only with the options that shaped it (a checkpoint from
+    before this check was recorded has no options file and is taken as it is)."""
+    if not (ckpt / OPTIONS).is_file():
+        return
+    saved = read_json(ckpt / OPTIONS)
+    changed = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
+    if changed:
+        k = changed[0]
+        raise LorqError(f"--resume: the run in {ckpt.parent.parent} was made with --{k.replace('_', '-')} {saved.get(k)}, "
+                        f"this command gives {options.get(k)}" + (f" (and {len(changed) - 1} more differ)" if len(changed) > 1 else "")
+                        + "; resume with the same options, or use a new --output")
 
 
 def latest_checkpoint(out_dir) -> Path | None:

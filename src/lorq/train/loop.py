@@ -150,7 +150,8 @@ def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
           on_step: Callable[[int], None] | None = None, progress: bool = True, initial_val: dict | None = None,
-          world: World = World(), optim: OptimConfig | None = None, loss: NextTokenLoss | None = None) -> dict:
+          world: World = World(), optim: OptimConfig | None = None, loss: NextTokenLoss | None = None,
+          options: dict | None = None) -> dict:
     """Train the parameters with requires_grad; returns the final metrics.
 
     `initial_val` (perplexity() of the untrained model) is logged as step 0 of a fresh run.
@@ -243,7 +244,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
                 if root is not None:  # every rank takes part in gathering the shards
                     params, state = full_state(params, state)
                 if world.main:
-                    save_checkpoint(out_dir, step + 1, params, state, kind=optim.optimizer.value)
+                    save_checkpoint(out_dir, step + 1, params, state, kind=optim.optimizer.value, options=options)
             if on_step is not None:
                 on_step(step + 1)
     finally:  # layerwise GaLore hooks must not outlive the run, even a failed one
