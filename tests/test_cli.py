@@ -178,6 +178,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     for budget, match in ((["--budget-groups", "3"], "group size"), (["--format", "fp8"], "supports bits")):
         one_line_error(capsys, "quantize", "--model", "/nonexistent", "--budget-bits", "3", *budget, "--output", tmp_path / "q5", match=match)
     one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "lisa", "--lisa-layers", "0", match="lisa-layers")
+    one_line_error(capsys, "finetune", "--model", "/nonexistent", "--lowrank-as", "compensate", match="applies with --lowrank")
     one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")
     one_line_error(capsys, "quantize", "--format", "int7", match="invalid choice")
     one_line_error(capsys, "quantize", "--group", "3", match="group size must be")

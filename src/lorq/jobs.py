@@ -248,6 +248,7 @@ def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
         (variant is Variant.DYLORA and moved_out_of_base,
          "--variant dylora trains truncated ranks; with a start moved out of the base (--init pissa/olora/nlora/lora-ga, --lowrank ... init) a lower rank would drop part of the base weight"),
         (cfg.lora.dylora_rank and variant is not Variant.DYLORA, "--dylora-rank applies to --variant dylora"),
+        (cfg.lowrank_as is LowRankUse.COMPENSATE and not lowrank, "--lowrank-as compensate applies with --lowrank (loftq, lq-lora, eora, ...)"),
         (optim.loraplus_ratio != 1.0 and variant not in (Variant.LORA, Variant.DORA, Variant.DYLORA, Variant.L4Q),
          f"--loraplus-ratio sets the B factors' learning rate; the {variant.value} variant trains no B"),
         (init is LoRAInit.LORA_SB and variant not in (Variant.LORA, Variant.CORE), f"--init lora-sb needs --variant core (got {variant.value})"),
