@@ -175,6 +175,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text("- {pattern: 'mlp\\.down_prj', format: int, bits: 8}\n")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", typo, "--output", tmp_path / "q4", match="matches no linear layer")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "lorc", "--rank", "5000", "--output", tmp_path / "q4", match="exceeds")
     for budget, match in ((["--budget-groups", "3"], "group size"), (["--format", "fp8"], "supports bits")):
         one_line_error(capsys, "quantize", "--model", "/nonexistent", "--budget-bits", "3", *budget, "--output", tmp_path / "q5", match=match)
     one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "lisa", "--lisa-layers", "0", match="lisa-layers")

@@ -165,6 +165,9 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     fisher_for_budget = use_budget and budget.budget_weighting is ErrorWeighting.FISHER
     stats = use_budget and (budget.allocation is Allocation.LAYERWISE or budget.budget_weighting is ErrorWeighting.ACTIVATION)
     targets = plan_modules(model, rules)
+    for name, (layer, rule) in targets.items():
+        if rule.rank > min(layer.out_features, layer.in_features):  # the factors cannot have that rank
+            raise LorqError(f"--rank {rule.rank} exceeds {name}'s smaller dimension ({min(layer.out_features, layer.in_features)})")
     needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in targets.values())
     calibration = calibration_ids(tok, mcfg) if needs else None
     fisher = fisher_weights(model, list(targets), calibration) if mcfg.fisher or fisher_for_budget else None
