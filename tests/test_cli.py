@@ -242,6 +242,15 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     for f in tiny_model_dir.iterdir():
         (broken / f.name).write_bytes(f.read_bytes()[: 100] if f.name == "model.safetensors" else f.read_bytes())
     one_line_error(capsys, "eval", "--model", broken, match="cannot load the model")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, broken / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(capsys, "eval", "--model", broken, match="1 weights are missing")  # not silently random
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    (broken / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
+    one_line_error(capsys, "eval", "--model", broken, match="shapes do not match its config.json")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -136,9 +136,21 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32):
         model = load_quantized(path)
     else:
         check_causal_lm(path)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report table would precede our one line (missing weights: below)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated file
-            raise LorqError(f"cannot load the model in {path}: {str(e).splitlines()[0]}")
+            why = str(e).splitlines()[0]
+            if "ignore_mismatched_sizes" in why:
+                why = "the weights' shapes do not match its config.json"
+            raise LorqError(f"cannot load the model in {path}: {why}")
+        finally:
+            hf_logging.set_verbosity(level)
+        if info["missing_keys"]:  # transformers would start them from random values
+            missing = sorted(info["missing_keys"])
+            raise LorqError(f"cannot load the model in {path}: {len(missing)} weights are missing from its files ({', '.join(missing[:3])}, ...)")
     model.eval()
     return model, load_tokenizer(path), path
