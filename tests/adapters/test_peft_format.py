@@ -76,8 +76,10 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: [c], "not a JSON object"), (lambda c: {**c, "lora_alpha": "x"}, "lora_alpha must be a number"),
-    (lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a number"), (lambda c: {**c, "alpha_pattern": "bad"}, "alpha_pattern"),
+    (lambda c: [c], "not a JSON object"), (lambda c: {**c, "lora_alpha": "x"}, "lora_alpha must be a finite number"),
+    (lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number"),
+    (lambda c: {**c, "lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    (lambda c: {**c, "alpha_pattern": {"q_proj": float("inf")}}, "finite numbers"), (lambda c: {**c, "alpha_pattern": "bad"}, "alpha_pattern"),
     (lambda c: {**c, "alpha_pattern": {"(": 3}}, "not a valid regex"),
 ])
 def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):

@@ -7,6 +7,7 @@ adapters load in `peft.PeftModel.from_pretrained` and in vLLM.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite JSON number (Python's json reads NaN and Infinity too)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_config(config, path: Path) -> None:
@@ -121,10 +123,10 @@ def _check_config(config, path: Path) -> None:
     if not isinstance(config, dict):
         raise LorqError(f"{path / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type", "LORA") in ("LORA", None) and not _is_number(config.get("lora_alpha")):
-        raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+        raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
     pattern = config.get("alpha_pattern") or {}
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
-        raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to numbers")
+        raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to finite numbers")
     for key in pattern:
         try:
             re.compile(key)
