@@ -300,6 +300,8 @@ def test_merge_and_export_bad_inputs(tiny_model_dir, adapters, tmp_path, capsys)
     one_line_error(capsys, "export", "--model", tiny_model_dir, "--outtype", "q4", match="invalid choice")
     one_line_error(capsys, "export", "--model", tmp_path / "nope", match="not found")
     assert not (tmp_path / "m").exists() and not (tiny_model_dir / "sub").exists()
+    one_line_error(capsys, *base, "--adapter", adapters[0], "--weights", "1e9", "--dtype", "fp16", "--eval-blocks", "0", match="non-finite values")
+    one_line_error(capsys, "export", "--model", tiny_model_dir, "--weights", "2", match="there is none")
     for bad in ("nan", "inf"):
         one_line_error(capsys, *base, "--adapter", adapters[0], "--weights", bad, match="finite")
         one_line_error(capsys, "export", "--model", tiny_model_dir, "--adapter", adapters[0], "--weights", bad, "--output", tmp_path / "x.gguf", match="finite")
@@ -317,10 +319,21 @@ def test_outputs_never_destroy_the_inputs_or_foreign_files(tiny_model_dir, adapt
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", foreign / "notes.txt", *fast_quant, match="not a directory")
     one_line_error(capsys, "merge", "--model", tiny_model_dir, "--adapter", adapters[0], "--output", foreign, match="not a merged model")
     one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--output", foreign, *FAST, match="not a fine-tuning run")
+    (foreign / "metrics.jsonl").write_text("{}\n")
+    (foreign / "checkpoints" / "step-000100").mkdir(parents=True)  # names alone do not make a lorq run
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--output", foreign, *FAST, match="not a fine-tuning run")
+    data = tmp_path / "q-old"
+    data.mkdir()
+    (data / "lorq_quant.json").write_text("{}")
+    (data / "calib.txt").write_text("text " * 200)
+    (data / "run.yaml").write_text("format: int\n")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", data, "--calib-file", data / "calib.txt", match="overlaps")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", data, "--config", data / "run.yaml", match="overlaps")
+    assert sorted(p.name for p in data.iterdir()) == ["calib.txt", "lorq_quant.json", "run.yaml"]
     for out in (tiny_model_dir / "model.safetensors", foreign / "notes.txt"):
         one_line_error(capsys, "export", "--model", tiny_model_dir, "--output", out, match="overlaps" if out.parent == tiny_model_dir else "not a GGUF file")
     assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
-    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+    assert (foreign / "notes.txt").read_text() == "keep me" and (foreign / "checkpoints" / "step-000100").is_dir()
     # an earlier output of the same kind is replaced, as before
     q = tmp_path / "q"
     for _ in range(2):

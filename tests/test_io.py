@@ -35,7 +35,23 @@ def test_overlaps_files_and_the_working_directory_are_refused(tmp_path, monkeypa
     for out in (".", ".."):
         with pytest.raises(LorqError, match="current directory"):
             check_output_dir(out, "merged model", ("merge_report.json",))
-    check_output_dir(".", "fine-tuning run", ("metrics.jsonl",), replaces=False)  # writes beside, replaces nothing
+    check_output_dir(".", "fine-tuning run", ("metrics.jsonl",), parts=("adapter",))  # replaces only its parts
+    with pytest.raises(LorqError, match="overlaps"):  # ... which must not hold an input
+        check_output_dir(tmp_path, "fine-tuning run", ("metrics.jsonl",), reads=[model], parts=("model",))
+
+
+def test_empty_names_and_symlinks_are_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out in ("", " "):
+        with pytest.raises(LorqError, match="empty"):
+            check_output_dir(out, "merged model", ("merge_report.json",))
+    for out in ("link", "dangling"):
+        with pytest.raises(LorqError, match="symbolic link"):
+            check_output_dir(tmp_path / out, "merged model", ("merge_report.json",))
+        with pytest.raises(LorqError, match="symbolic link"):
+            check_output_file(tmp_path / out, b"GGUF", "GGUF file")
 
 
 def test_output_files_replace_only_their_own_kind(tmp_path):

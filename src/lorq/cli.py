@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -191,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         yaml_path = args.pop("config", None)
         options = load_yaml(yaml_path, cls) if yaml_path else {}
         options.update(args)
-        getattr(jobs, fn_name)(build_config(cls, options))
+        cfg = build_config(cls, options)
+        writes = "also_reads" in inspect.signature(getattr(jobs, fn_name)).parameters
+        # an output must not replace the YAML file it was configured from
+        getattr(jobs, fn_name)(cfg, **({"also_reads": [yaml_path]} if writes and yaml_path else {}))
         return 0
     except LorqError as e:
         print(f"lorq: error: {e}", file=sys.stderr)

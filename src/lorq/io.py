@@ -52,7 +52,7 @@ def overlaps(a: Path, b: Path) -> bool:
 
 def check_inputs_apart(out: Path, reads) -> None:
     for p in reads:
-        if p is not None and Path(p).exists() and overlaps(out, Path(p)):
+        if p and Path(p).exists() and overlaps(out, Path(p)):
             raise LorqError(f"output {out} overlaps {p}, which this command reads; choose another output")
 
 
@@ -67,16 +67,29 @@ def check_creatable(out: Path) -> None:
         raise LorqError(f"cannot create output {out}: no permission to write in {parent}")
 
 
-def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), replaces: bool = True) -> Path:
-    """Refuse an output directory whose writing would destroy something that is not ours: the
-    current directory (or one above it) when the output replaces the directory, a path that
-    overlaps an input, a file, or a non-empty directory holding none of `markers` (the files by
-    which an earlier lorq output of this kind is recognised, and may be replaced)."""
+def check_output_name(out: str | Path) -> Path:
+    """An output named plainly: not empty (which would mean the working directory), not a
+    symbolic link (replacing it would replace the link, not what it points to)."""
+    if not str(out).strip():
+        raise LorqError("--output is empty; give a path")
     out = Path(out)
+    if out.is_symlink():
+        raise LorqError(f"output {out} is a symbolic link; give the path it points to ({os.path.realpath(out)})")
+    return out
+
+
+def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), parts: tuple[str, ...] = ()) -> Path:
+    """Refuse an output directory whose writing would destroy something that is not ours: the
+    current directory (or one above it), a path that overlaps an input, a file, or a non-empty
+    directory holding none of `markers` (the files by which an earlier lorq output of this kind
+    is recognised, and may be replaced). parts: the output writes these entries inside the
+    directory (replacing them) instead of replacing the directory itself."""
+    out = check_output_name(out)
     resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if replaces and (resolved == cwd or resolved in cwd.parents):
+    if not parts and (resolved == cwd or resolved in cwd.parents):
         raise LorqError(f"output {out} is the current directory or holds it, and would be replaced; choose a new directory")
-    check_inputs_apart(out, reads)
+    for replaced in [out / p for p in parts] or [out]:
+        check_inputs_apart(replaced, reads)
     check_creatable(out)
     if out.exists():
         if not out.is_dir():
@@ -90,7 +103,7 @@ def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads
 def check_output_file(out: str | Path, magic: bytes, kind: str, reads=()) -> Path:
     """Refuse an output file that overlaps an input, is a directory, or exists without `magic`
     (an earlier output of this kind may be replaced, nothing else)."""
-    out = Path(out)
+    out = check_output_name(out)
     check_inputs_apart(out, reads)
     check_creatable(out)
     if out.is_dir():

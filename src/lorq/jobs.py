@@ -183,12 +183,12 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     return Base(model, tok, path, report, rules, plan)
 
 
-def run_quantize(cfg: QuantizeConfig) -> dict:
+def run_quantize(cfg: QuantizeConfig, also_reads=()) -> dict:
     if cfg.quant.validate().format is QuantFormat.NONE and not cfg.rules:
         raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
     if cfg.eval_blocks < 0:
         raise LorqError("eval-blocks must be >= 0")
-    check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules])
+    check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules, cfg.method.calib_file, *also_reads])
     base = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules, cfg.rank, cfg.budget)
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if report is None:
@@ -210,7 +210,9 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     return summary
 
 
-RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+RUN_MARKER = "lorq_run.json"  # written first into every run directory: what lorq may replace there
+RUN_MARKERS = (RUN_MARKER, "checkpoints/latest")  # the latter: runs of lorq before the marker
+RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.png", "summary.json", RUN_MARKER)
 # options that may change on --resume: they do not change the trained result (more --steps
 # continue a finished run)
 RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output"}
@@ -288,7 +290,7 @@ def save_full_model(model, tok, out: Path, state_dict: dict | None = None) -> No
         tok.save_pretrained(tmp)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
+def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     cfg.lora.validate()
     cfg.train.validate()
     cfg.data.validate()
@@ -301,7 +303,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     say = print if world.main else (lambda *a, **k: None)
     start = time.perf_counter()
     # the run writes beside what is there (adapter/, checkpoints/, ...), but only into its own kind
-    out = check_output_dir(cfg.output, "fine-tuning run", RUN_MARKERS, reads=[cfg.model], replaces=False)
+    reads = [cfg.model, cfg.data.train_file, cfg.data.validation_file, cfg.method.calib_file, *also_reads]
+    out = check_output_dir(cfg.output, "fine-tuning run", RUN_MARKERS, reads=reads, parts=RUN_PARTS)
     if not cfg.train.resume and any(out.glob("checkpoints/step-*")):
         say(f"lorq: note: {out} holds an earlier run; this run starts over and replaces it as it goes", flush=True)
     lowrank = cfg.method.validate().lowrank is not LowRankMethod.NONE
@@ -314,6 +317,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         check_same_options(ckpt, options)
+        done = int(ckpt.name.removeprefix("step-")) if ckpt.name.removeprefix("step-").isdigit() else 0
+        if cfg.train.steps < done:
+            raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")
+    if world.main:
+        write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
     full = cfg.optim.full
     starts: dict = {}
 

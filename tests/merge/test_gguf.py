@@ -100,11 +100,9 @@ def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapt
 
     from safetensors.torch import load_file, save_file
 
-    bad = tmp_path / "nan-adapter"
+    bad = tmp_path / "huge-adapter"  # finite in fp32, beyond fp16's range once merged
     shutil.copytree(adapters[0], bad)
-    tensors = load_file(bad / "adapter_model.safetensors")
-    first = next(iter(tensors))
-    tensors[first][0, 0] = float("nan")
+    tensors = {k: torch.full_like(v, 1000.0) for k, v in load_file(bad / "adapter_model.safetensors").items()}
     save_file(tensors, bad / "adapter_model.safetensors")
     out = tmp_path / "m.gguf"
     export(tiny_model_dir, out, "f16")  # an earlier export may be replaced, but not by a broken one
@@ -112,3 +110,6 @@ def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapt
     with pytest.raises(LorqError, match="non-finite"):
         export_gguf(ExportConfig(model=str(tiny_model_dir), adapter=[str(bad)], output=str(out), outtype="f16"), progress=False)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(LorqError, match="overlaps"):  # a GGUF model is never its own output
+        export_gguf(ExportConfig(model=str(out), output=str(out), outtype="q8_0", verify=False), progress=False)
+    assert out.read_bytes() == before

@@ -39,7 +39,10 @@ class AdapterUpdate:
             config, pairs = read_peft(path)
             for module, (A, B) in pairs.items():
                 s = adapter_scaling(module, A.shape[0], config)
-                update.factors.setdefault(module, []).append(((w * s) * B.float(), A.float()))
+                B, A = (w * s) * B.float(), A.float()
+                if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+                    raise LorqError(f"adapter {path}: {module}'s factors are not finite (NaN in the file, or a weight too large)")
+                update.factors.setdefault(module, []).append((B, A))
                 update.origin.setdefault(module, []).append(path)
         return update
 

@@ -159,7 +159,7 @@ def add_tokenizer(w, tok, vocab_size: int, pre: str) -> None:
         w.add_chat_template(tok.chat_template)
 
 
-def export_gguf(cfg: ExportConfig, progress: bool = True) -> dict:
+def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict:
     import gguf
     from tqdm.auto import tqdm
 
@@ -167,10 +167,12 @@ def export_gguf(cfg: ExportConfig, progress: bool = True) -> dict:
     src = open_source(cfg.model, no_quant())
     if src.config.model_type not in SUPPORTED:
         raise LorqError(f"GGUF export supports {', '.join(SUPPORTED)} models; {src.path} is {src.config.model_type!r}")
+    if cfg.weights and not cfg.adapter:
+        raise LorqError("--weights applies to the --adapter given; there is none")
     update = AdapterUpdate.read(cfg.adapter, cfg.weights) if cfg.adapter else AdapterUpdate([], [])
     check_targets(src, update)
     # only an earlier GGUF file may be replaced, and never a file of the model or adapters read
-    out = check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[src.path, *update.paths])
+    out = check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[cfg.model, src.path, *update.paths, *also_reads])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.gguf")
     start = time.perf_counter()

@@ -203,6 +203,14 @@ def dense_specs(src: Source, dtype: OutDtype) -> list[TensorSpec]:
     return specs
 
 
+def finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t, unless the merge made it NaN or infinite (an adapter's NaN, or a weight that overflows
+    the output type): then an error, before anything takes the output's place."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise LorqError(f"merging gives non-finite values in {name} (NaN in an adapter, or too large a --weights for the type); nothing was written")
+    return t
+
+
 def dense_tensor(src: Source, update: AdapterUpdate, name: str) -> torch.Tensor:
     """Tensor `name` of the merged dense model, in fp32 where it is a merged or dequantized weight."""
     module, leaf = name.rsplit(".", 1)
@@ -210,7 +218,7 @@ def dense_tensor(src: Source, update: AdapterUpdate, name: str) -> torch.Tensor:
         return src.reader.get(name)
     t = src.layer(module).dequantize(torch.float32) if module in src.specs else src.reader.get(name)
     delta = update.delta(module)
-    return t.float() + delta if delta is not None else t
+    return finite(t.float() + delta, name) if delta is not None else t
 
 
 def merge_dense(src: Source, update: AdapterUpdate, out: Path, dtype: OutDtype, max_bytes: int, progress: bool = True) -> list[str]:
@@ -220,7 +228,7 @@ def merge_dense(src: Source, update: AdapterUpdate, out: Path, dtype: OutDtype, 
     def produce(s: TensorSpec) -> torch.Tensor:
         bar.update()
         release_freed_memory()  # the previous tensor is written and dropped by now
-        return dense_tensor(src, update, s.name).to(s.dtype)
+        return finite(dense_tensor(src, update, s.name).to(s.dtype), s.name)
 
     try:
         return write_sharded(out, specs, produce, max_bytes)
@@ -243,6 +251,7 @@ def merge_quantized(src: Source, update: AdapterUpdate, out: Path, cfg: MergeCon
             B, A = update.stacked(module)
             rank = cfg.merge_rank or layer.rank + B.shape[1]
             layer, target, rule = requantize(layer, B, A, cfg.requant, rank, cfg.method_config)
+            finite(target, f"{module}.weight")
             report.add(module, target, layer, rule)
             method = src.specs[module].get("method", "rtn") if cfg.requant is Requant.FOLD else rule.method.value  # fold keeps the codes
             report.modules[module].update({"method": method, **({"lowrank": cfg.requant.value} if layer.rank else {})})

@@ -75,13 +75,13 @@ def file_mib(paths) -> list[float]:
     return [p.stat().st_size / 2**20 for p in paths if p.is_file()]
 
 
-def write_merge(cfg: MergeConfig, src: Source, progress: bool) -> tuple[AdapterUpdate, bool, dict]:
+def write_merge(cfg: MergeConfig, src: Source, progress: bool, also_reads=()) -> tuple[AdapterUpdate, bool, dict]:
     """Read the adapters, stream the merge into cfg.output (atomically); (update, dense, details)."""
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
     # never over (or into) the base or an adapter being read, nor over anything but an earlier merge
-    out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[src.path, *update.paths])
+    out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[cfg.model, src.path, *update.paths, *also_reads])
     details = {}
     with atomic_dir(out) as tmp:
         if dense:
@@ -98,12 +98,12 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool) -> tuple[AdapterU
     return update, dense, details
 
 
-def run_merge(cfg: MergeConfig, progress: bool = True) -> dict:
+def run_merge(cfg: MergeConfig, progress: bool = True, also_reads=()) -> dict:
     cfg.validate()
     start = time.perf_counter()
     src = open_source(cfg.model, cfg.quant)  # config, tensor index, a weightless skeleton (and the libraries' imports)
     with PeakRSS() as mem:  # everything the merge holds, from reading the adapters to the last file
-        update, dense, details = write_merge(cfg, src, progress)
+        update, dense, details = write_merge(cfg, src, progress, also_reads)
     seconds = time.perf_counter() - start
     out = Path(cfg.output)
     shards = file_mib(sorted(out.glob("*.safetensors")))
