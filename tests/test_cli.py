@@ -188,6 +188,9 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
     one_line_error(capsys, "generate", "--model", tiny_model_dir, "--max-new-tokens", "300", match="exceed the model's context of 256")
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--prompt", "", "--no-chat", match="prompt is empty")
+    one_line_error(capsys, "eval", "--model", tiny_model_dir, "--block-size", "300", match="exceeds the model's context of 256")
+    one_line_error(capsys, "eval", "--model", "", match="--model is empty")
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-model-len", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")
 
@@ -217,13 +220,22 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
         (["quantize", "--format", "int8-outlier", "--outlier-threshold", "0"], "outlier-threshold"),
         (["quantize", "--method", "hqq", "--format", "int", "--hqq-lp-norm", "0"], "hqq-lp-norm"),
         (["quantize", "--method", "hqq", "--format", "int", "--hqq-kappa", "0.5"], "hqq-kappa"),
-        (["serve", "--adapter-cache-mb", "nan"], "finite"),
+        (["serve", "--adapter-cache-mb", "nan"], "finite"), (["serve", "--adapter-cache-mb", "1e-9"], "less than one byte"),
+        (["serve", "--targets", "["], "not a valid regular expression"), (["serve", "--served-name", ""], "empty"),
+        (["serve", "--api-key", "a\nb"], "printable ASCII"), (["generate", "--temperature", "1e-320"], "at least 1e-4"),
+        (["generate", "--prompt", "\ud800"], "unpaired surrogate"), (["eval", "--adapter", "/nonexistent"], "not found"),
+        (["eval", "--data-file", "/nonexistent.txt"], "not found"), (["finetune", "--train-file", "/nonexistent.txt"], "not found"),
+        (["quantize", "--calib-file", "/nonexistent.txt"], "not found"),
     ]
     for args, match in cases:
         one_line_error(capsys, *args, "--model", tiny_model_dir, "--output", tmp_path / "out", match=match) if args[0] in ("finetune", "quantize") \
             else one_line_error(capsys, *args, "--model", tiny_model_dir, match=match)
     config = tmp_path / "c.yaml"
-    for text, match in (("steps: 1.7\n", "invalid value 1.7"), ("steps: true\n", "invalid value True")):
+    for text, match in (("steps: 1.7\n", "invalid value 1.7"), ("steps: true\n", "invalid value True"),
+                        ("lr: true\n", "invalid value True for lr"), ("steps: null\n", "steps cannot be null"),
+                        ("output: [a, b]\n", "for output (expected str"), ("targets: [1, true]\n", "for targets"),
+                        ("budget_choices: [2.7]\n", "budget-choices"), ("5: 5\n", "option names are text"),
+                        ("seed: 99999999999999999999\n", "for seed")):
         config.write_text(text)
         one_line_error(capsys, "finetune", "--config", config, match=match)
     config.write_bytes(b"steps: \xff\xfe\n")

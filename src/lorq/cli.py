@@ -99,9 +99,13 @@ def _flatten_yaml(data: dict, cls, where: str) -> dict:
     sections = {path[0] for path, _, _ in fields.values() if len(path) > 1}
     flat = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise LorqError(f"{where}: option names are text, got {key!r}")
         key = key.replace("-", "_")
         if key in sections and isinstance(value, dict):
             for k, v in value.items():
+                if not isinstance(k, str):
+                    raise LorqError(f"{where}: option names are text, got {k!r}")
                 flat[k.replace("-", "_")] = v
         else:
             flat[key] = value
@@ -128,26 +132,51 @@ def load_yaml(path: str, cls) -> dict:
     return _flatten_yaml(data, cls, str(p))
 
 
+INT64 = 2**63
+
+
+def _scalar(value, base):
+    """value as `base`, only where YAML's type means the same thing: no 1.7 -> 1, true -> 1.0,
+    [a] -> "['a']"; integers in int64 (seeds reach torch), floats finite."""
+    if isinstance(base, type) and issubclass(base, Enum):
+        return base(value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    if base is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        value = int(value)
+        if not -INT64 <= value < INT64:
+            raise ValueError
+        return value
+    value = base(value)
+    if base is float and not math.isfinite(value):
+        raise ValueError
+    return value
+
+
 def _coerce(value, tp, name: str):
     base = _base_type(tp)
     if value is None:
-        return None
+        if base is not tp:  # Optional: null is its "not given"
+            return None
+        raise LorqError(f"{name.replace('_', '-')} cannot be null")
     try:
-        if isinstance(base, type) and issubclass(base, Enum):
-            return base(value)
         if typing.get_origin(base) is list:
-            return [typing.get_args(base)[0](v) for v in (value if isinstance(value, list) else [value])]
-        if base is bool and not isinstance(value, bool):
-            raise ValueError
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError  # YAML's 1.7 is not the integer 1
-        if base is int and isinstance(value, bool):
-            raise ValueError  # nor is YAML's true
-        if base is float and not math.isfinite(float(value)):
-            raise LorqError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
-        return base(value)
-    except (ValueError, TypeError):
-        raise LorqError(f"invalid value {value!r} for {name.replace('_', '-')}")
+            return [_scalar(v, typing.get_args(base)[0]) for v in (value if isinstance(value, list) else [value])]
+        return _scalar(value, base)
+    except (ValueError, TypeError, OverflowError):
+        item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+        what = "finite numbers" if item is float and item is not base else "a finite number" if item is float else f"{item.__name__} values"
+        raise LorqError(f"invalid value {value!r} for {name.replace('_', '-')} (expected {what})")
 
 
 def build_config(cls, options: dict):

@@ -119,6 +119,12 @@ def check_output_file(out: str | Path, magic: bytes, kind: str, reads=()) -> Pat
     return out
 
 
+def check_file(path: str | Path | None, what: str) -> None:
+    """An input file that exists, checked before any model is loaded."""
+    if path is not None and not Path(path).is_file():
+        raise LorqError(f"{what} {path} not found" + (" (it is a directory)" if Path(path).is_dir() else ""))
+
+
 def check_finite(name: str, values) -> None:
     if any(not math.isfinite(v) for v in values):
         raise LorqError(f"{name} must be finite numbers")

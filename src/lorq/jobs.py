@@ -16,7 +16,7 @@ import torch
 from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
-from .io import atomic_dir, check_output_dir, write_json
+from .io import atomic_dir, check_file, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model
 from .options import opt
@@ -109,6 +109,13 @@ def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None 
     rank = rank if mcfg.lowrank is not LowRankMethod.NONE else 0
     rules = load_rules(rules_file, quant, mcfg.method, mcfg.lowrank, rank) if rules_file else []
     return rules + [Rule(DECODER_LINEARS, quant, mcfg.method, mcfg.lowrank, rank)]
+
+
+def check_block_size(model, block_size: int) -> None:
+    """Blocks longer than the model's positions would be run past what it was trained on."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and block_size > context:
+        raise LorqError(f"--block-size {block_size} exceeds the model's context of {context} tokens")
 
 
 def check_rules_match(model, rules: list[Rule], where: str) -> None:
@@ -338,6 +345,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if full and is_quantized(model):
         raise LorqError(f"full-parameter training needs a dense base; {path} is quantized")
+    check_block_size(model, cfg.data.block_size)
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     adapter_base, factors = str(cfg.model), {}
     residual = any(s.residual for s in starts.values())
@@ -412,6 +420,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
 
 
 def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None):
+    if adapter is not None and not Path(adapter).is_dir():  # before the model is loaded
+        raise LorqError(f"adapter directory {adapter} not found" + (" (it is a file)" if Path(adapter).is_file() else ""))
     base = prepare_base(model_name, quant)
     model, tok, path = base.model, base.tok, base.path
     if adapter:
@@ -422,7 +432,10 @@ def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None
 def run_eval(cfg: EvalConfig) -> dict:
     if cfg.eval_blocks < 0 or cfg.batch_size <= 0:
         raise LorqError("eval-blocks must be >= 0 and batch-size positive")
+    DataConfig(block_size=cfg.block_size).validate()
+    check_file(cfg.data_file, "data file")
     model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
+    check_block_size(model, cfg.block_size)
     data = DataConfig(block_size=cfg.block_size)
     blocks = eval_blocks(tok, data, cfg.data_file)
     if cfg.data_file is None:
@@ -437,6 +450,12 @@ def run_eval(cfg: EvalConfig) -> dict:
 def run_generate(cfg: GenerateConfig) -> str:
     if cfg.max_new_tokens <= 0 or not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
         raise LorqError("max-new-tokens must be positive, temperature >= 0 and top-p in (0, 1]")
+    if 0 < cfg.temperature < 1e-4:  # logits / 1e-320 overflow to NaN probabilities
+        raise LorqError(f"temperature must be 0 (greedy) or at least 1e-4, got {cfg.temperature}")
+    try:
+        cfg.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
     print(text)

@@ -81,6 +81,9 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
     (lambda c: {**c, "lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
     (lambda c: {**c, "alpha_pattern": {"q_proj": float("inf")}}, "finite numbers"), (lambda c: {**c, "alpha_pattern": "bad"}, "alpha_pattern"),
     (lambda c: {**c, "alpha_pattern": {"(": 3}}, "not a valid regex"),
+    (lambda c: {**c, "use_rslora": "yes"}, "use_rslora must be true or false"),
+    (lambda c: {**c, "layers_to_transform": [0]}, "layers_to_transform"),
+    (lambda c: {**c, "r": 8}, "has rank 4 but adapter_config.json says r = 8"),
 ])
 def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):
     """Every reader of PEFT adapters (eval, generate, merge, export, serve) gets a LorqError, not

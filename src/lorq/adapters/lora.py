@@ -59,14 +59,19 @@ class LoRAConfig:
             raise LorqError(f"alpha must be a positive number, got {self.alpha}")
         if not self.adapter_name or "." in self.adapter_name:
             raise LorqError(f"adapter-name must be a non-empty name without '.' (it becomes part of module names), got {self.adapter_name!r}")
-        for pattern in self.targets:
-            if not pattern:
-                raise LorqError("an empty --targets pattern would match every linear layer, the output layer too")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LorqError(f"--targets {pattern!r} is not a valid regular expression: {e}")
+        check_patterns(self.targets)
         return self
+
+
+def check_patterns(targets: list[str]) -> None:
+    """--targets: valid, non-empty regexes (an empty one would match every linear layer)."""
+    for pattern in targets:
+        if not pattern:
+            raise LorqError("an empty --targets pattern would match every linear layer, the output layer too")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LorqError(f"--targets {pattern!r} is not a valid regular expression: {e}")
 
 
 class LoRALinear(nn.Module):

@@ -124,6 +124,8 @@ def _check_config(config, path: Path) -> None:
         raise LorqError(f"{path / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type", "LORA") in ("LORA", None) and not _is_number(config.get("lora_alpha")):
         raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise LorqError(f"{path / CONFIG_FILE}: use_rslora must be true or false, got {config.get('use_rslora')!r}")
     pattern = config.get("alpha_pattern") or {}
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
         raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to finite numbers")
@@ -144,6 +146,7 @@ def _check_supported(config: dict, path: Path, dora: bool = False) -> None:
         "fan_in_fan_out": config.get("fan_in_fan_out"),
         "modules_to_save": config.get("modules_to_save"),
         "bias": config.get("bias", "none") != "none",
+        "layers_to_transform": config.get("layers_to_transform") not in (None, []),  # PEFT would skip the other layers
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -189,6 +192,10 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
             raise LorqError(f"{path}: {module} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, which do not multiply")
         if ab["A"].shape[0] == 0:
             raise LorqError(f"{path}: {module} has rank 0")
+        r = config.get("r")
+        # PEFT builds each layer at r (or its rank_pattern entry) and refuses tensors of another rank
+        if _is_number(r) and not config.get("rank_pattern") and ab["A"].shape[0] != r:
+            raise LorqError(f"{path}: {module} has rank {ab['A'].shape[0]} but adapter_config.json says r = {r}")
     if config.get("use_dora"):
         missing = sorted(set(pairs) - set(magnitudes))
         if missing or any(magnitudes[m].shape != (pairs[m]["B"].shape[0],) for m in pairs):

@@ -21,6 +21,8 @@ def encode_prompt(tok, prompt: str, chat: bool = True) -> list[int]:
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
     ids = torch.tensor([encode_prompt(tok, prompt, chat)])
+    if ids.shape[1] == 0:
+        raise LorqError("the prompt is empty (give text, or use the chat template)")
     context = getattr(model.config, "max_position_embeddings", None)
     if context and ids.shape[1] + max_new_tokens > context:
         raise LorqError(f"the prompt ({ids.shape[1]} tokens) + max-new-tokens {max_new_tokens} exceed the model's context of {context} tokens")

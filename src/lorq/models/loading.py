@@ -81,8 +81,10 @@ def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
 
 def resolve_model(name: str | None) -> Path:
     """A model name or path -> a local directory (HF checkpoint or lorq quantized checkpoint)."""
-    if name in (None, "", DEFAULT_MODEL):
+    if name in (None, DEFAULT_MODEL):
         return cached_gguf_checkpoint(embedded_gguf(), DEFAULT_MODEL)
+    if not str(name).strip():
+        raise LorqError("--model is empty; leave it out for the embedded default model")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

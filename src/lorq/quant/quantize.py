@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import LorqError
+from ..io import check_file
 from ..options import opt
 from .base import FORMATS, FormatConfig, QuantFormat
 from .gptq import GPTQConfig, quantize_gptq
@@ -50,6 +51,7 @@ class MethodConfig(LowRankConfig, HQQConfig, GPTQConfig):
         if not (self.hqq_lp_norm > 0 and self.hqq_beta > 0 and self.hqq_kappa >= 1):
             raise LorqError(f"hqq-lp-norm and hqq-beta must be positive and hqq-kappa >= 1, got "
                             f"{self.hqq_lp_norm}, {self.hqq_beta}, {self.hqq_kappa}")
+        check_file(self.calib_file, "calibration file")
         if not 0 <= self.gptq_damp < 1:
             raise LorqError(f"gptq-damp must be in [0, 1), got {self.gptq_damp}")
         return self

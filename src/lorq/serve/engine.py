@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..adapters.lora import check_patterns
 from ..errors import LorqError
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS
@@ -38,6 +39,7 @@ class EngineConfig:
     def validate(self) -> "EngineConfig":
         if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0:
             raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len >= 0")
+        check_patterns(self.targets)
         return self
 
 

@@ -56,10 +56,17 @@ class ServeConfig:
             raise LorqError(f"port must be in 1..65535, got {self.port}")
         if not (self.adapter_cache_mb > 0 and self.shutdown_timeout >= 0):
             raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
+        if self.adapter_cache_mb * 2**20 < 1:
+            raise LorqError(f"adapter-cache-mb {self.adapter_cache_mb} is less than one byte")
+        for name in ("adapters", "served_name"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise LorqError(f"--{name.replace('_', '-')} is empty; leave it out for the default")
         if self.adapters and not Path(self.adapters).is_dir():
             raise LorqError(f"adapter root {self.adapters} is not a directory")
         if self.api_key == "":
             raise LorqError("--api-key must not be empty (leave it out to serve without a key)")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise LorqError("--api-key must be printable ASCII (it travels in an HTTP header)")
         return self
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorqError
+from ..io import check_file
 from ..options import opt
 
 IGNORE = -100
@@ -32,6 +33,8 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if self.block_size < 2:
             raise LorqError(f"block size must be at least 2, got {self.block_size}")
+        check_file(self.train_file, "training file")
+        check_file(self.validation_file, "validation file")
         return self
 
 
