@@ -151,6 +151,14 @@ def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
                            (["--block-size", "16"], "--block-size 32, this command gives 16")):
         one_line_error(capsys, *args, "--resume", "--steps", "5", *changed, match=match)
     one_line_error(capsys, "finetune", "--model", "/nonexistent/model", "--output", tmp_path / "none", "--resume", match="no checkpoint")
+    one_line_error(capsys, *args, "--resume", "--steps", "3", match="at step 4, past --steps 3")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write("{not json\n[1]\n")  # damaged log lines are dropped on resume
+    code, _, err = run(capsys, *args, "--resume", "--steps", "5")
+    assert code == 0, err
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == 5
+    (out / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    one_line_error(capsys, *args, "--resume", "--steps", "6", match="latest is damaged")
 
 
 def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):

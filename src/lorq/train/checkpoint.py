@@ -7,6 +7,7 @@ writing leaves the previous checkpoint as `latest`.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def check_same_options(ckpt: Path, options: dict) -> None:
     if not (ckpt / OPTIONS).is_file():
         return
     saved = read_json(ckpt / OPTIONS)
+    if not isinstance(saved, dict):
+        raise LorqError(f"{ckpt / OPTIONS} is damaged (not a JSON object); use a new --output")
     changed = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
     if changed:
         k = changed[0]
@@ -63,7 +66,10 @@ def latest_checkpoint(out_dir) -> Path | None:
     pointer = checkpoint_root(out_dir) / "latest"
     if not pointer.is_file():
         return None
-    path = checkpoint_root(out_dir) / pointer.read_text().strip()
+    name = pointer.read_bytes().decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"step-\d+", name):
+        raise LorqError(f"{pointer} is damaged (it should name a step-NNNNNN checkpoint); use a new --output")
+    path = checkpoint_root(out_dir) / name
     return path if path.is_dir() else None
 
 

@@ -84,13 +84,24 @@ def batch_indices(step: int, n_blocks: int, per_step: int, seed: int) -> torch.T
     return torch.stack(out)
 
 
+def record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line (0 if it names none); None for a damaged line, which
+    a resumed run drops with the records after its checkpoint."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, records after the checkpoint are dropped."""
 
     def __init__(self, path: Path, keep_up_to: int):
         self.path = path
-        old = path.read_text().splitlines() if path.is_file() else []
-        kept = [l for l in old if l.strip() and json.loads(l).get("step", 0) <= keep_up_to]
+        old = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        kept = [l for l in old if (step := record_step(l)) is not None and step <= keep_up_to]
         atomic_write_text(path, "".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
