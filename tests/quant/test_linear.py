@@ -115,7 +115,16 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     (out / QUANT_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(LorqError, match="q_proj: its tensors do not fit its config"):
         load_quantized(out)  # at load, not at the first forward
+    del cut["model.layers.0.self_attn.q_proj.absmax_codes"]
+    save_file(cut, out / "model.safetensors")
+    with pytest.raises(LorqError, match="absmax_codes missing or extra"):
+        load_quantized(out)  # not silently a different weight
     save_file(tensors, out / "model.safetensors")
+    meta["modules"]["model.layers.0.self_attn.q_proj"]["group_size"] = 32  # contradicts the stored scales
+    (out / QUANT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(LorqError, match="do not fit its config"):
+        load_quantized(out)
+    meta["modules"]["model.layers.0.self_attn.q_proj"]["group_size"] = good["group_size"]
     meta["modules"]["model.layers.0.self_attn.q_proj"]["format"] = "int7"
     (out / QUANT_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(LorqError, match="invalid settings for model.layers.0.self_attn.q_proj"):

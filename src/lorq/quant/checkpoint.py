@@ -11,6 +11,8 @@ format names map onto nf/int with 4 bits.
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
-from .base import FormatConfig
+from .base import FORMATS, FormatConfig
 from .linear import LOWRANK, QuantizedLinear, set_module
 from .quantize import QuantReport, Rule
 
@@ -81,6 +83,31 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+@functools.lru_cache(maxsize=256)
+def expected_layout(cfg_json: str, shape: tuple[int, int]) -> dict:
+    """{tensor name: (shape, dtype)} the format writes for a weight of `shape`; once per distinct
+    (settings, shape), on the meta device where the format's operations allow it."""
+    cfg = FormatConfig.from_json(json.loads(cfg_json))
+    fmt = FORMATS.get(cfg.format)
+    try:
+        state = fmt.from_float(torch.zeros(shape, device="meta"), cfg).state_dict()
+    except (NotImplementedError, RuntimeError):
+        state = fmt.from_float(torch.zeros(shape), cfg).state_dict()
+    return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+
+
+def check_layout(path: Path, name: str, cfg: FormatConfig, own: dict[str, torch.Tensor], shape: tuple[int, int]) -> None:
+    """The stored tensors are exactly those the format writes for this shape and these settings
+    (names, shapes, dtypes, as a quantization of zeros gives them): a tensor cut away, or a
+    group size that contradicts the stored scales, is an error, not different weights."""
+    want = expected_layout(json.dumps(cfg.to_json(), sort_keys=True), shape)
+    got = {k: (tuple(t.shape), t.dtype) for k, t in own.items()}
+    if got != want:
+        diff = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        raise LorqError(f"{path}: {name}: its tensors do not fit its config ({cfg.describe()}): {diff[0]} "
+                        + ("missing or extra" if diff[0] not in got or diff[0] not in want else f"is {got[diff[0]]}, expected {want[diff[0]]}"))
+
+
 def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.Tensor], shape: tuple[int, int]) -> QuantizedLinear:
     """Module `name` of checkpoint `path` from its spec and its own tensors (prefix removed;
     consumed). shape: (out, in) the model config gives the module."""
@@ -96,11 +123,9 @@ def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.T
     factors = [own.pop(k, None) for k in LOWRANK]
     if (factors[0] is None) != (factors[1] is None) or (factors[0] is not None) != bool(spec.get("rank")):
         raise LorqError(f"{path}: the low-rank factors of {name} are missing or do not match its config")
+    check_layout(path, name, cfg, own, shape)
     try:
-        layer = QuantizedLinear(shape[1], shape[0], cfg, own, bias, factors if factors[0] is not None else None)
-        if layer.dequantize().shape != shape:  # a cut or foreign tensor fails here, not in a later forward
-            raise ValueError(f"dequantizes to {tuple(layer.dequantize().shape)}, not {shape}")
-        return layer
+        return QuantizedLinear(shape[1], shape[0], cfg, own, bias, factors if factors[0] is not None else None)
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # missing or misshapen tensors
         raise LorqError(f"{path}: {name}: its tensors do not fit its config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
