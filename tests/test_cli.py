@@ -322,6 +322,16 @@ def test_merge_and_export_bad_inputs(tiny_model_dir, adapters, tmp_path, capsys)
     assert not (tmp_path / "m").exists() and not (tiny_model_dir / "sub").exists()
     one_line_error(capsys, *base, "--adapter", adapters[0], "--weights", "1e9", "--dtype", "fp16", "--eval-blocks", "0", match="non-finite values")
     one_line_error(capsys, "export", "--model", tiny_model_dir, "--weights", "2", match="there is none")
+    lying = tmp_path / "lying"  # a config.json that contradicts the stored tensors
+    lying.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (lying / f.name).write_bytes(f.read_bytes())
+    config = json.loads((lying / "config.json").read_text())
+    (lying / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    for command in ("merge", "export"):
+        one_line_error(capsys, command, "--model", lying, "--adapter", adapters[0], "--output", tmp_path / f"lying-{command}", "--eval-blocks", "0",
+                       match="its config.json says (1000, ") if command == "merge" else \
+            one_line_error(capsys, command, "--model", lying, "--output", tmp_path / "lying.gguf", match="its config.json says (1000, ")
     for bad in ("nan", "inf"):
         one_line_error(capsys, *base, "--adapter", adapters[0], "--weights", bad, match="finite")
         one_line_error(capsys, "export", "--model", tiny_model_dir, "--adapter", adapters[0], "--weights", bad, "--output", tmp_path / "x.gguf", match="finite")

@@ -154,6 +154,20 @@ class Source:
         return module if module in self.specs else None
 
 
+def check_stored(path: Path, reader, config, skeleton: nn.Module, quantized: set[str]) -> None:
+    """Every tensor the config's model has is stored, with its shape (a merge or export streams
+    tensors without loading the model, so nothing else would notice before the output is written).
+    quantized: modules stored in a lorq format, checked when they are read."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, t in skeleton.state_dict().items():
+        if name.rsplit(".", 1)[0] in quantized or (tied and name == "lm_head.weight" and name not in reader):
+            continue
+        if name not in reader:
+            raise LorqError(f"{path}: {name} is not stored, though its config.json's model has it")
+        if tuple(reader.spec(name).shape) != tuple(t.shape):
+            raise LorqError(f"{path}: {name} is stored as {tuple(reader.spec(name).shape)}, its config.json says {tuple(t.shape)}")
+
+
 def open_source(model: str, quant: FormatConfig) -> Source:
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +184,9 @@ def open_source(model: str, quant: FormatConfig) -> Source:
         unknown = [n for n in meta.get("modules", {}) if n not in linears]
         if unknown:
             raise LorqError(f"quantized module {unknown[0]} does not exist in the {config.model_type} model of {path}")
+        check_stored(path, reader, config, skeleton, set(meta.get("modules", {})))
         return Source(path, reader, config, skeleton, dict(meta.get("modules", {})), meta, None)
+    check_stored(path, reader, config, skeleton, set())
     if QuantFormat(quant.format) is QuantFormat.NONE:
         return Source(path, reader, config, skeleton, {}, None, None)
     rule = Rule(DECODER_LINEARS, quant, QuantMethod.RTN)
