@@ -271,6 +271,8 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
     (broken / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
     one_line_error(capsys, "eval", "--model", broken, match="shapes do not match its config.json")
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
+    one_line_error(capsys, "eval", "--model", broken, match="expected int, got str")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

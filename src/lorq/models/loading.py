@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -106,8 +107,8 @@ def check_causal_lm(path: Path):
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise LorqError(f"cannot read model config in {path}: {str(e).splitlines()[0]}")
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # strict: a value of the wrong type
+        raise LorqError(f"cannot read model config in {path}: {' '.join(str(e).split())[:300]}")
     causal_classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v)}
     saved_as = getattr(config, "architectures", None) or []
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (saved_as and not set(saved_as) & causal_classes):
