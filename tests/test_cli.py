@@ -59,6 +59,8 @@ def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     code, stdout, err = run(capsys, "eval", "--model", q, "--eval-blocks", "2", "--block-size", "32")
     assert code == 0, err
     assert "perplexity" in stdout
+    one_line_error(capsys, "eval", "--model", q, "--format", "nf", match="already quantized; leave out --format")
+    one_line_error(capsys, "finetune", "--format", "none", "--lowrank", "loftq", match="needs a format")
     cfg = tmp_path / "gen.yaml"
     cfg.write_text("prompt: hello\nmax_new_tokens: 3\n")
     code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--config", cfg, "--no-chat")

@@ -260,6 +260,7 @@ def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
         (variant is Variant.DYLORA and moved_out_of_base,
          "--variant dylora trains truncated ranks; with a start moved out of the base (--init pissa/olora/nlora/lora-ga, --lowrank ... init) a lower rank would drop part of the base weight"),
         (cfg.lora.dylora_rank and variant is not Variant.DYLORA, "--dylora-rank applies to --variant dylora"),
+        (lowrank and fmt is QuantFormat.NONE, f"--lowrank {cfg.method.lowrank.value} compensates quantization error: it needs a format (e.g. --format nf)"),
         (cfg.lowrank_as is LowRankUse.COMPENSATE and not lowrank, "--lowrank-as compensate applies with --lowrank (loftq, lq-lora, eora, ...)"),
         (optim.loraplus_ratio != 1.0 and variant not in (Variant.LORA, Variant.DORA, Variant.DYLORA, Variant.L4Q),
          f"--loraplus-ratio sets the B factors' learning rate; the {variant.value} variant trains no B"),
@@ -419,10 +420,19 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     return summary
 
 
+def inference_base(model_name: str, quant: FormatConfig) -> Base:
+    """The model as eval, generate and serve run it: quantized on load with --format, or a
+    quantized checkpoint as it is (a --format given for one would silently not apply)."""
+    base = prepare_base(model_name, quant)
+    if base.report is None and is_quantized(base.model) and QuantFormat(quant.validate().format) is not QuantFormat.NONE:
+        raise LorqError(f"{base.path} is already quantized; leave out --format")
+    return base
+
+
 def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None):
     if adapter is not None and not Path(adapter).is_dir():  # before the model is loaded
         raise LorqError(f"adapter directory {adapter} not found" + (" (it is a file)" if Path(adapter).is_file() else ""))
-    base = prepare_base(model_name, quant)
+    base = inference_base(model_name, quant)
     model, tok, path = base.model, base.tok, base.path
     if adapter:
         load_peft(model, adapter)
@@ -465,6 +475,6 @@ def run_generate(cfg: GenerateConfig) -> str:
 def run_serve(cfg: ServeConfig) -> None:
     cfg.validate()
     check_address(cfg.host, cfg.port)
-    base = prepare_base(cfg.model, cfg.quant)
+    base = inference_base(cfg.model, cfg.quant)
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
     serve(build_server(base.model, base.tok, name, cfg), cfg)

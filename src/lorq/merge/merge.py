@@ -265,6 +265,8 @@ def merge_quantized(src: Source, update: AdapterUpdate, out: Path, cfg: MergeCon
         layer = src.layer(module)
         if module in update.factors:
             B, A = update.stacked(module)
+            if cfg.merge_rank > min(layer.in_features, layer.out_features):
+                raise LorqError(f"--merge-rank {cfg.merge_rank} exceeds {module}'s smaller dimension ({min(layer.in_features, layer.out_features)})")
             rank = cfg.merge_rank or layer.rank + B.shape[1]
             layer, target, rule = requantize(layer, B, A, cfg.requant, rank, cfg.method_config)
             finite(target, f"{module}.weight")
