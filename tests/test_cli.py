@@ -61,6 +61,7 @@ def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     assert "perplexity" in stdout
     one_line_error(capsys, "eval", "--model", q, "--format", "nf", match="already quantized; leave out --format")
     one_line_error(capsys, "finetune", "--format", "none", "--lowrank", "loftq", match="needs a format")
+    one_line_error(capsys, "finetune", "--model", "/nonexistent", "--format", "none", "--budget-bits", "3", "--output", tmp_path / "b", match="needs a quantization format")
     cfg = tmp_path / "gen.yaml"
     cfg.write_text("prompt: hello\nmax_new_tokens: 3\n")
     code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--config", cfg, "--no-chat")
@@ -171,13 +172,13 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     bert = tmp_path / "bert"
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(bert)
     one_line_error(capsys, "eval", "--model", bert, match="not a causal language model")
-    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--targets", "nothing_matches", *FAST[:-2], match="match no linear layer")
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--targets", "nothing_matches", *FAST[:-2], "--output", tmp_path / "run", match="match no linear layer")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", empty, *FAST, match="is empty")
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", empty, *FAST, "--output", tmp_path / "run", match="is empty")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", bad, *FAST, match="not valid JSON")
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", bad, *FAST, "--output", tmp_path / "run", match="not valid JSON")
     one_line_error(capsys, "finetune", "--rank", "0", match="rank must be a positive integer")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "5", "--output", tmp_path / "q3", match="unsupported bits 5")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "hqq", "--format", "nf", match="asymmetric affine")

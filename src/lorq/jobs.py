@@ -159,6 +159,8 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     rules = quant_rules(quant, mcfg, rules_file, rank)
     if budget.budget_bits is not None and quant.validate().format is not QuantFormat.NONE:
         candidates(quant, budget, [0])  # impossible choices are refused before the model is loaded
+    if budget.budget_bits is not None and all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
+        raise LorqError("--budget-bits needs a quantization format")
     model, tok, path = load_model(model_name)
     if rules_file and not is_quantized(model):
         check_rules_match(model, rules[:-1], rules_file)
@@ -328,8 +330,6 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         done = int(ckpt.name.removeprefix("step-")) if ckpt.name.removeprefix("step-").isdigit() else 0
         if cfg.train.steps < done:
             raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")
-    if world.main:
-        write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
     full = cfg.optim.full
     starts: dict = {}
 
@@ -348,6 +348,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         raise LorqError(f"full-parameter training needs a dense base; {path} is quantized")
     check_block_size(model, cfg.data.block_size)
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
+    if world.main:  # before the run's first write into the directory
+        write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
     adapter_base, factors = str(cfg.model), {}
     residual = any(s.residual for s in starts.values())
     if report is not None and (lowrank or base.budget or residual):

@@ -121,7 +121,7 @@ def load_tokenizer(path: Path):
 
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise LorqError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -133,6 +133,8 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    check_causal_lm(path)
+    tok = load_tokenizer(path)  # a directory without one fails before its weights are read
     if (path / QUANT_CONFIG).is_file():
         from ..quant.checkpoint import load_quantized
 
@@ -156,4 +158,4 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32):
             missing = sorted(info["missing_keys"])
             raise LorqError(f"cannot load the model in {path}: {len(missing)} weights are missing from its files ({', '.join(missing[:3])}, ...)")
     model.eval()
-    return model, load_tokenizer(path), path
+    return model, tok, path
