@@ -327,7 +327,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         check_same_options(ckpt, options)
-        done = int(ckpt.name.removeprefix("step-")) if ckpt.name.removeprefix("step-").isdigit() else 0
+        done = int(ckpt.name.removeprefix("step-"))  # latest_checkpoint accepts only step-<digits>
         if cfg.train.steps < done:
             raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")
     full = cfg.optim.full
@@ -426,7 +426,7 @@ def inference_base(model_name: str, quant: FormatConfig) -> Base:
     """The model as eval, generate and serve run it: quantized on load with --format, or a
     quantized checkpoint as it is (a --format given for one would silently not apply)."""
     base = prepare_base(model_name, quant)
-    if base.report is None and is_quantized(base.model) and QuantFormat(quant.validate().format) is not QuantFormat.NONE:
+    if base.report is None and is_quantized(base.model) and QuantFormat(quant.format) is not QuantFormat.NONE:  # validated by prepare_base
         raise LorqError(f"{base.path} is already quantized; leave out --format")
     return base
 

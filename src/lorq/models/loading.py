@@ -140,7 +140,6 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32):
 
         model = load_quantized(path)
     else:
-        check_causal_lm(path)
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
