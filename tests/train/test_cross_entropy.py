@@ -57,3 +57,37 @@ def test_only_plain_linear_heads_fuse():
 
     assert fusable(nn.Linear(4, 4))
     assert not fusable(LoRALinear(nn.Linear(4, 4)))
+
+
+def test_a_tied_weight_gets_the_sum_of_both_gradients():
+    """The output layer shared with another use (a tied embedding): its two gradients add up,
+    the fused one scaled in place by the incoming gradient."""
+    torch.manual_seed(0)
+    head = nn.Linear(12, 40, bias=False)
+    h = torch.randn(9, 12)
+    t = torch.randint(0, 40, (9,))
+    tied = lambda loss: 0.5 * loss + F.embedding(t, head.weight).square().sum()  # noqa: E731
+    (ref,) = torch.autograd.grad(tied(reference(h, head, t)), head.weight)
+    (got,) = torch.autograd.grad(tied(linear_cross_entropy(h, head, t, 4)), head.weight)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_bf16_weight_gradient_is_close_to_the_fp32_one():
+    torch.manual_seed(0)
+    head = nn.Linear(64, 300, bias=False)
+    h = torch.randn(40, 64)
+    t = torch.randint(0, 300, (40,))
+    (ref,) = torch.autograd.grad(reference(h, head, t), head.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, head, t, 16)
+    (g,) = torch.autograd.grad(out, head.weight)
+    assert g.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    head = nn.Linear(8, 20, bias=False)
+    out = linear_cross_entropy(torch.randn(5, 8), head, torch.randint(0, 20, (5,)), 2)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        out.backward()

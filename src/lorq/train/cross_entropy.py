@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[i : i + chunk] = (g @ w).to(h.dtype)
                 if grad_w is not None:
-                    grad_w += (g.t() @ hc).float()
+                    accumulate_outer(grad_w, g, hc)
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
         # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
@@ -54,8 +54,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = (g * grad_out if g is not None else None for g in ctx.grads)
-        return grad_h, grad_w, grad_b, None, None, None
+        # scaled in place and handed over: a tied embedding's (V, H) gradient exists once, not twice
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused cross-entropy's backward runs once (retain_graph is not supported)")
+        return (*(g.mul_(grad_out) if g is not None else None for g in grads), None, None, None)
+
+
+def accumulate_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc += gᵀ h in fp32. In place when g and h are fp32 (no (V, H) temporary: 113 MiB on
+    SmolLM2's vocabulary); a 16-bit product is formed in its own dtype, then added."""
+    if g.dtype == acc.dtype and h.dtype == acc.dtype:
+        acc.addmm_(g.t(), h)
+    else:
+        acc += g.t() @ h
 
 
 def fusable(head) -> bool:
