@@ -69,8 +69,8 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "Full fine-tuning (AdamW, fp32 base)": ({"full": True, "format": "none"}, FULL_LRS),
     "GaLore (fp32 base)": ({"optimizer": "galore", "format": "none"}, GALORE_LRS),
     "Q-GaLore (int8 weights)": ({"optimizer": "qgalore", "format": "none"}, GALORE_LRS),
-    "LISA (2 layers, fp32 base)": ({"optimizer": "lisa", "format": "none"}, FULL_LRS),
-    "LISA (2 layers, embeddings frozen, fp32 base)": ({"optimizer": "lisa", "format": "none", "lisa_embeddings": False}, FULL_LRS),
+    "LISA (2 layers, default: tied embeddings frozen, fp32 base)": ({"optimizer": "lisa", "format": "none"}, FULL_LRS),
+    "LISA (2 layers, embeddings trained as in the paper, fp32 base)": ({"optimizer": "lisa", "format": "none", "lisa_embeddings": "train"}, FULL_LRS),
 }
 PLAIN = "LoRA"
 FULL = "Full fine-tuning (AdamW, fp32 base)"
@@ -229,7 +229,8 @@ def summarize(rows: list[dict], args) -> dict:
                 targets[f"{name} reaches plain LoRA's final validation loss in <= 60% of its steps"] = reach is not None and reach <= 0.6 * total
     if full:
         for name, key, bound, what in (("GaLore (fp32 base)", "peak_rss_mib", 0.6, "peak memory"),
-                                       ("LISA (2 layers, fp32 base)", "peak_optimizer_state_mib", 0.25, "peak optimizer memory")):
+                                       ("LISA (2 layers, default: tied embeddings frozen, fp32 base)", "peak_optimizer_state_mib", 0.25,
+                                        "peak optimizer memory")):
             if name in by:
                 ratio = by[name]["best"][key] / full["best"][key]
                 by[name][f"{key}_vs_full"] = round(ratio, 3)
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
         old = next((r for r in (previous or {}).get("rows", []) if r["name"] == name), {})
         mark = ({} if not previous else {"extended": info["date"]} if args.extend else
                 {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]})
-        keep = {k: old[k] for k in ("remeasured", "filled_in", "extended") if k in old and args.extend}
+        keep = {k: old[k] for k in ("remeasured", "filled_in", "extended", "renamed") if k in old and args.extend}
         rows.append({"name": name, "options": options, "runs": runs, "best": best, **keep, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}
@@ -346,7 +347,8 @@ def markdown(result) -> str:
             continue
         notes = ([f"re-measured {r['remeasured']}"] if r.get("remeasured") else []) + \
                 ([f"learning rates added {r['filled_in']}"] if r.get("filled_in") else []) + \
-                ([f"sweep extended {r['extended']}"] if r.get("extended") else [])
+                ([f"sweep extended {r['extended']}"] if r.get("extended") else []) + \
+                ([f"renamed {r['renamed']['date']}"] if r.get("renamed") else [])
         name = f"{r['name']} ({'; '.join(notes)})" if notes else r["name"]
         lines.append(f"| {name} | {b['lr']:g} | {b['final_val_loss']:.4f} | {b['ppl_after']:.2f} | {r.get('untrained_ppl', 0):.2f} | "
                      f"{b['trainable_parameters']:,} | {b['peak_rss_mib']:.0f} | {b['peak_optimizer_state_mib']:.1f} | {b['tokens_per_s']:.0f}{'*' if b.get('threads') == 1 else ''} | {tried} |")
@@ -377,6 +379,8 @@ def markdown(result) -> str:
         extra.append("- rows marked \"sweep extended\": their best learning rate was the lowest or highest of their grid, so the next "
                      "one beyond it (1-3-10 series) was measured on that date with the code of that date (`--extend`); the best of all "
                      "the learning rates tried is reported")
+    extra += [f"- row renamed on {r['renamed']['date']}: {r['renamed']['why']}; its runs are those measured under its former "
+              f"name, {r['renamed']['from']!r}, with the same configuration" for r in result["rows"] if r.get("renamed")]
     lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
 

@@ -209,3 +209,22 @@ def test_bad_optimizer_options():
     with pytest.raises(LorqError, match="lisa-layers"):
         build_optimizer(full_model(), OptimConfig(optimizer=OptimizerKind.LISA, lisa_layers=9), 1e-3, 0.0)
     assert OptimConfig(optimizer="galore").validate().full
+
+
+@pytest.mark.parametrize("tied, choice, trained", [(False, "auto", True), (True, "auto", False), (True, "train", True),
+                                                   (False, "freeze", False)])
+def test_lisa_trains_the_embeddings_unless_tied_or_told(tied, choice, trained):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4, tie_word_embeddings=tied))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    plan = build_optimizer(model, OptimConfig(optimizer="lisa", lisa_layers=1, lisa_embeddings=choice).validate(), 1e-3, 0.0)
+    plan.begin_step(0)
+    outside = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight]
+    assert all(p.requires_grad == trained for p in outside)
+    x = toy_blocks().input_ids[:2]
+    model(input_ids=x, labels=x).loss.backward()
+    plan.step(1.0)
+    assert (id(model.model.embed_tokens.weight) in {id(p) for p in plan.optimizer.state}) == trained

@@ -21,6 +21,7 @@ from ..quant.linear import DECODER_LINEARS, match_modules
 from ..train.distributed import full
 from .adamw8bit import AdamW8bit
 from .galore import GaLoreAdamW
+from .lisa import Embeddings as LisaEmbeddings
 from .lisa import LayerSampler
 
 
@@ -49,10 +50,11 @@ class OptimConfig:
     qgalore_similarity: float = opt(0.4, "qgalore: a layer's projection refresh interval doubles when its new projection is this similar to the last (mean |cos|)")
     lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
     lisa_period: int = opt(20, "lisa: steps between layer resamplings")
-    lisa_embeddings: bool = opt(True, "lisa: always train the embeddings and output layer (the paper's choice)")
+    lisa_embeddings: LisaEmbeddings = opt(LisaEmbeddings.AUTO, "lisa: the embeddings, final norm and output layer: train (at every step, the paper's choice), freeze, or auto (freeze them when the output layer is tied to the input embedding, train them otherwise)")
 
     def validate(self) -> "OptimConfig":
         self.optimizer = OptimizerKind(self.optimizer)
+        self.lisa_embeddings = LisaEmbeddings(self.lisa_embeddings)
         if self.optimizer in FULL_PARAMETER:
             self.full = True
         if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:

@@ -1,6 +1,7 @@
 """LISA (Pan et al. 2024, "Layerwise Importance Sampled AdamW"): full-parameter training in
-which only `n_active` randomly sampled decoder layers (plus, as in the paper, the embeddings and
-the output layer) are trainable during each period of `period` steps.
+which only `n_active` randomly sampled decoder layers are trainable during each period of
+`period` steps. The paper also trains the embeddings and the output layer at every step; see
+`Embeddings` for when lorq does.
 
 When a layer leaves the active set its optimizer state is deleted, not kept, so the optimizer
 holds the state of the active layers only. The sample of a period is a pure function of
@@ -10,12 +11,35 @@ holds the state of the active layers only. The sample of a period is a pure func
 from __future__ import annotations
 
 import re
+from enum import Enum
 
 import torch
 import torch.nn as nn
 
 from ..errors import LorqError
 from ..quant.linear import DECODER_BLOCKS
+
+
+class Embeddings(str, Enum):
+    """What LISA does with the parameters outside the decoder blocks (embeddings, final norm,
+    output layer). TRAIN is the paper's choice: there (LLaMA-2-7B) they are 4% of the model. A
+    small model ties its output layer to a large input embedding (SmolLM2-135M: 21% of the
+    parameters), whose AdamW state then outweighs that of the sampled layers; frozen, LISA's
+    optimizer state fell from 0.26x to 0.05x of full fine-tuning's and its validation loss was
+    lower (benchmarks/results/methods.md). AUTO freezes them when tied, trains them otherwise."""
+
+    AUTO = "auto"
+    TRAIN = "train"
+    FREEZE = "freeze"
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return inp is not None and out is not None and inp.weight is out.weight
+
+
+def trains_embeddings(model: nn.Module, choice: Embeddings) -> bool:
+    return choice is Embeddings.TRAIN or (choice is Embeddings.AUTO and not tied_embeddings(model))
 
 
 def decoder_layers(model: nn.Module) -> list[str]:
@@ -33,7 +57,7 @@ class LayerSampler:
     """Switches requires_grad between periods and frees the optimizer state of frozen params."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n_active: int, period: int, seed: int,
-                 always_embeddings: bool = True):
+                 embeddings: Embeddings = Embeddings.AUTO):
         self.layers = decoder_layers(model)
         if not self.layers:
             raise LorqError("LISA: no decoder layers found in this model")
@@ -47,7 +71,7 @@ class LayerSampler:
         self.layer_params = [list(model.get_submodule(name).parameters()) for name in self.layers]
         # outside the decoder blocks: embeddings, output layer, final norm
         self.outside = [p for p in model.parameters() if id(p) not in in_layer]
-        self.always = self.outside if always_embeddings else []
+        self.always = self.outside if trains_embeddings(model, Embeddings(embeddings)) else []
         self.current: int | None = None
 
     def active_layers(self, step: int) -> list[int]:
