@@ -125,6 +125,11 @@ def check_file(path: str | Path | None, what: str) -> None:
         raise LorqError(f"{what} {path} not found" + (" (it is a directory)" if Path(path).is_dir() else ""))
 
 
+def is_number(v) -> bool:
+    """A finite JSON number (Python's json reads NaN and Infinity too); a bool is not one."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_finite(name: str, values) -> None:
     if any(not math.isfinite(v) for v in values):
         raise LorqError(f"{name} must be finite numbers")

@@ -99,18 +99,33 @@ def test_native_adapter_on_the_wrong_model_is_a_clear_error(tiny_llama, tmp_path
         load_peft(other, tmp_path / "ad")
 
 
+def drop_starts(tensors):
+    for k in [k for k in tensors if k.endswith(("start_A", "start_B"))]:
+        tensors.pop(k)
+
+
 @pytest.mark.parametrize("edit,match", [
-    (lambda c, t: c.update(options=[1, 2]), "malformed"),
-    (lambda c, t: c.update(r=0), "r > 0"),
-    (lambda c, t: c.update(variant="lora"), "variant among"),
+    (lambda c, t: c.update(options=[1, 2]), "options must be an object"),
+    (lambda c, t: c.update(r=0), "r must be a positive integer"),
+    (lambda c, t: c.update(r=True), "r must be a positive integer"),
+    (lambda c, t: c.update(lora_alpha="32"), "lora_alpha must be a positive finite number"),
+    (lambda c, t: c.update(lora_alpha=float("nan")), "lora_alpha must be"),
+    (lambda c, t: c.update(use_rslora="yes"), "true or false"),
+    (lambda c, t: c.update(modules=c["modules"] * 2), "distinct"),
+    (lambda c, t: c.update(variant="lora"), "variant must be one of"),
+    (lambda c, t: c.update(format_version=2), "format_version"),
     (lambda c, t: c.update(options={"nola_bases": 8, "bogus": 1}), "do not fit"),
+    (lambda c, t: t.update(extra=torch.zeros(2)), "unexpected tensor 'extra'"),
+    (lambda c, t: t.update({k: torch.full_like(v, float("nan")) for k, v in list(t.items())[:1]}), "NaN or infinite"),
     (lambda c, t: t.pop(next(k for k in t if k.endswith("start_A"))), "start_B / start_A"),
+    (lambda c, t: drop_starts(t), "restore_base is true but the file holds no start_B"),
+    (lambda c, t: c.update(restore_base=False), "restore_base is false but the file holds start_B"),
 ])
 def test_malformed_native_files_are_clear_errors_and_leave_the_base_alone(tiny_llama, tmp_path, edit, match):
     from safetensors.torch import load_file, save_file
 
     original = copy.deepcopy(tiny_llama)
-    model = trained(tiny_llama, Variant.CORE, LoRAInit.PISSA) if "start" in match else trained(tiny_llama, Variant.NOLA)
+    model = trained(tiny_llama, Variant.CORE, LoRAInit.PISSA)  # a residual init: the file holds start_B / start_A
     save_peft(model, tmp_path / "ad", restore_base=True)
     cfg_path, w_path = tmp_path / "ad" / "adapter_config.json", tmp_path / "ad" / "adapter_model.safetensors"
     cfg, tensors = json.loads(cfg_path.read_text()), load_file(w_path)

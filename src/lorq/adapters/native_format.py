@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..io import atomic_dir, is_number, load_safetensors, read_json, write_json
 from .lora import LoRALinear, lora_layers, set_trainable, wrap_layer
 from .variants import Variant
 
@@ -76,20 +76,41 @@ def save_native(model: nn.Module, out: str | Path, name: str, base_model: str = 
     return Path(out)
 
 
-def load_native(model: nn.Module, path: Path, name: str = "default", trainable: bool = False) -> list[str]:
-    config = read_json(path / CONFIG_FILE)
+def read_native_config(path: Path) -> dict:
+    """The config's fields with the types save_native writes; anything else is a one-line error."""
+    config, where = read_json(path / CONFIG_FILE), path / CONFIG_FILE
+    if not isinstance(config, dict):
+        raise LorqError(f"{where} is not a JSON object")
     if config.get("format_version") != FORMAT_VERSION:
-        raise LorqError(f"{path}: lorq adapter format_version {config.get('format_version')} is not {FORMAT_VERSION}")
-    try:
-        variant = Variant(config["variant"])
-        rank, alpha, modules = int(config["r"]), float(config["lora_alpha"]), [str(m) for m in config["modules"]]
-        options, dropout = dict(config.get("options") or {}), float(config.get("lora_dropout", 0.0))
-    except (KeyError, ValueError, TypeError) as e:
-        raise LorqError(f"{path / CONFIG_FILE}: malformed lorq adapter config ({e})")
-    if variant not in NATIVE_VARIANTS or rank <= 0 or not modules or not 0 <= dropout < 1:
-        raise LorqError(f"{path / CONFIG_FILE}: a lorq adapter needs a variant among {[v.value for v in NATIVE_VARIANTS]}, r > 0, modules and a dropout in [0, 1)")
+        raise LorqError(f"{path}: lorq adapter format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
+    variants = [v.value for v in NATIVE_VARIANTS]
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    dropout, modules, options = config.get("lora_dropout", 0.0), config.get("modules"), config.get("options") or {}
+    problems = {
+        f"variant must be one of {variants}": config.get("variant") not in variants,
+        "r must be a positive integer": not isinstance(r, int) or isinstance(r, bool) or r <= 0,
+        "lora_alpha must be a positive finite number": not is_number(alpha) or alpha <= 0,
+        "lora_dropout must be a number in [0, 1)": not is_number(dropout) or not 0 <= dropout < 1,
+        "use_rslora and restore_base must be true or false": not all(isinstance(config.get(k, False), bool) for k in ("use_rslora", "restore_base")),
+        "modules must be a non-empty list of distinct module names": not isinstance(modules, list) or not modules
+        or not all(isinstance(m, str) and m for m in modules) or len(set(modules)) != len(modules),
+        "options must be an object": not isinstance(options, dict),
+    }
+    bad = [what for what, wrong in problems.items() if wrong]
+    if bad:
+        raise LorqError(f"{where}: malformed lorq adapter config: {'; '.join(bad)}")
+    return {**config, "variant": Variant(config["variant"]), "lora_dropout": float(dropout), "options": dict(options)}
+
+
+def load_native(model: nn.Module, path: Path, name: str = "default", trainable: bool = False) -> list[str]:
+    config = read_native_config(path)
+    variant, rank, alpha, modules = config["variant"], config["r"], float(config["lora_alpha"]), config["modules"]
+    options, dropout, restore = config["options"], config["lora_dropout"], config.get("restore_base", False)
     tensors = load_safetensors(path / WEIGHTS_FILE)
-    starts = {}
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise LorqError(f"{path / WEIGHTS_FILE}: {nonfinite[0]} holds NaN or infinite values")
+    starts, used = {}, set()
     for module in modules:
         try:
             layer = model.get_submodule(module)
@@ -106,13 +127,18 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
             if not isinstance(base, nn.Linear) or (isinstance(layer, LoRALinear) and layer.adapters):
                 raise LorqError(f"{path} was trained from a residual init: it needs a dense base without other adapters")
             starts[module] = B0 @ A0
+            used |= {f"{PREFIX}{module}.start_B", f"{PREFIX}{module}.start_A"}
+    if restore != bool(starts):  # the base it was trained on would not be the one it runs on
+        held = "start_B / start_A tensors" if starts else "no start_B / start_A tensors"
+        raise LorqError(f"{path}: restore_base is {str(restore).lower()} but the file holds {held}")
     for module in modules:
         layer = wrap_layer(model, module)
         try:
-            ad = layer.add(name, rank, alpha, bool(config.get("use_rslora")), dropout, variant, **options)
+            ad = layer.add(name, rank, alpha, config.get("use_rslora", False), dropout, variant, **options)
         except TypeError as e:
             raise LorqError(f"{path / CONFIG_FILE}: options {options} do not fit the {variant.value} variant ({e})")
         own = {k: tensors.get(f"{PREFIX}{module}.{k}") for k in ad.state_dict()}
+        used |= {f"{PREFIX}{module}.{k}" for k in own} | {bank_key(b, getattr(ad, b)) for b in ad.bank_names}
         missing = [k for k, t in own.items() if t is None]
         if missing:
             raise LorqError(f"{path}: {module} lacks {', '.join(missing)}")
@@ -123,6 +149,9 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
                 setattr(ad, bank, t)  # the stored basis, shared by the layers of this shape
         except (RuntimeError, KeyError) as e:
             raise LorqError(f"adapter {path} does not fit the base model at {module}: {str(e).splitlines()[0]}")
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise LorqError(f"{path / WEIGHTS_FILE}: unexpected tensor {unexpected[0]!r}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     with torch.no_grad():  # only now that everything fits: make the base the one it was trained on
         for module, delta in starts.items():
             base = model.get_submodule(module).base

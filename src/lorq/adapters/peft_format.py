@@ -7,7 +7,6 @@ adapters load in `peft.PeftModel.from_pretrained` and in vLLM.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..io import atomic_dir, is_number, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear
 from .lora import LoRALinear, lora_layers, lora_scaling, set_trainable, wrap_layer
 from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
@@ -112,22 +111,17 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
     return Path(out)
 
 
-def _is_number(v) -> bool:
-    """A finite JSON number (Python's json reads NaN and Infinity too)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_config(config, path: Path) -> None:
     """The fields lorq reads have the types PEFT writes (a malformed file is a one-line error,
     not an exception from deep inside the scaling)."""
     if not isinstance(config, dict):
         raise LorqError(f"{path / CONFIG_FILE} is not a JSON object")
-    if config.get("peft_type", "LORA") in ("LORA", None) and not _is_number(config.get("lora_alpha")):
+    if config.get("peft_type", "LORA") in ("LORA", None) and not is_number(config.get("lora_alpha")):
         raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise LorqError(f"{path / CONFIG_FILE}: use_rslora must be true or false, got {config.get('use_rslora')!r}")
     pattern = config.get("alpha_pattern") or {}
-    if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_number(v) for k, v in pattern.items()):
         raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to finite numbers")
     for key in pattern:
         try:
@@ -194,7 +188,7 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
             raise LorqError(f"{path}: {module} has rank 0")
         r = config.get("r")
         # PEFT builds each layer at r (or its rank_pattern entry) and refuses tensors of another rank
-        if _is_number(r) and not config.get("rank_pattern") and ab["A"].shape[0] != r:
+        if is_number(r) and not config.get("rank_pattern") and ab["A"].shape[0] != r:
             raise LorqError(f"{path}: {module} has rank {ab['A'].shape[0]} but adapter_config.json says r = {r}")
     if config.get("use_dora"):
         missing = sorted(set(pairs) - set(magnitudes))
