@@ -198,7 +198,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "gptq", "--calib-file", tmp_path / "nope.txt", match="not found")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
-    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--max-new-tokens", "300", match="exceed the model's context of 256")
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--max-new-tokens", "300", match="model's context of 256")
     one_line_error(capsys, "generate", "--model", tiny_model_dir, "--prompt", "", "--no-chat", match="prompt is empty")
     one_line_error(capsys, "eval", "--model", tiny_model_dir, "--block-size", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "eval", "--model", "", match="--model is empty")
@@ -381,3 +381,17 @@ def test_serve_bad_inputs(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--port", "0", match="port")
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-batch", "0", match="positive")
     one_line_error(capsys, "serve", "--model", tmp_path / "nope", match="not found")
+
+
+def test_options_beyond_the_context_are_refused_before_the_weights_are_read(capsys, tiny_model_dir, tmp_path):
+    import shutil
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_model_dir, weightless)
+    for f in weightless.glob("*.safetensors"):
+        f.unlink()  # reading the weights would fail: the context errors must come first
+    for cmd in (["eval", "--block-size", "300"], ["serve", "--max-model-len", "300"],
+                ["generate", "--max-new-tokens", "256"],
+                ["finetune", "--block-size", "300", "--output", str(tmp_path / "run")]):
+        one_line_error(capsys, cmd[0], "--model", weightless, *cmd[1:], match="context of 256")
+    assert not (tmp_path / "run").exists()

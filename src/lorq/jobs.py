@@ -16,6 +16,7 @@ import torch
 from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
+from .eval.generate import check_new_tokens
 from .io import atomic_dir, check_file, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model
@@ -32,6 +33,7 @@ from .quant import (
     quantize_model, save_quantized,
 )
 from .quant.base import no_quant
+from .serve.engine import check_max_model_len
 from .serve.server import ServeConfig, build_server, check_address, serve
 from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate, candidates
 from .quant.fisher import fisher_weights
@@ -111,9 +113,9 @@ def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None 
     return rules + [Rule(DECODER_LINEARS, quant, mcfg.method, mcfg.lowrank, rank)]
 
 
-def check_block_size(model, block_size: int) -> None:
+def check_block_size(config, block_size: int) -> None:
     """Blocks longer than the model's positions would be run past what it was trained on."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(config, "max_position_embeddings", None)
     if context and block_size > context:
         raise LorqError(f"--block-size {block_size} exceeds the model's context of {context} tokens")
 
@@ -150,18 +152,20 @@ class Base:
 
 
 def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None = None, rules_file: str | None = None,
-                 rank: int = 0, budget: BudgetConfig | None = None, adapter_rank: int = 0, before_quantize=None) -> Base:
+                 rank: int = 0, budget: BudgetConfig | None = None, adapter_rank: int = 0, before_quantize=None,
+                 check_config=None) -> Base:
     """Load a model and quantize its linears by the rules (and the bit budget, if any) unless it
     is already quantized. adapter_rank: low-rank factors that will become the trainable
     adapter, so the budget does not count them (see budget.allocate). before_quantize(model,
-    tok): runs on the loaded model first (adapter inits that change the dense weights)."""
+    tok): runs on the loaded model first (adapter inits that change the dense weights).
+    check_config(config): see load_model."""
     mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
     rules = quant_rules(quant, mcfg, rules_file, rank)
     if budget.budget_bits is not None and quant.validate().format is not QuantFormat.NONE:
         candidates(quant, budget, [0])  # impossible choices are refused before the model is loaded
     if budget.budget_bits is not None and all(QuantFormat(r.quant.format) is QuantFormat.NONE for r in rules):
         raise LorqError("--budget-bits needs a quantization format")
-    model, tok, path = load_model(model_name)
+    model, tok, path = load_model(model_name, check_config=check_config)
     if rules_file and not is_quantized(model):
         check_rules_match(model, rules[:-1], rules_file)
     if before_quantize is not None:
@@ -342,11 +346,11 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     # as the LoRA init, every matrix gets factors of the adapter's rank, outside the bit budget
     adapter_rank = cfg.lora.rank if lowrank and cfg.lowrank_as is LowRankUse.INIT else 0
     base = prepare_base(cfg.model, cfg.quant, cfg.method, None, cfg.lora.rank, cfg.budget, adapter_rank,
-                        before_quantize=init_adapters if cfg.start.init is not LoRAInit.GAUSSIAN else None)
+                        before_quantize=init_adapters if cfg.start.init is not LoRAInit.GAUSSIAN else None,
+                        check_config=lambda config: check_block_size(config, cfg.data.block_size))
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if full and is_quantized(model):
         raise LorqError(f"full-parameter training needs a dense base; {path} is quantized")
-    check_block_size(model, cfg.data.block_size)
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
     if world.main:  # before the run's first write into the directory
         write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
@@ -422,19 +426,19 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     return summary
 
 
-def inference_base(model_name: str, quant: FormatConfig) -> Base:
+def inference_base(model_name: str, quant: FormatConfig, check_config=None) -> Base:
     """The model as eval, generate and serve run it: quantized on load with --format, or a
     quantized checkpoint as it is (a --format given for one would silently not apply)."""
-    base = prepare_base(model_name, quant)
+    base = prepare_base(model_name, quant, check_config=check_config)
     if base.report is None and is_quantized(base.model) and QuantFormat(quant.format) is not QuantFormat.NONE:  # validated by prepare_base
         raise LorqError(f"{base.path} is already quantized; leave out --format")
     return base
 
 
-def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None):
+def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None, check_config=None):
     if adapter is not None and not Path(adapter).is_dir():  # before the model is loaded
         raise LorqError(f"adapter directory {adapter} not found" + (" (it is a file)" if Path(adapter).is_file() else ""))
-    base = inference_base(model_name, quant)
+    base = inference_base(model_name, quant, check_config)
     model, tok, path = base.model, base.tok, base.path
     if adapter:
         load_peft(model, adapter)
@@ -446,8 +450,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise LorqError("eval-blocks must be >= 0 and batch-size positive")
     DataConfig(block_size=cfg.block_size).validate()
     check_file(cfg.data_file, "data file")
-    model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
-    check_block_size(model, cfg.block_size)
+    model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_block_size(config, cfg.block_size))
     data = DataConfig(block_size=cfg.block_size)
     blocks = eval_blocks(tok, data, cfg.data_file)
     if cfg.data_file is None:
@@ -468,7 +471,7 @@ def run_generate(cfg: GenerateConfig) -> str:
         cfg.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
-    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter)
+    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens))
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
     print(text)
     return text
@@ -477,6 +480,6 @@ def run_generate(cfg: GenerateConfig) -> str:
 def run_serve(cfg: ServeConfig) -> None:
     cfg.validate()
     check_address(cfg.host, cfg.port)
-    base = inference_base(cfg.model, cfg.quant)
+    base = inference_base(cfg.model, cfg.quant, lambda config: check_max_model_len(config, cfg.engine.max_model_len))
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
     serve(build_server(base.model, base.tok, name, cfg), cfg)

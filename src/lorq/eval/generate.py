@@ -19,6 +19,13 @@ def encode_prompt(tok, prompt: str, chat: bool = True) -> list[int]:
     return tok(prompt, add_special_tokens=True)["input_ids"]
 
 
+def check_new_tokens(config, max_new_tokens: int) -> None:
+    """Even a one-token prompt needs max-new-tokens + 1 positions."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and max_new_tokens >= context:
+        raise LorqError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+
+
 def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
     ids = torch.tensor([encode_prompt(tok, prompt, chat)])
     if ids.shape[1] == 0:

@@ -10,6 +10,7 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -128,12 +129,16 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_model(name: str | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, path): an HF causal LM in eval mode, quantized if the checkpoint is."""
+def load_model(name: str | None, dtype: torch.dtype = torch.float32, check_config: Callable | None = None):
+    """(model, tokenizer, path): an HF causal LM in eval mode, quantized if the checkpoint is.
+    check_config(config): the caller's checks of options against the model's config, run
+    before the weights are read."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
-    check_causal_lm(path)
+    config = check_causal_lm(path)
+    if check_config is not None:
+        check_config(config)
     tok = load_tokenizer(path)  # a directory without one fails before its weights are read
     if (path / QUANT_CONFIG).is_file():
         from ..quant.checkpoint import load_quantized

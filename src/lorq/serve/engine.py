@@ -64,6 +64,22 @@ class SamplingParams:
         return self
 
 
+def serving_context(config) -> int:
+    """The longest sequence the engine runs: the model's positions, or its sliding window, within
+    which sliding attention is full attention."""
+    context = getattr(config, "max_position_embeddings", None) or 1 << 30
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return min(context, window or context)
+
+
+def check_max_model_len(config, max_model_len: int) -> int:
+    """The engine's longest prompt + max_tokens: --max-model-len, or the context when 0."""
+    context = serving_context(config)
+    if max_model_len > context:
+        raise LorqError(f"--max-model-len {max_model_len} exceeds the model's context of {context} tokens")
+    return max_model_len or context
+
+
 class QueueFull(LorqError):
     """The waiting queue is at its bound; the request is refused, not dropped later."""
 
@@ -152,12 +168,7 @@ class Engine:
         c = model.config
         if getattr(c, "attn_logit_softcapping", None):
             raise LorqError("lorq serve does not support attention logit soft-capping (Gemma 2 style) yet")
-        context = getattr(c, "max_position_embeddings", None) or 1 << 30
-        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
-        context = min(context, window or context)  # within its window, sliding attention is full attention
-        if self.cfg.max_model_len > context:
-            raise LorqError(f"--max-model-len {self.cfg.max_model_len} exceeds the model's context of {context} tokens")
-        self.max_length = self.cfg.max_model_len or context
+        self.max_length = check_max_model_len(c, self.cfg.max_model_len)
         self.eos = eos_ids(model, tok)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
