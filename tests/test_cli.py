@@ -155,6 +155,10 @@ def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
         one_line_error(capsys, *args, "--resume", "--steps", "5", *changed, match=match)
     one_line_error(capsys, "finetune", "--model", "/nonexistent/model", "--output", tmp_path / "none", "--resume", match="no checkpoint")
     one_line_error(capsys, *args, "--resume", "--steps", "3", match="at step 4, past --steps 3")
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    recorded = json.loads((latest / "options.json").read_text())
+    # as lorq recorded them before --lisa-embeddings had three choices; other optimizers' options do not matter
+    (latest / "options.json").write_text(json.dumps({**recorded, "lisa_embeddings": True, "galore_rank": 7}))
     with (out / "metrics.jsonl").open("a") as f:
         f.write("{not json\n[1]\n")  # damaged log lines are dropped on resume
     code, _, err = run(capsys, *args, "--resume", "--steps", "5")
@@ -246,7 +250,8 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
                         ("lr: true\n", "invalid value True for lr"), ("steps: null\n", "steps cannot be null"),
                         ("output: [a, b]\n", "for output (expected str"), ("targets: [1, true]\n", "for targets"),
                         ("budget_choices: [2.7]\n", "budget-choices"), ("5: 5\n", "option names are text"),
-                        ("seed: 99999999999999999999\n", "for seed")):
+                        ("seed: 99999999999999999999\n", "for seed"),
+                        ("lisa_embeddings: false\n", "for lisa-embeddings (expected one of auto, train, freeze)")):
         config.write_text(text)
         one_line_error(capsys, "finetune", "--config", config, match=match)
     config.write_bytes(b"steps: \xff\xfe\n")

@@ -175,7 +175,8 @@ def _coerce(value, tp, name: str):
         return _scalar(value, base)
     except (ValueError, TypeError, OverflowError):
         item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
-        what = "finite numbers" if item is float and item is not base else "a finite number" if item is float else f"{item.__name__} values"
+        what = ("finite numbers" if item is float and item is not base else "a finite number" if item is float
+                else f"one of {', '.join(m.value for m in item)}" if isinstance(item, type) and issubclass(item, Enum) else f"{item.__name__} values")
         raise LorqError(f"invalid value {value!r} for {name.replace('_', '-')} (expected {what})")
 
 

@@ -238,7 +238,23 @@ def run_options(cfg: FinetuneConfig) -> dict:
         flat.update(value if isinstance(value, dict) else {key: value})
     if Path(cfg.model).exists():
         flat["model"] = str(Path(cfg.model).resolve())  # one model, however its path is spelled
-    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUME_FREE}
+    return shaping({k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUME_FREE})
+
+
+# options of one optimizer only: a run with another optimizer is the same run whatever they say
+OPTIMIZER_OPTIONS = {"lisa_": {"lisa"}, "galore_": {"galore", "qgalore"}, "qgalore_": {"qgalore"}}
+LEGACY_VALUES = {"lisa_embeddings": {True: "train", False: "freeze"}}  # recorded before it had three choices
+
+
+def shaping(options: dict) -> dict:
+    """Recorded run options as today's runs record them: the options of an optimizer the run does
+    not use left out, values in their current spelling (a checkpoint of an older lorq resumes)."""
+    kept = {}
+    for k, v in options.items():
+        if any(k.startswith(prefix) and options.get("optimizer") not in kinds for prefix, kinds in OPTIMIZER_OPTIONS.items()):
+            continue
+        kept[k] = LEGACY_VALUES[k].get(v, v) if k in LEGACY_VALUES and isinstance(v, bool) else v
+    return kept
 
 
 def trainable_count(model) -> int:
@@ -330,7 +346,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        check_same_options(ckpt, options)
+        check_same_options(ckpt, options, shaping)
         done = int(ckpt.name.removeprefix("step-"))  # latest_checkpoint accepts only step-<digits>
         if cfg.train.steps < done:
             raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")

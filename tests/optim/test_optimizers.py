@@ -228,3 +228,13 @@ def test_lisa_trains_the_embeddings_unless_tied_or_told(tied, choice, trained):
     model(input_ids=x, labels=x).loss.backward()
     plan.step(1.0)
     assert (id(model.model.embed_tokens.weight) in {id(p) for p in plan.optimizer.state}) == trained
+
+
+def test_recorded_run_options_read_in_todays_spelling():
+    from lorq.jobs import shaping
+
+    lisa = {"optimizer": "lisa", "lisa_embeddings": True, "lisa_layers": 2, "galore_rank": 128, "lr": 1e-4}
+    assert shaping(lisa) == {"optimizer": "lisa", "lisa_embeddings": "train", "lisa_layers": 2, "lr": 1e-4}
+    assert shaping({**lisa, "lisa_embeddings": False})["lisa_embeddings"] == "freeze"
+    assert shaping({**lisa, "optimizer": "adamw"}) == {"optimizer": "adamw", "lr": 1e-4}
+    assert shaping({"optimizer": "qgalore", "galore_rank": 8, "qgalore_similarity": 0.4}) == {"optimizer": "qgalore", "galore_rank": 8, "qgalore_similarity": 0.4}

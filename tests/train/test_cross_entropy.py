@@ -91,3 +91,15 @@ def test_a_second_backward_through_the_same_loss_is_refused():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):
         out.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_outer_product_accumulates_into_the_fp32_buffer_itself(dtype):
+    from lorq.train.cross_entropy import accumulate_outer
+
+    torch.manual_seed(0)
+    acc, g, h = torch.randn(30, 8), torch.randn(5, 30).to(dtype), torch.randn(5, 8).to(dtype)
+    want, where = acc + g.float().t() @ h.float(), acc.data_ptr()
+    accumulate_outer(acc, g, h)
+    assert acc.data_ptr() == where and acc.dtype == torch.float32  # no (V, H) copy replaces it
+    torch.testing.assert_close(acc, want, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)

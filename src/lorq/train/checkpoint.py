@@ -46,14 +46,16 @@ def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimiz
     return root / name
 
 
-def check_same_options(ckpt: Path, options: dict) -> None:
+def check_same_options(ckpt: Path, options: dict, normalize=lambda saved: saved) -> None:
     """--resume continues the run only with the options that shaped it (a checkpoint from
-    before this check was recorded has no options file and is taken as it is)."""
+    before this check was recorded has no options file and is taken as it is). normalize: the
+    recorded options as the current lorq records them."""
     if not (ckpt / OPTIONS).is_file():
         return
     saved = read_json(ckpt / OPTIONS)
     if not isinstance(saved, dict):
         raise LorqError(f"{ckpt / OPTIONS} is damaged (not a JSON object); use a new --output")
+    saved = normalize(saved)
     changed = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
     if changed:
         k = changed[0]
