@@ -257,6 +257,12 @@ def shaping(options: dict) -> dict:
     return kept
 
 
+def recorded_options(saved: dict) -> dict:
+    """A checkpoint's options as this lorq would record them; an option added since it was
+    written counts at its default, which keeps the behaviour from before the option existed."""
+    return shaping({**run_options(FinetuneConfig()), **saved})
+
+
 def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -346,7 +352,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        check_same_options(ckpt, options, shaping)
+        check_same_options(ckpt, options, recorded_options)
         done = int(ckpt.name.removeprefix("step-"))  # latest_checkpoint accepts only step-<digits>
         if cfg.train.steps < done:
             raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")
