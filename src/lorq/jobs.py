@@ -231,14 +231,19 @@ RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.p
 RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output"}
 
 
-def run_options(cfg: FinetuneConfig) -> dict:
-    """The flat options that shape a fine-tuning run's result, as JSON values."""
+def flat_options(cfg: FinetuneConfig) -> dict:
+    """Every option that may shape a fine-tuning run's result, flat, as JSON values."""
     flat = {}
     for key, value in asdict(cfg).items():
         flat.update(value if isinstance(value, dict) else {key: value})
     if Path(cfg.model).exists():
         flat["model"] = str(Path(cfg.model).resolve())  # one model, however its path is spelled
-    return shaping({k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUME_FREE})
+    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUME_FREE}
+
+
+def run_options(cfg: FinetuneConfig) -> dict:
+    """The options that shape this run's result, as its checkpoints record them."""
+    return shaping(flat_options(cfg))
 
 
 # options of one optimizer only: a run with another optimizer is the same run whatever they say
@@ -260,7 +265,7 @@ def shaping(options: dict) -> dict:
 def recorded_options(saved: dict) -> dict:
     """A checkpoint's options as this lorq would record them; an option added since it was
     written counts at its default, which keeps the behaviour from before the option existed."""
-    return shaping({**run_options(FinetuneConfig()), **saved})
+    return shaping({**flat_options(FinetuneConfig()), **saved})  # the defaults of every optimizer's options too
 
 
 def trainable_count(model) -> int:

@@ -238,3 +238,13 @@ def test_recorded_run_options_read_in_todays_spelling():
     assert shaping({**lisa, "lisa_embeddings": False})["lisa_embeddings"] == "freeze"
     assert shaping({**lisa, "optimizer": "adamw"}) == {"optimizer": "adamw", "lr": 1e-4}
     assert shaping({"optimizer": "qgalore", "galore_rank": 8, "qgalore_similarity": 0.4}) == {"optimizer": "qgalore", "galore_rank": 8, "qgalore_similarity": 0.4}
+
+
+def test_a_lisa_option_added_since_a_checkpoint_counts_at_its_default():
+    from lorq.jobs import FinetuneConfig, flat_options, recorded_options, run_options
+
+    cfg = FinetuneConfig()
+    cfg.optim.optimizer = "lisa"
+    now = run_options(cfg)
+    older = {k: v for k, v in flat_options(cfg).items() if k != "lisa_period"}  # written before lisa_period existed
+    assert recorded_options(older) == now

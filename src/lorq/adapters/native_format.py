@@ -99,12 +99,12 @@ def read_native_config(path: Path) -> dict:
     bad = [what for what, wrong in problems.items() if wrong]
     if bad:
         raise LorqError(f"{where}: malformed lorq adapter config: {'; '.join(bad)}")
-    return {**config, "variant": Variant(config["variant"]), "lora_dropout": float(dropout), "options": dict(options)}
+    return {**config, "variant": Variant(config["variant"]), "lora_alpha": float(alpha), "lora_dropout": float(dropout), "options": dict(options)}
 
 
 def load_native(model: nn.Module, path: Path, name: str = "default", trainable: bool = False) -> list[str]:
     config = read_native_config(path)
-    variant, rank, alpha, modules = config["variant"], config["r"], float(config["lora_alpha"]), config["modules"]
+    variant, rank, alpha, modules = config["variant"], config["r"], config["lora_alpha"], config["modules"]
     options, dropout, restore = config["options"], config["lora_dropout"], config.get("restore_base", False)
     tensors = load_safetensors(path / WEIGHTS_FILE)
     nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
