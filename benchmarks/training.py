@@ -12,7 +12,8 @@ AdamW schedule and number of steps:
 each configuration runs `--rounds` times, interleaved (order reversed every other round), and
 is measured after `--warmup` steps: tokens/s, peak RSS, loss per step; MFU = model FLOPs per
 second / the machine's bf16 GEMM throughput measured in the same run (fp32 too); and a
-torch.profiler breakdown of one lorq step. Writes benchmarks/results/training.{json,md,png}.
+torch.profiler breakdown of one lorq step. Writes benchmarks/results/training.{json,md,png}
+(`--results NAME`: NAME.{json,md,png}, e.g. to keep another machine's run beside it).
 
     .venv/bin/python benchmarks/training.py              # about 15 minutes on 2 cores
     .venv/bin/python benchmarks/training.py --steps 4 --warmup 1 --rounds 1   # a quick look
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--rounds", type=int, default=2, help="runs of every configuration, interleaved (tokens/s pools their steps)")
     p.add_argument("--bf16", action="store_true", help="also run lorq with forced bf16 autocast (slow where the CPU has no native bf16)")
+    p.add_argument("--results", default="training", help="results file name under benchmarks/results/ (without suffix)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -230,9 +232,9 @@ def main(argv=None) -> int:
         "MFU >= 40% of the measured bf16 GEMM throughput": lorq["mfu_vs_bf16_gemm"] >= 0.4,
     }
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "training.json", result)
-    atomic_write_text(RESULTS / "training.md", markdown(result))
-    plot(rows, RESULTS / "training.png")
+    write_json(RESULTS / f"{args.results}.json", result)
+    atomic_write_text(RESULTS / f"{args.results}.md", markdown(result))
+    plot(rows, RESULTS / f"{args.results}.png")
     print(markdown(result))
     return 0
 
