@@ -401,3 +401,20 @@ def test_options_beyond_the_context_are_refused_before_the_weights_are_read(caps
                 ["finetune", "--block-size", "300", "--output", str(tmp_path / "run")]):
         one_line_error(capsys, cmd[0], "--model", weightless, *cmd[1:], match="context of 256")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    from lorq import jobs
+    from lorq.errors import LorqError
+
+    def failing(cfg):
+        bar = tqdm(total=10, desc="merge")
+        bar.update(3)
+        raise LorqError("disk says no")
+
+    monkeypatch.setattr(jobs, "run_eval", failing)
+    code, _, err = run(capsys, "eval")
+    assert code == 2
+    assert "\nlorq: error: disk says no" in err, repr(err)

@@ -204,6 +204,14 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def end_progress_bars() -> None:
+    """Close bars an error left open, so the message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = make_parser()
@@ -228,18 +236,22 @@ def main(argv: list[str] | None = None) -> int:
         getattr(jobs, fn_name)(cfg, **({"also_reads": [yaml_path]} if writes and yaml_path else {}))
         return 0
     except LorqError as e:
+        end_progress_bars()
         print(f"lorq: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the system refused: permissions, a full disk, a name too long
+        end_progress_bars()
         print(f"lorq: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except Exception as e:
         if os.environ.get("LORQ_DEBUG"):
             raise
+        end_progress_bars()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"lorq: error: {type(e).__name__}: {first} (unexpected; LORQ_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        end_progress_bars()
         print("lorq: interrupted (completed checkpoints and outputs are intact)", file=sys.stderr)
         return 130
 

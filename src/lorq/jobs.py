@@ -19,7 +19,7 @@ from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
 from .io import atomic_dir, check_file, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model
+from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model, model_context
 from .options import opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
@@ -115,7 +115,7 @@ def quant_rules(quant: FormatConfig, mcfg: MethodConfig, rules_file: str | None 
 
 def check_block_size(config, block_size: int) -> None:
     """Blocks longer than the model's positions would be run past what it was trained on."""
-    context = getattr(config, "max_position_embeddings", None)
+    context = model_context(config)
     if context and block_size > context:
         raise LorqError(f"--block-size {block_size} exceeds the model's context of {context} tokens")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LorqError
+from ..models.loading import model_context
 
 
 def chat_text(tok, messages: list[dict]) -> str:
@@ -21,7 +22,7 @@ def encode_prompt(tok, prompt: str, chat: bool = True) -> list[int]:
 
 def check_new_tokens(config, max_new_tokens: int) -> None:
     """Even a one-token prompt needs max-new-tokens + 1 positions."""
-    context = getattr(config, "max_position_embeddings", None)
+    context = model_context(config)
     if context and max_new_tokens >= context:
         raise LorqError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
 
@@ -30,7 +31,7 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature
     ids = torch.tensor([encode_prompt(tok, prompt, chat)])
     if ids.shape[1] == 0:
         raise LorqError("the prompt is empty (give text, or use the chat template)")
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = model_context(model.config)
     if context and ids.shape[1] + max_new_tokens > context:
         raise LorqError(f"the prompt ({ids.shape[1]} tokens) + max-new-tokens {max_new_tokens} exceed the model's context of {context} tokens")
     torch.manual_seed(seed)

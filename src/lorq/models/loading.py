@@ -102,6 +102,11 @@ def resolve_model(name: str | None) -> Path:
     )
 
 
+def model_context(config) -> int | None:
+    """The positions the model was trained on (None when its config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or None
+
+
 def check_causal_lm(path: Path):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..adapters.lora import check_patterns
 from ..errors import LorqError
+from ..models.loading import model_context
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS
 from .kv import ATTENTION, KVPool, PackedStep
@@ -67,7 +68,7 @@ class SamplingParams:
 def serving_context(config) -> int:
     """The longest sequence the engine runs: the model's positions, or its sliding window, within
     which sliding attention is full attention."""
-    context = getattr(config, "max_position_embeddings", None) or 1 << 30
+    context = model_context(config) or 1 << 30
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return min(context, window or context)
 
