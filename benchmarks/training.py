@@ -229,7 +229,9 @@ def main(argv=None) -> int:
     result["targets"] = {
         "lorq >= 3x PEFT + bitsandbytes tokens/s": lorq["speed_vs_anchor"] >= 3,
         "lorq peak RSS <= 0.7x PEFT + bitsandbytes": lorq["rss_vs_anchor"] <= 0.7,
-        "MFU >= 40% of the measured bf16 GEMM throughput": lorq["mfu_vs_bf16_gemm"] >= 0.4,
+        # without AMX a bf16 GEMM is slower than an fp32 one: the machine's peak is then fp32's, and auto trains in fp32
+        "MFU >= 40% of the measured bf16 GEMM throughput (fp32's where that is faster)":
+            lorq["mfu_vs_fp32_gemm" if bf16_slower(result) else "mfu_vs_bf16_gemm"] >= 0.4,
     }
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.results}.json", result)
@@ -237,6 +239,12 @@ def main(argv=None) -> int:
     plot(rows, RESULTS / f"{args.results}.png")
     print(markdown(result))
     return 0
+
+
+def bf16_slower(result) -> bool:
+    """No native bf16 matmuls: the best bf16 GEMM measured in the run is below the best fp32 one."""
+    runs = (result["gemm_before"], result["gemm_after"])
+    return max(g["bf16_gflops"] for g in runs) < max(g["fp32_gflops"] for g in runs)
 
 
 def markdown(result) -> str:
@@ -262,9 +270,9 @@ def markdown(result) -> str:
         lines += [f"| `{e['op']}` | {e['self_ms']:.0f} | {100 * e['share']:.1f}% |" for e in prof]
     lines += ["", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     gemm = result["gemm_before"]
-    if gemm["bf16_gflops"] < gemm["fp32_gflops"]:
+    if bf16_slower(result):
         lines += ["", f"This CPU has no native bf16 (bf16 GEMM {gemm['bf16_gflops']} GFLOP/s against {gemm['fp32_gflops']} in fp32), so "
-                  "`--precision auto` trains in fp32 and the MFU against bf16 is not a meaningful figure here: read the fp32 column."]
+                  "`--precision auto` trains in fp32 and the MFU against bf16 is not a meaningful figure here: read the fp32 column (the MFU target is judged on it)."]
     return "\n".join(lines) + "\n"
 
 
