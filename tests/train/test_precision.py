@@ -1,25 +1,69 @@
-"""--precision auto: bf16 only where bf16 matmuls beat fp32 (AMX on a CPU)."""
+"""--precision auto: bf16 only where bf16 matmuls beat fp32 ones on this machine."""
 
+import socket
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 from lorq.train import precision
-from lorq.train.precision import Precision, has_amx_bf16, resolve
+from lorq.train.precision import Precision, flags_of, rank0_choice, resolve
 
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
-NO_AMX = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_fp16\n"
+NO_AMX = "processor\t: 0\nmodel name\t: amx_bf16 lookalike\nflags\t\t: fpu avx512f avx512_bf16 avx512_fp16\n"
 
 
-def test_amx_is_read_from_the_flags_line_only():
-    assert has_amx_bf16(SAPPHIRE)
-    assert not has_amx_bf16(NO_AMX)
-    assert not has_amx_bf16("model name\t: amx_bf16 lookalike\nflags\t\t: fpu\n")
-    assert not has_amx_bf16("flags\t\t: fpu amx_bf16x\n")
+def test_flags_come_from_the_flags_line_only():
+    assert {"amx_bf16", "avx512_bf16"} <= flags_of(SAPPHIRE)
+    assert "amx_bf16" not in flags_of(NO_AMX) and "avx512_bf16" in flags_of(NO_AMX)
+    assert flags_of("no flags here") == frozenset()
 
 
-def test_auto_is_bf16_with_amx_and_fp32_with_avx512_bf16_alone(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
-    assert resolve(Precision.AUTO, cpu) is Precision.BF16
-    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)
-    assert resolve(Precision.AUTO, cpu) is Precision.FP32
+@pytest.fixture
+def cpu_with(monkeypatch):
+    """Pretend the CPU has these flags and these (bf16, fp32) GEMM timings."""
+    def set_(cpuinfo: str, bf16_s: float = 1.0, fp32_s: float = 1.0):
+        monkeypatch.setattr(precision, "cpu_flags", lambda: flags_of(cpuinfo))
+        monkeypatch.setattr(precision, "gemm_seconds", lambda dtype: bf16_s if dtype == torch.bfloat16 else fp32_s)
+        precision.bf16_gemm_is_faster.cache_clear()
+
+    yield set_
+    precision.bf16_gemm_is_faster.cache_clear()
+
+
+def test_auto_is_bf16_with_amx_without_timing(cpu_with):
+    cpu_with(SAPPHIRE, bf16_s=9.0, fp32_s=1.0)  # AMX decides alone
+    assert resolve(Precision.AUTO, torch.device("cpu")) is Precision.BF16
+
+
+def test_auto_times_avx512_bf16_without_amx(cpu_with):
+    cpu, auto = torch.device("cpu"), Precision.AUTO
+    cpu_with(NO_AMX, bf16_s=0.4, fp32_s=1.0)  # bf16 2.5x faster (a Xeon measured so)
+    assert resolve(auto, cpu) is Precision.BF16
+    cpu_with(NO_AMX, bf16_s=1.7, fp32_s=1.0)  # bf16 slower (another Xeon measured so)
+    assert resolve(auto, cpu) is Precision.FP32
+    cpu_with(NO_AMX, bf16_s=0.9, fp32_s=1.0)  # within the margin: not worth bf16's casts and rounding
+    assert resolve(auto, cpu) is Precision.FP32
+    cpu_with("flags\t: fpu avx2\n", bf16_s=0.1)  # no native bf16: emulated, never chosen
+    assert resolve(auto, cpu) is Precision.FP32
     assert resolve("bf16", cpu) is Precision.BF16  # an explicit choice is kept
+
+
+def _agree(rank: int, port: int, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out[rank] = rank0_choice(rank == 0)  # the ranks' own timings disagree
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_choice():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_agree, args=(port, out), nprocs=2)
+    assert dict(out) == {0: True, 1: True}
+    assert rank0_choice(False) is False  # no process group: the value itself

@@ -47,7 +47,7 @@ class TrainConfig:
     eval_every: int = opt(10, "validate every N steps (and at the end)")
     eval_blocks: int = opt(16, "validation blocks used for perplexity (0 = all)")
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
-    precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 on a CPU with AMX or a bf16 GPU, else fp32), bf16 or fp32")
+    precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where bf16 matmuls are faster: a bf16 GPU, AMX, or AVX512-BF16 when timed so), bf16 or fp32")
     loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
     grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")

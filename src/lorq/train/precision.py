@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from enum import Enum
 from functools import lru_cache
@@ -16,21 +17,60 @@ class Precision(str, Enum):
     FP32 = "fp32"
 
 
+BF16_MARGIN = 0.8  # bf16 must beat fp32 by this much: it also pays casts and a coarser result
+
+
 @lru_cache(maxsize=None)
-def cpu_has_amx_bf16() -> bool:
-    """AMX-BF16 (read from /proc/cpuinfo; absent elsewhere -> False).
-
-    AVX512-BF16 alone is not enough: on a Xeon exposing it without AMX, oneDNN's bf16 GEMM ran
-    at 156 GFLOP/s against MKL's fp32 at 260, and a QLoRA step took 1.6x as long in bf16. A flag,
-    not a timing, decides, so every rank of a distributed run and every resume choose alike."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        return has_amx_bf16(Path("/proc/cpuinfo").read_text())
+        return flags_of(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return False
+        return frozenset()
 
 
-def has_amx_bf16(cpuinfo: str) -> bool:
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo.splitlines())
+def flags_of(cpuinfo: str) -> frozenset[str]:
+    line = next((l for l in cpuinfo.splitlines() if l.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def gemm_seconds(dtype: torch.dtype, n: int = 768, reps: int = 3) -> float:
+    """Best of `reps` timings of one n x n x n matmul."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: the library picks and caches its kernel
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def rank0_choice(value: bool) -> bool:
+    """Under a gloo process group every rank takes rank 0's value (ranks must agree on a
+    precision, and timings differ between them); elsewhere the value itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
+        return value
+    t = torch.tensor([int(value)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+@lru_cache(maxsize=None)
+def bf16_gemm_is_faster() -> bool:
+    """Whether bf16 matmuls beat fp32 ones on this CPU, timed once per process.
+
+    AMX always wins. AVX512-BF16 without AMX depends on the part: on one such 2-core Xeon a
+    bf16 GEMM ran at 145-180 GFLOP/s against 50-70 in fp32, on another at 156 against 260
+    (a QLoRA step took 1.6x as long in bf16), so a flag cannot decide and a timing does."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False  # bf16 would be emulated
+    return rank0_choice(gemm_seconds(torch.bfloat16) < BF16_MARGIN * gemm_seconds(torch.float32))
 
 
 def resolve(precision: Precision, device: torch.device) -> Precision:
@@ -39,7 +79,7 @@ def resolve(precision: Precision, device: torch.device) -> Precision:
         return precision
     if device.type == "cuda":
         return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP32
-    return Precision.BF16 if cpu_has_amx_bf16() else Precision.FP32
+    return Precision.BF16 if bf16_gemm_is_faster() else Precision.FP32
 
 
 def autocast(precision: Precision, device: torch.device):
