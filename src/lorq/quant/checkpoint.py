@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 
 from ..errors import LorqError
 from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..models.loading import QUANT_CONFIG
 from .base import FORMATS, FormatConfig
 from .linear import LOWRANK, QuantizedLinear, set_module
 from .quantize import QuantReport, Rule
 
 FORMAT_VERSION = 2
 MODULE_KEYS = ("in_features", "out_features", "method", "lowrank", "rank")  # per-module keys that are not format settings
-QUANT_CONFIG = "lorq_quant.json"
 
 
 def _state_without_tied(model) -> dict[str, torch.Tensor]:
