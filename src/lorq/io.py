@@ -130,6 +130,11 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_positive_int(v) -> bool:
+    """A JSON integer >= 1; a bool is not one."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def check_finite(name: str, values) -> None:
     if any(not math.isfinite(v) for v in values):
         raise LorqError(f"{name} must be finite numbers")

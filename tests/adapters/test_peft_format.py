@@ -84,6 +84,8 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
     (lambda c: {**c, "use_rslora": "yes"}, "use_rslora must be true or false"),
     (lambda c: {**c, "layers_to_transform": [0]}, "layers_to_transform"),
     (lambda c: {**c, "r": 8}, "has rank 4 but adapter_config.json says r = 8"),
+    (lambda c: {**c, "r": "4"}, "r must be a positive integer"), (lambda c: {**c, "r": True}, "r must be a positive integer"),
+    (lambda c: {**c, "rank_pattern": [1]}, "rank_pattern must map"), (lambda c: {**c, "rank_pattern": {"q_proj": 0}}, "rank_pattern must map"),
 ])
 def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):
     """Every reader of PEFT adapters (eval, generate, merge, export, serve) gets a LorqError, not
@@ -93,4 +95,18 @@ def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, m
     path = tmp_path / "ad" / "adapter_config.json"
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
     with pytest.raises(LorqError, match=message):
+        load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
+
+
+def test_non_finite_adapter_weights_are_refused(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    add_adapters(tiny_llama, LoRAConfig(rank=4))
+    save_peft(tiny_llama, tmp_path / "ad")
+    file = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, file)
+    with pytest.raises(LorqError, match=f"{key} holds NaN or infinite values"):
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")

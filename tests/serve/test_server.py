@@ -103,10 +103,16 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
         c.completions.create(model="no-such-adapter", prompt="hi")
     bad = [dict(seed=10**20), dict(top_k=5), dict(min_tokens=3), dict(logprobs=0), dict(repetition_penalty=1.2),
            dict(max_tokens=True), dict(max_tokens="5"), dict(stream="yes"), dict(prompt="\ud800"), dict(prompt=[1, 10**6]),
-           dict(prompt=["hi"] * 300), dict(response_format={"type": "json_object"})]
+           dict(prompt=["hi"] * 300), dict(response_format={"type": "json_object"}), dict(best_of=0), dict(n=0),
+           dict(stream_options={"include_usage": True}), dict(stream=True, stream_options={"include_usage": "no"})]
     for kw in bad:  # every one a 400 with OpenAI's error object, none a 500 or silently ignored
         status, body = post_json(live, "/v1/completions", {"model": "ad0", "prompt": "hi", "max_tokens": 2, **kw})
         assert status == 400 and body["error"]["message"], kw
+    user = {"role": "user", "content": "hi"}
+    for kw in (dict(max_tokens=0, max_completion_tokens=3), dict(messages=[{"role": "user"}]), dict(messages=[{"role": "user", "content": "\ud800"}])):
+        status, body = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [user], **kw})
+        assert status == 400 and body["error"]["message"], kw
+    assert body["error"]["param"] == "messages"
     status, body = post_json(live, "/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     for path, method, code in [("/v1/models/ad0", "GET", 404), ("/v1/completions", "GET", 405)]:
@@ -204,6 +210,8 @@ def test_api_key(tiny_model_dir, many_adapters):
             urllib.request.urlopen(server.url + "/v1/models")
         assert e.value.code == 401
         assert client(server, api_key="s3cret").models.list().data
+        lower = urllib.request.Request(server.url + "/v1/models", headers={"Authorization": "bearer s3cret"})
+        assert urllib.request.urlopen(lower).status == 200  # the scheme is case-insensitive (RFC 7235)
         req = urllib.request.Request(server.url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:  # the key is checked before the body
             urllib.request.urlopen(req)
@@ -293,3 +301,63 @@ def test_an_empty_api_key_is_refused_at_startup():
 
     with pytest.raises(LorqError, match="must not be empty"):
         ServeConfig(api_key="").validate()
+
+
+def test_vanishing_temperature_and_top_p_still_sample(live):
+    """Below ~1e-45 they are 0 in fp32: the limit (the most likely token) is the answer, not a 500."""
+    for kw in (dict(temperature=5e-324), dict(temperature=1e-46), dict(top_p=1e-300), dict(top_p=5e-324, temperature=0.7)):
+        status, body = post_json(live, "/v1/completions", {"model": "ad0", "prompt": "hi", "max_tokens": 3, "seed": 1, **kw})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3, (kw, body)
+    greedy = post_json(live, "/v1/completions", {"model": "ad0", "prompt": "hi", "max_tokens": 3, "temperature": 0})[1]
+    tiny = post_json(live, "/v1/completions", {"model": "ad0", "prompt": "hi", "max_tokens": 3, "temperature": 1e-300})[1]
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(live):
+    import http.client
+
+    from lorq.serve.server import MAX_BODY_BYTES
+
+    host, port = live.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")  # no Content-Length to refuse up front
+    conn.endheaders()
+    chunk = b"x" * 2**20
+    try:
+        for _ in range(MAX_BODY_BYTES // len(chunk) + 1):
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except OSError:  # the server may answer and close before the last chunk
+        pass
+    response = conn.getresponse()
+    assert response.status == 413 and "larger than" in json.loads(response.read())["error"]["message"]
+    conn.close()
+    assert client(live).completions.create(model="ad0", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_adapters_with_non_finite_weights_or_scaling_are_refused(live, many_adapters):
+    from safetensors.torch import load_file, save_file
+
+    c = client(live)
+    post = lambda body: c.post("/load_lora_adapter", body=body, cast_to=str)  # noqa: E731
+    root = live.state.store.root
+    for name, edit in [("nan_w", "weights"), ("big_alpha", "alpha")]:
+        shutil.copytree(many_adapters / "ad1", root / name)
+        if edit == "weights":
+            tensors = load_file(root / name / "adapter_model.safetensors")
+            first = next(iter(tensors))
+            tensors[first][0, 0] = float("nan")
+            save_file(tensors, root / name / "adapter_model.safetensors")
+        else:
+            config = json.loads((root / name / "adapter_config.json").read_text())
+            (root / name / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e300}))  # finite, but not in fp32
+        with pytest.raises(openai.BadRequestError) as e:
+            post({"lora_name": name})
+        message = e.value.body["message"]
+        assert ("NaN" in message or "overflow" in message) and str(root) not in message, message
+    for body in ({"lora_name": "x4\n", "lora_path": "ad1"}, {"lora_name": "x5", "lora_path": ""}):
+        with pytest.raises(openai.BadRequestError) as e:
+            post(body)
+        assert e.value.body["param"] == ("lora_name" if "\n" in body["lora_name"] else "lora_path")

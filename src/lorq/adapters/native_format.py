@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, is_number, load_safetensors, read_json, write_json
+from ..io import atomic_dir, is_number, is_positive_int, load_safetensors, read_json, write_json
 from .lora import LoRALinear, lora_layers, set_trainable, wrap_layer
 from .variants import Variant
 
@@ -88,7 +88,7 @@ def read_native_config(path: Path) -> dict:
     dropout, modules, options = config.get("lora_dropout", 0.0), config.get("modules"), config.get("options") or {}
     problems = {
         f"variant must be one of {variants}": config.get("variant") not in variants,
-        "r must be a positive integer": not isinstance(r, int) or isinstance(r, bool) or r <= 0,
+        "r must be a positive integer": not is_positive_int(r),
         "lora_alpha must be a positive finite number": not is_number(alpha) or alpha <= 0,
         "lora_dropout must be a number in [0, 1)": not is_number(dropout) or not 0 <= dropout < 1,
         "use_rslora and restore_base must be true or false": not all(isinstance(config.get(k, False), bool) for k in ("use_rslora", "restore_base")),

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, is_number, load_safetensors, read_json, write_json
+from ..io import atomic_dir, is_number, is_positive_int, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear
 from .lora import LoRALinear, lora_layers, lora_scaling, set_trainable, wrap_layer
 from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
@@ -120,6 +120,11 @@ def _check_config(config, path: Path) -> None:
         raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise LorqError(f"{path / CONFIG_FILE}: use_rslora must be true or false, got {config.get('use_rslora')!r}")
+    if config.get("r") is not None and not is_positive_int(config["r"]):
+        raise LorqError(f"{path / CONFIG_FILE}: r must be a positive integer, got {config['r']!r}")
+    ranks = config.get("rank_pattern") or {}
+    if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_positive_int(v) for k, v in ranks.items()):
+        raise LorqError(f"{path / CONFIG_FILE}: rank_pattern must map module patterns to positive integers")
     pattern = config.get("alpha_pattern") or {}
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_number(v) for k, v in pattern.items()):
         raise LorqError(f"{path / CONFIG_FILE}: alpha_pattern must map module patterns to finite numbers")
@@ -176,6 +181,8 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
             continue
         if m is None:
             raise LorqError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LorqError(f"{path / WEIGHTS_FILE}: {key} holds NaN or infinite values")
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     if not pairs:
         raise LorqError(f"{path / WEIGHTS_FILE} holds no LoRA weights")

@@ -20,7 +20,7 @@ from ..adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..errors import LorqError
 from .multi_lora import AdapterWeights, read_adapter
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let a final newline in
 
 
 class AdapterNotFound(LorqError):
@@ -74,7 +74,7 @@ class AdapterStore:
             return []
         names = []
         for sub in sorted(self.root.iterdir()):
-            if NAME.match(sub.name):
+            if NAME.fullmatch(sub.name):
                 try:
                     path = resolve_under(self.root, sub.name)
                 except LorqError:
@@ -98,7 +98,7 @@ class AdapterStore:
         """Serve the adapter at root/relative (default root/name) as `name`; reads and checks it now."""
         if self.root is None:
             raise LorqError("no adapter root is configured (start the server with --adapters DIR)")
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise LorqError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
         path = resolve_under(self.root, relative or name)
         with self.lock:

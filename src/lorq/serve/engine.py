@@ -121,11 +121,13 @@ def greedy(logits: torch.Tensor) -> int:
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p."""
-    logits = logits.float().cpu()  # the per-request generator lives on the CPU
+    # fp64: a temperature or top_p below ~1e-45 is 0 in fp32 (0/0 logits, an empty nucleus)
+    logits = logits.double().cpu()  # the per-request generator lives on the CPU
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # max first: no inf/inf at tiny T
     if top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # tokens before which the mass is still short of top_p
+        keep[0] = True  # the most likely token, whatever top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

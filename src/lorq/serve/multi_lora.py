@@ -50,7 +50,10 @@ def read_adapter(name: str, path, layers: dict[str, nn.Module], dtype: torch.dty
         if module not in layers:
             raise LorqError(f"adapter {name!r} targets {module}, which is not an adaptable layer of the served model")
         check_fits(path, module, layers[module], A, B)
-        modules[module] = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous(), adapter_scaling(module, A.shape[0], config))
+        A, B, scaling = A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous(), adapter_scaling(module, A.shape[0], config)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all() and torch.isfinite(torch.tensor(scaling, dtype=dtype))):
+            raise LorqError(f"adapter {name!r}: {module}'s weights or scaling ({scaling:g}) overflow {str(dtype).removeprefix('torch.')}")
+        modules[module] = (A, B, scaling)
     return AdapterWeights(name, modules, str(path))
 
 

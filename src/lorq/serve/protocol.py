@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import LorqError
 from .engine import SamplingParams
@@ -26,6 +26,12 @@ class APIError(LorqError):
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool | None = False
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; unknown fields are ignored, as OpenAI's servers do,
     but known sampling fields this server does not implement are refused, not ignored. Types are
@@ -39,8 +45,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = False
-    stream_options: dict | None = None
-    n: int | None = 1
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -67,6 +73,8 @@ class SamplingFields(BaseModel):
                 raise APIError(400, f"{name} is not supported by this server", param=name)
 
     def sampling(self, max_tokens: int) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         self.check_supported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(
@@ -80,7 +88,7 @@ class SamplingFields(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 Prompt = str | list[int]  # text, or token IDs as OpenAI's API allows
@@ -90,7 +98,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def prompts(self) -> list[Prompt]:
@@ -114,6 +122,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
+    @model_validator(mode="after")
+    def has_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":  # only an assistant turn (a tool call) may come without
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
     def as_template(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
@@ -121,8 +135,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)  # both checked: one must not hide the other's bad value
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class LoadAdapterRequest(BaseModel):

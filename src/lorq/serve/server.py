@@ -28,7 +28,7 @@ from ..models.loading import DEFAULT_MODEL, MODEL_HELP
 from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
-from .adapter_cache import AdapterNotFound, AdapterStore
+from .adapter_cache import NAME, AdapterNotFound, AdapterStore
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
@@ -87,8 +87,8 @@ class Server:
     def key_ok(self, request: Request) -> bool:
         if self.api_key is None or not request.url.path.startswith("/v1/"):
             return True
-        given = request.headers.get("authorization", "")
-        return secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), self.api_key.encode())  # the scheme is case-insensitive (RFC 7235)
 
     async def adapter_for(self, model: str):
         """None for the base model, else the adapter's weights (marked in use)."""
@@ -103,7 +103,15 @@ class Server:
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "model")
         except Exception as e:  # whatever is wrong in the adapter's files is the request's problem, not a 500
-            raise APIError(400, f"adapter {model!r} cannot be loaded: {describe(e)}", param="model")
+            raise self.unreadable(model, e, "model")
+
+    def unreadable(self, name: str, e: Exception, param: str) -> APIError:
+        """400 for an adapter that cannot be read; paths in the message are relative to the
+        adapter root (a client has no business knowing the server's directories)."""
+        text, root = describe(e), self.store.root
+        if root is not None:
+            text = text.replace(f"{root}{os.sep}", "").replace(str(root), "the adapter root")
+        return APIError(400, f"adapter {name!r} cannot be loaded: {text}", param=param)
 
     async def start(self, model: str, prompts: list[list[int]], params: SamplingParams, arrival: float):
         """Submit one sequence per prompt; events arrive on the returned queue as (index, delta, reason)."""
@@ -171,6 +179,30 @@ async def client_gone(request: Request) -> None:
 
 
 MAX_BODY_BYTES = 16 * 2**20  # a request body larger than this is refused (413) before it is read
+TOO_LARGE = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+
+
+class BodyLimit:
+    """Refuses (413) a body once more than MAX_BODY_BYTES of it have arrived: a chunked upload
+    has no Content-Length to check before reading."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise StarletteHTTPException(413, TOO_LARGE)  # FastAPI passes it on to http_error
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def describe(e: Exception) -> str:
@@ -203,7 +235,8 @@ def encode(server: Server, prompt: str | list[int], chat: bool) -> list[int]:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, "the prompt is not valid Unicode text (it holds an unpaired surrogate)", param="prompt")
+        raise APIError(400, f"the {'messages are' if chat else 'prompt is'} not valid Unicode text (an unpaired surrogate)",
+                       param="messages" if chat else "prompt")
     return server.engine.tok(prompt, add_special_tokens=False)["input_ids"] if chat else encode_prompt(server.engine.tok, prompt, chat=False)
 
 
@@ -216,6 +249,7 @@ def create_app(server: Server) -> FastAPI:
         await run_in_threadpool(server.engine.stop)  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="lorq", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -232,7 +266,8 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods, unreadable bodies
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
+                   413: TOO_LARGE}
         error = APIError(e.status_code, message.get(e.status_code, f"invalid request: {e.detail}"), kind)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
@@ -243,7 +278,7 @@ def create_app(server: Server) -> FastAPI:
             server.metrics.requests.labels("unauthorized", "401").inc()
             return JSONResponse(error.body(), status_code=401)
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            error = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+            error = APIError(413, TOO_LARGE)
             server.metrics.requests.labels(endpoint(request), "413").inc()
             return JSONResponse(error.body(), status_code=413)
         try:
@@ -303,12 +338,16 @@ def create_app(server: Server) -> FastAPI:
     async def load_adapter(req: LoadAdapterRequest):
         if req.lora_name == server.base_name:
             raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
+        if not NAME.fullmatch(req.lora_name):
+            raise APIError(400, f"invalid adapter name {req.lora_name!r}: letters, digits, '.', '_' and '-' only", param="lora_name")
+        if req.lora_path is not None and not req.lora_path.strip():
+            raise APIError(400, "lora_path is empty (leave it out to load the directory named lora_name)", param="lora_path")
         try:
             await run_in_threadpool(server.store.register, req.lora_name, req.lora_path)
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "lora_path")
         except Exception as e:  # bad paths (too long, a symlink loop) and bad adapter files alike
-            raise APIError(400, f"adapter {req.lora_name!r} cannot be loaded: {describe(e)}", param="lora_path")
+            raise server.unreadable(req.lora_name, e, "lora_path")
         return PlainTextResponse(f"Success: adapter {req.lora_name!r} loaded")
 
     @app.post("/v1/unload_lora_adapter")
