@@ -280,6 +280,9 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
     (broken / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
     one_line_error(capsys, "eval", "--model", broken, match="shapes do not match its config.json")
+    layers = config["num_hidden_layers"]
+    (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers - 1}))  # a layer would be dropped silently
+    one_line_error(capsys, "eval", "--model", broken, match="are not in its config.json's architecture")
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
     one_line_error(capsys, "eval", "--model", broken, match="expected int, got str")
     with socket.socket() as busy:

@@ -1,5 +1,7 @@
 """Output guards: nothing lorq writes may replace or delete files that are not its own output."""
 
+import os
+
 import pytest
 
 from lorq.errors import LorqError
@@ -73,3 +75,37 @@ def test_atomic_dir_never_turns_a_file_into_a_directory(tmp_path):
         with atomic_dir(tmp_path / "f"):
             pass
     assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_atomic_dir_interrupted_between_its_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    import lorq.io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        calls.append(dst)
+        real(src, dst)
+        if len(calls) == 1:  # the old output is aside, the new one not yet in place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorq.io.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out) as tmp:
+            (tmp / "a").write_text("new")
+    monkeypatch.setattr(lorq.io.os, "replace", real)
+    assert (out / "a").read_text() == "old" and os.listdir(tmp_path) == ["out"]
+
+
+def test_atomic_dir_outputs_get_the_umask_mode_and_long_names_fit(tmp_path):
+    old = os.umask(0o022)
+    try:
+        name = "y" * 250  # legal (< 255), so a temporary sibling must not be longer
+        with atomic_dir(tmp_path / name) as tmp:
+            (tmp / "f").write_text("x")
+        assert (tmp_path / name / "f").read_text() == "x"
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)

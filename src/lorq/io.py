@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -22,26 +23,45 @@ def atomic_dir(path: str | Path):
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
     An interrupted write leaves only the hidden temporary directory (removed on the way out),
-    never a partial `path`. A previous `path` is moved aside first and deleted after the swap;
-    a file there is never replaced by a directory.
+    never a partial `path`. A previous `path` is moved aside first and deleted after the swap
+    (put back if the swap itself is interrupted); a file there is never replaced by a directory.
     """
     path = Path(os.path.abspath(path))  # `.` has no name to build the temporary's from
     if path.exists() and not path.is_dir():
         raise LorqError(f"{path} exists and is not a directory; choose another output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # short sibling names: a legal output name close to 255 characters must still have room
+    tmp = Path(tempfile.mkdtemp(prefix=".lorq-tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets the usual mode
+    old = None
     try:
         yield tmp
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".lorq-old-{os.getpid()}-{tmp.name[-8:]}")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists() and old.exists():
+            os.replace(old, path)  # interrupted between the two renames: the previous output returns
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without setting it (os.umask would, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def temp_sibling(path: Path, suffix: str = "") -> Path:
+    """A hidden temporary name beside `path`, short whatever the length of path's own name."""
+    return path.with_name(f".lorq-tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def overlaps(a: Path, b: Path) -> bool:
@@ -143,7 +163,7 @@ def check_finite(name: str, values) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -154,7 +174,7 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temp_sibling(path, path.suffix)
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
     os.replace(tmp, path)

@@ -85,6 +85,8 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
     (lambda c: {**c, "layers_to_transform": [0]}, "layers_to_transform"),
     (lambda c: {**c, "r": 8}, "has rank 4 but adapter_config.json says r = 8"),
     (lambda c: {**c, "r": "4"}, "r must be a positive integer"), (lambda c: {**c, "r": True}, "r must be a positive integer"),
+    (lambda c: {**c, "lora_dropout": "x"}, "lora_dropout must be"), (lambda c: {**c, "lora_dropout": None}, "lora_dropout must be"),
+    (lambda c: {**c, "lora_dropout": 2.0}, "lora_dropout must be"),
     (lambda c: {**c, "rank_pattern": [1]}, "rank_pattern must map"), (lambda c: {**c, "rank_pattern": {"q_proj": 0}}, "rank_pattern must map"),
 ])
 def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):
@@ -109,4 +111,19 @@ def test_non_finite_adapter_weights_are_refused(tiny_llama, tmp_path):
     tensors[key][0, 0] = float("inf")
     save_file(tensors, file)
     with pytest.raises(LorqError, match=f"{key} holds NaN or infinite values"):
+        load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
+
+
+def test_an_adapter_on_a_layer_that_is_not_linear_is_refused(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    add_adapters(tiny_llama, LoRAConfig(rank=4))
+    save_peft(tiny_llama, tmp_path / "ad")
+    file = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    width = tiny_llama.config.hidden_size
+    tensors["base_model.model.model.norm.lora_A.weight"] = torch.zeros(4, width)
+    tensors["base_model.model.model.norm.lora_B.weight"] = torch.zeros(width, 4)
+    save_file(tensors, file)
+    with pytest.raises(LorqError, match="targets model.norm, which is a .*RMSNorm, not a linear layer"):
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")

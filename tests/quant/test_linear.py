@@ -100,6 +100,10 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     with pytest.raises(LorqError, match="format_version 99.*newer lorq"):
         load_quantized(out)
     meta["format_version"] = 2
+    for bad, message in (([], "is not a JSON object"), ({**meta, "modules": {**meta["modules"], "model.norm": {}}}, "RMSNorm in the model, not a linear")):
+        (out / QUANT_CONFIG).write_text(json.dumps(bad))
+        with pytest.raises(LorqError, match=message):
+            load_quantized(out)
     good = dict(meta["modules"]["model.layers.0.self_attn.q_proj"])
     meta["modules"]["model.layers.0.self_attn.q_proj"] = "nf"
     (out / QUANT_CONFIG).write_text(json.dumps(meta))

@@ -122,3 +122,13 @@ def test_memory_savers_train_the_same_adapter(tmp_path):
         assert results[name][0]["loss"] == pytest.approx(results["full"][0]["loss"], rel=1e-5), name
         for k, t in results["full"][1].items():
             assert torch.allclose(results[name][1][k], t, atol=1e-5), (name, k)
+
+
+def test_batch_order_takes_any_64_bit_seed_and_keeps_the_usual_ones():
+    import torch
+
+    from lorq.train.loop import batch_indices
+
+    for seed in (2**62, -(2**62), 200_000_000_000_000):  # seed * 100003 passes 64 bits
+        assert batch_indices(3, 10, 4, seed).shape == (4,)
+    assert torch.equal(batch_indices(0, 10, 4, 7)[:4], torch.randperm(10, generator=torch.Generator().manual_seed(7 * 100003))[:4])

@@ -118,6 +118,9 @@ def _check_config(config, path: Path) -> None:
         raise LorqError(f"{path / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type", "LORA") in ("LORA", None) and not is_number(config.get("lora_alpha")):
         raise LorqError(f"{path / CONFIG_FILE}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (is_number(dropout) and 0 <= dropout < 1):
+        raise LorqError(f"{path / CONFIG_FILE}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise LorqError(f"{path / CONFIG_FILE}: use_rslora must be true or false, got {config.get('use_rslora')!r}")
     if config.get("r") is not None and not is_positive_int(config["r"]):
@@ -211,6 +214,8 @@ def adapter_scaling(module: str, rank: int, config: dict) -> float:
 
 
 def check_fits(path: Path, module: str, layer, A: torch.Tensor, B: torch.Tensor) -> None:
+    if not (hasattr(layer, "in_features") and hasattr(layer, "out_features")):  # every linear kind (dense, quantized, wrapped)
+        raise LorqError(f"adapter {path} targets {module}, which is a {type(layer).__name__}, not a linear layer")
     if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
         raise LorqError(
             f"adapter {path} does not fit the base model: {module} is {layer.out_features}x{layer.in_features}, "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorqError
-from ..io import check_output_file
+from ..io import check_output_file, temp_sibling
 from ..models.loading import DEFAULT_MODEL, MODEL_HELP, load_tokenizer
 from ..options import opt
 from .delta import AdapterUpdate
@@ -174,7 +174,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     # only an earlier GGUF file may be replaced, and never a file of the model or adapters read
     out = check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[cfg.model, src.path, *update.paths, *also_reads])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.gguf")
+    tmp = temp_sibling(out, ".gguf")
     start = time.perf_counter()
     config = src.config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads or config.num_attention_heads}

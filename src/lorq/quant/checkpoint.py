@@ -72,6 +72,8 @@ def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None
 def read_meta(path: Path) -> dict:
     """lorq_quant.json, its version checked."""
     meta = read_json(path / QUANT_CONFIG)
+    if not isinstance(meta, dict):
+        raise LorqError(f"{path / QUANT_CONFIG} is not a JSON object")
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise LorqError(
@@ -145,6 +147,8 @@ def load_quantized(path: str | Path):
             base = model.get_submodule(name)
         except AttributeError:
             raise LorqError(f"quantized module {name} does not exist in the {config.model_type} model of {path}")
+        if not isinstance(base, torch.nn.Linear):
+            raise LorqError(f"{path / QUANT_CONFIG}: quantized module {name!r} is a {type(base).__name__} in the model, not a linear layer")
         prefix = name + "."
         own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         set_module(model, name, layer_from_tensors(path, name, spec, own, (base.out_features, base.in_features)))

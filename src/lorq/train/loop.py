@@ -79,7 +79,8 @@ def batch_indices(step: int, n_blocks: int, per_step: int, seed: int) -> torch.T
     out = []
     for pos in range(first, first + per_step):
         epoch, i = divmod(pos, n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        # modulo 2^64: manual_seed takes 64 bits; the usual seeds are unchanged by it
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed((seed * 100003 + epoch) % 2**64))
         out.append(perm[i])
     return torch.stack(out)
 
