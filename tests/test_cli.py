@@ -206,6 +206,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "generate", "--model", tiny_model_dir, "--max-new-tokens", "300", match="model's context of 256")
     one_line_error(capsys, "generate", "--model", tiny_model_dir, "--prompt", "", "--no-chat", match="prompt is empty")
     one_line_error(capsys, "eval", "--model", tiny_model_dir, "--block-size", "300", match="exceeds the model's context of 256")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "q", "--group-size", "2000000000", match="group size must be at most")
     one_line_error(capsys, "eval", "--model", "", match="--model is empty")
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-model-len", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")
@@ -421,3 +422,16 @@ def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys)
     code, _, err = run(capsys, "eval")
     assert code == 2
     assert "\nlorq: error: disk says no" in err, repr(err)
+
+
+def test_calibration_sequences_stop_at_the_models_context(tiny_model_dir, tmp_path, capsys):
+    code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "q", "--format", "int", "--method", "gptq",
+                            "--calib-samples", "2", "--calib-seq-len", "1000", "--eval-blocks", "0")
+    assert code == 0, err
+    assert "--calib-seq-len 1000 exceeds the model's context; calibrating on 256-token sequences" in stdout
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_no_adapter(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--lr", "1e308", match="training diverged at step")
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()

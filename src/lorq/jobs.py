@@ -128,13 +128,17 @@ def check_rules_match(model, rules: list[Rule], where: str) -> None:
             raise LorqError(f"rule pattern {rule.pattern!r} in {where} matches no linear layer of the model")
 
 
-def calibration_ids(tok, mcfg: MethodConfig) -> torch.Tensor:
+def calibration_ids(tok, mcfg: MethodConfig, context: int | None = None) -> torch.Tensor:
     """calib_samples token sequences spread evenly over the calibration data: all of
-    --calib-file, or the embedded training split (never the validation split)."""
+    --calib-file, or the embedded training split (never the validation split); sequences are
+    at most the model's context long (past it, positions the model never saw, or an index error)."""
+    seq_len = min(mcfg.calib_seq_len, context or mcfg.calib_seq_len)
+    if seq_len < mcfg.calib_seq_len:
+        print(f"lorq: note: --calib-seq-len {mcfg.calib_seq_len} exceeds the model's context; calibrating on {seq_len}-token sequences", flush=True)
     if mcfg.calib_file:
-        blocks = pack(*tokenize_records(tok, read_records(mcfg.calib_file)), mcfg.calib_seq_len, mcfg.calib_file)
+        blocks = pack(*tokenize_records(tok, read_records(mcfg.calib_file)), seq_len, mcfg.calib_file)
     else:
-        blocks, _ = load_blocks(tok, DataConfig(block_size=mcfg.calib_seq_len))
+        blocks, _ = load_blocks(tok, DataConfig(block_size=seq_len))
     n = min(mcfg.calib_samples, len(blocks))
     return blocks.input_ids[torch.linspace(0, len(blocks) - 1, n).long()]
 
@@ -182,7 +186,7 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
         if rule.rank > min(layer.out_features, layer.in_features):  # the factors cannot have that rank
             raise LorqError(f"--rank {rule.rank} exceeds {name}'s smaller dimension ({min(layer.out_features, layer.in_features)})")
     needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in targets.values())
-    calibration = calibration_ids(tok, mcfg) if needs else None
+    calibration = calibration_ids(tok, mcfg, model_context(model.config)) if needs else None
     fisher = fisher_weights(model, list(targets), calibration) if mcfg.fisher or fisher_for_budget else None
     plan = None
     if use_budget:

@@ -37,6 +37,7 @@ class QuantFormat(str, Enum):
 
 
 PER_CHANNEL = 0  # group_size value meaning one group per output row
+MAX_GROUP = 2**16  # longer than any linear layer's rows
 
 
 @dataclass
@@ -80,6 +81,8 @@ class FormatConfig:
             )
         if self.group_size < 0 or self.group_size % 2:
             raise LorqError(f"group size must be 0 (per channel) or a positive even number, got {self.group_size}")
+        if self.group_size > MAX_GROUP:  # rows are padded to whole groups: a huge group is a huge pad, not one group per row
+            raise LorqError(f"group size must be at most {MAX_GROUP} (0 = one group per output row), got {self.group_size}")
         if self.outlier_threshold <= 0:
             raise LorqError(f"outlier threshold must be positive, got {self.outlier_threshold}")
         return self

@@ -73,6 +73,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def check_finite_step(step: int, loss: float, grad_norm: float, out_dir: Path) -> None:
+    """A NaN or infinite loss or gradient ends the run before it writes anything from it."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = latest_checkpoint(out_dir)
+    raise LorqError(f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}): lower --lr or check the data; "
+                    + (f"the last checkpoint, {kept.name}, is intact" if kept else "no checkpoint was written"))
+
+
 def batch_indices(step: int, n_blocks: int, per_step: int, seed: int) -> torch.Tensor:
     """Block indices of step `step`: consecutive slices of per-epoch seeded permutations."""
     first = step * per_step
@@ -237,6 +246,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
                 tokens += n
             loss_sum, tokens = world.all_sum(loss_sum), world.all_sum(tokens)
             grad_norm = plan.step(cfg.max_grad_norm)
+            check_finite_step(step + 1, loss_sum / max(tokens, 1), float(grad_norm), out_dir)
             dt = time.perf_counter() - t0
             state_mb = plan.state_bytes() / 2**20
             peak_state = max(peak_state, state_mb)
