@@ -435,3 +435,13 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_adapter(tiny_model_di
     out = tmp_path / "run"
     one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--lr", "1e308", match="training diverged at step")
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--variant", "l4q", "--format", "none", "--qat-group-size", "3"], "qat-group-size a positive even number"),
+    (["--optimizer", "lisa", "--format", "none", "--lisa-layers", "100"], "lisa-layers must be in 1..2"),
+])
+def test_options_that_cannot_work_are_refused_before_any_evaluation_or_training(tiny_model_dir, tmp_path, capsys, extra, match):
+    code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", tmp_path / "run", *FAST, *extra)
+    assert code == 2 and match in err, err
+    assert "perplexity before" not in stdout and not (tmp_path / "run" / "checkpoints").exists()

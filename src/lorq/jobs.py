@@ -26,7 +26,8 @@ from .adapters.lora import lora_layers
 from .adapters.native_format import NATIVE_VARIANTS
 from .adapters.qat import QAT_VARIANTS, fold_quantized
 from .adapters.variants import Variant
-from .optim import OptimConfig
+from .optim import OptimConfig, OptimizerKind
+from .optim.lisa import check_active_layers
 from .optim.qgalore import dequantize_weights
 from .quant import (
     DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
@@ -399,6 +400,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
             save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget)
     torch.manual_seed(cfg.train.seed)
     if full:
+        if cfg.optim.optimizer is OptimizerKind.LISA:
+            check_active_layers(model, cfg.optim.lisa_layers)  # before the first evaluation, not after it
         model.requires_grad_(True)
         what = f"full-parameter training ({cfg.optim.optimizer.value})"
     else:

@@ -94,8 +94,8 @@ class L4QAdapter(LowRankAdapter):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
         if not isinstance(layer.base, nn.Linear):
             raise LorqError("the l4q variant quantizes W + s·B A itself: it needs a dense base (--format none)")
-        if qat_bits not in AffineWeight.supported_bits or qat_group_size <= 0:
-            raise LorqError(f"qat-bits must be one of {AffineWeight.supported_bits} and qat-group-size positive")
+        if qat_bits not in AffineWeight.supported_bits or qat_group_size <= 0 or qat_group_size % 2:  # even: the folded model is an int format
+            raise LorqError(f"qat-bits must be one of {AffineWeight.supported_bits} and qat-group-size a positive even number, got {qat_bits} and {qat_group_size}")
         self.bits, self.group = qat_bits, qat_group_size
         wg = as_groups(layer.base.weight, qat_group_size)  # (out, groups, g)
         # LSQ starts where symmetric min-max quantization is: α = 2·absmax / (2^k - 1)

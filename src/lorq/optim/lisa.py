@@ -53,16 +53,22 @@ def sample_layers(n_layers: int, n_active: int, period: int, seed: int) -> list[
     return sorted(torch.randperm(n_layers, generator=g)[:n_active].tolist())
 
 
+def check_active_layers(model: nn.Module, n_active: int) -> list[str]:
+    """The model's decoder layers, of which n_active must be a share (checked before any work)."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise LorqError("LISA: no decoder layers found in this model")
+    if not 1 <= n_active <= len(layers):
+        raise LorqError(f"lisa-layers must be in 1..{len(layers)}, got {n_active}")
+    return layers
+
+
 class LayerSampler:
     """Switches requires_grad between periods and frees the optimizer state of frozen params."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n_active: int, period: int, seed: int,
                  embeddings: Embeddings = Embeddings.AUTO):
-        self.layers = decoder_layers(model)
-        if not self.layers:
-            raise LorqError("LISA: no decoder layers found in this model")
-        if not 1 <= n_active <= len(self.layers):
-            raise LorqError(f"lisa-layers must be in 1..{len(self.layers)}, got {n_active}")
+        self.layers = check_active_layers(model, n_active)
         if period <= 0:
             raise LorqError(f"lisa-period must be positive, got {period}")
         self.model, self.optimizer = model, optimizer
