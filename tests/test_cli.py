@@ -253,7 +253,9 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
                         ("output: [a, b]\n", "for output (expected str"), ("targets: [1, true]\n", "for targets"),
                         ("budget_choices: [2.7]\n", "budget-choices"), ("5: 5\n", "option names are text"),
                         ("seed: 99999999999999999999\n", "for seed"),
-                        ("lisa_embeddings: false\n", "for lisa-embeddings (expected one of auto, train, freeze)")):
+                        ("lisa_embeddings: false\n", "for lisa-embeddings (expected one of auto, train, freeze)"),
+                        ("lora: null\n", "lora is a section: give it a mapping"), ("lora: {rank: 2}\nrank: 3\n", "option rank is given twice"),
+                        ("quant: {group: 32, group_size: 64}\n", "option group_size is given twice")):
         config.write_text(text)
         one_line_error(capsys, "finetune", "--config", config, match=match)
     config.write_bytes(b"steps: \xff\xfe\n")
@@ -284,6 +286,8 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     layers = config["num_hidden_layers"]
     (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers - 1}))  # a layer would be dropped silently
     one_line_error(capsys, "eval", "--model", broken, match="are not in its config.json's architecture")
+    (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -5}))
+    one_line_error(capsys, "eval", "--model", broken, match="max_position_embeddings -5; it must be a positive integer")
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
     one_line_error(capsys, "eval", "--model", broken, match="expected int, got str")
     with socket.socket() as busy:

@@ -94,6 +94,13 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(*flags, type=base, metavar=base.__name__.upper(), **kw)
 
 
+def put(flat: dict, key: str, value, where: str) -> None:
+    """flat[key] = value, unless the file already set that option (a second value is a mistake)."""
+    if key in flat:
+        raise LorqError(f"{where}: option {key} is given twice (as a section entry, an alias or a top-level key)")
+    flat[key] = value
+
+
 def _flatten_yaml(data: dict, cls, where: str) -> dict:
     fields = leaf_fields(cls)
     sections = {path[0] for path, _, _ in fields.values() if len(path) > 1}
@@ -102,15 +109,20 @@ def _flatten_yaml(data: dict, cls, where: str) -> dict:
         if not isinstance(key, str):
             raise LorqError(f"{where}: option names are text, got {key!r}")
         key = key.replace("-", "_")
-        if key in sections and isinstance(value, dict):
+        if key in sections and (key not in fields or isinstance(value, dict)):  # `method` is a section and an option
+            if not isinstance(value, dict):
+                raise LorqError(f"{where}: {key} is a section: give it a mapping of options, got {value!r}")
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise LorqError(f"{where}: option names are text, got {k!r}")
-                flat[k.replace("-", "_")] = v
+                put(flat, k.replace("-", "_"), v, where)
         else:
-            flat[key] = value
+            put(flat, key, value, where)
     aliases = {a.lstrip("-").replace("-", "_"): name for name, (_, f, _) in fields.items() for a in f.metadata.get("aliases", ())}
-    flat = {aliases.get(k, k): v for k, v in flat.items()}
+    named = {}
+    for k, v in flat.items():
+        put(named, aliases.get(k, k), v, where)
+    flat = named
     unknown = [k for k in flat if k not in fields]
     if unknown:
         raise LorqError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")

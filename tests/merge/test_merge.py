@@ -147,6 +147,14 @@ def test_report_compares_unmerged_and_merged(tiny_model_dir, adapters, tmp_path)
     assert on_disk["ppl_merged"] == summary["ppl_merged"] and on_disk["size_on_disk_mib"] > 0
 
 
+def test_a_merge_whose_model_diverges_is_an_error(tiny_model_dir, adapters, tmp_path):
+    """Weights finite in fp32 can still overflow in the forward pass: a NaN perplexity is not a success."""
+    from lorq.errors import LorqError
+
+    with pytest.raises(LorqError, match="make the model diverge"):
+        merge(tiny_model_dir, adapters[:1], tmp_path / "m", eval_blocks=1, weights=[1e30])
+
+
 def test_fold_and_requantize_unit(tiny_llama):
     from lorq.quant import QuantizedLinear as QL
 

