@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..adapters.lora import lora_layers
-from ..eval.memory import PeakRSS
 from ..errors import LorqError
+from ..eval.memory import PeakRSS
 from ..eval.perplexity import perplexity
 from ..io import atomic_dir, check_output_dir, write_json
 from ..models.loading import QUANT_CONFIG, load_model
