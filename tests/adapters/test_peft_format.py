@@ -100,30 +100,29 @@ def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, m
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
 
 
-def test_non_finite_adapter_weights_are_refused(tiny_llama, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    add_adapters(tiny_llama, LoRAConfig(rank=4))
-    save_peft(tiny_llama, tmp_path / "ad")
-    file = tmp_path / "ad" / "adapter_model.safetensors"
-    tensors = load_file(file)
+def poison_first(tensors: dict, width: int) -> str:
     key = sorted(tensors)[0]
     tensors[key][0, 0] = float("inf")
-    save_file(tensors, file)
-    with pytest.raises(LorqError, match=f"{key} holds NaN or infinite values"):
-        load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
+    return f"{key} holds NaN or infinite values"
 
 
-def test_an_adapter_on_a_layer_that_is_not_linear_is_refused(tiny_llama, tmp_path):
+def target_the_norm(tensors: dict, width: int) -> str:
+    tensors["base_model.model.model.norm.lora_A.weight"] = torch.zeros(4, width)
+    tensors["base_model.model.model.norm.lora_B.weight"] = torch.zeros(width, 4)
+    return "targets model.norm, which is a .*RMSNorm, not a linear layer"
+
+
+@pytest.mark.parametrize("edit", [poison_first, target_the_norm])
+def test_bad_adapter_tensors_are_refused(tiny_llama, tmp_path, edit):
+    """Non-finite weights, or a pair on a layer that is not linear: one error, not NaN outputs
+    or an AttributeError."""
     from safetensors.torch import load_file, save_file
 
     add_adapters(tiny_llama, LoRAConfig(rank=4))
     save_peft(tiny_llama, tmp_path / "ad")
     file = tmp_path / "ad" / "adapter_model.safetensors"
     tensors = load_file(file)
-    width = tiny_llama.config.hidden_size
-    tensors["base_model.model.model.norm.lora_A.weight"] = torch.zeros(4, width)
-    tensors["base_model.model.model.norm.lora_B.weight"] = torch.zeros(width, 4)
+    message = edit(tensors, tiny_llama.config.hidden_size)
     save_file(tensors, file)
-    with pytest.raises(LorqError, match="targets model.norm, which is a .*RMSNorm, not a linear layer"):
+    with pytest.raises(LorqError, match=message):
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
