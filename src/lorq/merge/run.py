@@ -77,11 +77,24 @@ def file_mib(paths) -> list[float]:
     return [p.stat().st_size / 2**20 for p in paths if p.is_file()]
 
 
+QUANTIZED_ONLY = ("requant", "requant_method", "merge_rank", "merge_iters", "dequantize", "compare_naive")
+
+
+def note_ignored(cfg: MergeConfig) -> None:
+    """Options of a quantized merge, set on a dense one: said, not silently dropped."""
+    default = MergeConfig()
+    set_ = [f"--{n.replace('_', '-')}" for n in QUANTIZED_ONLY if getattr(cfg, n) != getattr(default, n)]
+    if set_:
+        print(f"lorq: note: {', '.join(set_)} apply to a quantized base; this base is dense, so they are ignored", flush=True)
+
+
 def write_merge(cfg: MergeConfig, src: Source, progress: bool, also_reads=()) -> tuple[AdapterUpdate, bool, dict]:
     """Read the adapters, stream the merge into cfg.output (atomically); (update, dense, details)."""
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
+    if not src.quantized:
+        note_ignored(cfg)
     # never over (or into) the base or an adapter being read, nor over anything but an earlier merge
     out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[cfg.model, src.path, *update.paths, *also_reads])
     details = {}
