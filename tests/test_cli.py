@@ -288,6 +288,8 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     one_line_error(capsys, "eval", "--model", broken, match="are not in its config.json's architecture")
     (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -5}))
     one_line_error(capsys, "eval", "--model", broken, match="max_position_embeddings -5; it must be a positive integer")
+    (broken / "config.json").write_text(json.dumps({**config, "rms_norm_eps": float("nan")}))  # Python's json writes NaN
+    one_line_error(capsys, "eval", "--model", broken, match="non-finite values: rms_norm_eps = nan")
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
     one_line_error(capsys, "eval", "--model", broken, match="expected int, got str")
     with socket.socket() as busy:

@@ -95,7 +95,7 @@ def test_unsupported_architecture_is_an_error(tmp_path, real_tokenizer_dir):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapters, tmp_path):
+def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapters, tmp_path, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -110,6 +110,12 @@ def test_verification_runs_before_the_file_takes_its_place(tiny_model_dir, adapt
     with pytest.raises(LorqError, match="non-finite"):
         export_gguf(ExportConfig(model=str(tiny_model_dir), adapter=[str(bad)], output=str(out), outtype="f16"), progress=False)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    with pytest.raises(LorqError, match="overlaps"):  # a GGUF model is never its own output
+    import lorq.merge.gguf
+
+    def never(*a, **k):
+        raise AssertionError("the model was opened (a .gguf converted) before the output was checked")
+
+    monkeypatch.setattr(lorq.merge.gguf, "open_source", never)
+    with pytest.raises(LorqError, match="overlaps"):  # a GGUF model is never its own output, refused before converting it
         export_gguf(ExportConfig(model=str(out), output=str(out), outtype="q8_0", verify=False), progress=False)
     assert out.read_bytes() == before

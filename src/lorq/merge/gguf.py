@@ -164,6 +164,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     from tqdm.auto import tqdm
 
     cfg.outtype = GGUFType(cfg.outtype)
+    check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[cfg.model, *cfg.adapter, *also_reads])  # before a .gguf model is converted
     src = open_source(cfg.model, no_quant())
     if src.config.model_type not in SUPPORTED:
         raise LorqError(f"GGUF export supports {', '.join(SUPPORTED)} models; {src.path} is {src.config.model_type!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import struct
 import time
@@ -122,6 +123,9 @@ def check_causal_lm(path: Path):
     saved_as = getattr(config, "architectures", None) or []
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (saved_as and not set(saved_as) & causal_classes):
         raise LorqError(f"{path} holds a {config.model_type!r} model, which is not a causal language model")
+    bad = sorted(k for k, v in config.to_dict().items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:  # e.g. rms_norm_eps NaN: every output would be NaN
+        raise LorqError(f"{path}/config.json has non-finite values: {', '.join(f'{k} = {getattr(config, k)}' for k in bad)}")
     return config
 
 
