@@ -207,6 +207,8 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "generate", "--model", tiny_model_dir, "--prompt", "", "--no-chat", match="prompt is empty")
     one_line_error(capsys, "eval", "--model", tiny_model_dir, "--block-size", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "q", "--group-size", "2000000000", match="group size must be at most")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "q", "--budget-bits", "4.5", "--budget-ranks", "4",
+                   "--eval-blocks", "0", match="--budget-ranks picks ranks of --lowrank factors")
     one_line_error(capsys, "eval", "--model", "", match="--model is empty")
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-model-len", "300", match="exceeds the model's context of 256")
     one_line_error(capsys, "finetune", "--resume", "--model", tiny_model_dir, "--output", tmp_path / "fresh", *FAST, match="no checkpoint")
