@@ -288,6 +288,10 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
     layers = config["num_hidden_layers"]
     (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers - 1}))  # a layer would be dropped silently
     one_line_error(capsys, "eval", "--model", broken, match="are not in its config.json's architecture")
+    (broken / "config.json").write_text(json.dumps(config))
+    save_file({**weights, "model.layers.0.self_attn.masked_bias": torch.tensor(-1e4)}, broken / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run(capsys, "eval", "--model", broken, "--eval-blocks", "1", "--block-size", "32")
+    assert code == 0, err  # a leftover buffer (old GPT-2 / GPT-Neo attention masks) is no weight: it loads as before
     (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -5}))
     one_line_error(capsys, "eval", "--model", broken, match="max_position_embeddings -5; it must be a positive integer")
     (broken / "config.json").write_text(json.dumps({**config, "rms_norm_eps": float("nan")}))  # Python's json writes NaN

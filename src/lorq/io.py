@@ -37,7 +37,7 @@ def atomic_dir(path: str | Path):
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".lorq-old-{os.getpid()}-{tmp.name[-8:]}")
+            old = path.with_name(f".{path.name[:64]}.lorq-old-{os.getpid()}-{tmp.name[-8:]}")  # names its output, still short
             os.replace(path, old)
         os.replace(tmp, path)
     finally:

@@ -1,7 +1,5 @@
 """--precision auto: bf16 only where bf16 matmuls beat fp32 ones on this machine."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -49,21 +47,32 @@ def test_auto_times_avx512_bf16_without_amx(cpu_with):
     assert resolve("bf16", cpu) is Precision.BF16  # an explicit choice is kept
 
 
-def _agree(rank: int, port: int, out):
+def _agree(rank: int, store: str, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        out[rank] = rank0_choice(rank == 0)  # the ranks' own timings disagree
+        def decide():
+            if rank != 0:
+                raise AssertionError("only rank 0 decides (and times)")
+            return True
+
+        out[rank] = rank0_choice(decide)
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_takes_rank_0s_choice():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_every_rank_takes_rank_0s_choice(tmp_path):
     out = mp.Manager().dict()
-    mp.spawn(_agree, args=(port, out), nprocs=2)
+    mp.spawn(_agree, args=(str(tmp_path / "store"), out), nprocs=2)
     assert dict(out) == {0: True, 1: True}
-    assert rank0_choice(False) is False  # no process group: the value itself
+    assert rank0_choice(lambda: False) is False  # no process group: the answer itself
+
+
+def test_timing_leaves_the_runs_random_stream_alone():
+    """The dropout masks of a run must not depend on whether auto timed a GEMM."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    precision.gemm_seconds(torch.float32, n=64, reps=1)
+    assert torch.equal(torch.rand(3), expected)

@@ -173,8 +173,10 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32, check_confi
         if info["missing_keys"]:  # transformers would start them from random values
             missing = sorted(info["missing_keys"])
             raise LorqError(f"cannot load the model in {path}: {len(missing)} weights are missing from its files ({', '.join(missing[:3])}, ...)")
-        if info["unexpected_keys"]:  # e.g. num_hidden_layers lowered: transformers would drop layers silently
-            extra = sorted(info["unexpected_keys"])
+        # weights the architecture has no place for (e.g. num_hidden_layers lowered: transformers would drop layers
+        # silently); leftover buffers such as GPT-Neo's attention masks (`attn.attention.bias`) are no weights
+        extra = sorted(k for k in info["unexpected_keys"] if k.endswith(".weight"))
+        if extra:
             raise LorqError(f"cannot load the model in {path}: {len(extra)} weights in its files are not in its config.json's "
                             f"architecture ({', '.join(extra[:3])}, ...)")
     model.eval()

@@ -246,7 +246,7 @@ def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
     if any(QuantFormat(r.quant.format) is not QuantFormat(base.quant.format) for _, r in plan.values()):
         raise LorqError("--budget-bits allocates within one format; the rules name several")
     lowrank = any(r.lowrank is not LowRankMethod.NONE for _, r in plan.values())
-    if bcfg.budget_ranks and not (lowrank and rank and not adapter_rank):  # they would be [0] whatever was asked
+    if any(bcfg.budget_ranks) and not (lowrank and rank and not adapter_rank):  # they would be [0] whatever was asked
         raise LorqError("--budget-ranks picks ranks of --lowrank factors: it needs --lowrank and --rank (and no trained adapter in their place)")
     ranks = (bcfg.budget_ranks or [0, rank]) if lowrank and rank and not adapter_rank else [0]
     cands = candidates(base.quant, bcfg, ranks)

@@ -35,8 +35,10 @@ def flags_of(cpuinfo: str) -> frozenset[str]:
 
 
 def gemm_seconds(dtype: torch.dtype, n: int = 768, reps: int = 3) -> float:
-    """Best of `reps` timings of one n x n x n matmul."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """Best of `reps` timings of one n x n x n matmul (its own generator: the run's random
+    stream, and so its dropout masks, must not depend on whether this ran)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm-up: the library picks and caches its kernel
     best = float("inf")
     for _ in range(reps):
@@ -46,23 +48,21 @@ def gemm_seconds(dtype: torch.dtype, n: int = 768, reps: int = 3) -> float:
     return best
 
 
-def rank0_choice(value: bool) -> bool:
-    """Under a gloo process group every rank takes rank 0's value (ranks must agree on a
-    precision, and timings differ between them); elsewhere the value itself."""
+def rank0_choice(decide) -> bool:
+    """decide() on rank 0, the same answer on every rank of a process group (ranks must agree
+    on a precision: their CPUs or timings may differ); decide() itself without a group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
-        return value
-    t = torch.tensor([int(value)])
+    if not (dist.is_available() and dist.is_initialized()):
+        return decide()
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(decide()) if dist.get_rank() == 0 else 0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
 
 
-@lru_cache(maxsize=None)
-def bf16_gemm_is_faster() -> bool:
-    """Whether bf16 matmuls beat fp32 ones on this CPU, timed once per process.
-
-    AMX always wins. AVX512-BF16 without AMX depends on the part: on one such 2-core Xeon a
+def cpu_bf16_is_faster() -> bool:
+    """AMX always wins. AVX512-BF16 without AMX depends on the part: on one such 2-core Xeon a
     bf16 GEMM ran at 145-180 GFLOP/s against 50-70 in fp32, on another at 156 against 260
     (a QLoRA step took 1.6x as long in bf16), so a flag cannot decide and a timing does."""
     flags = cpu_flags()
@@ -70,7 +70,14 @@ def bf16_gemm_is_faster() -> bool:
         return True
     if "avx512_bf16" not in flags:
         return False  # bf16 would be emulated
-    return rank0_choice(gemm_seconds(torch.bfloat16) < BF16_MARGIN * gemm_seconds(torch.float32))
+    return gemm_seconds(torch.bfloat16) < BF16_MARGIN * gemm_seconds(torch.float32)
+
+
+@lru_cache(maxsize=None)
+def bf16_gemm_is_faster() -> bool:
+    """Whether bf16 matmuls beat fp32 ones on this CPU: decided once per process, by rank 0
+    under torchrun (every rank calls this at the same point: it is a collective there)."""
+    return rank0_choice(cpu_bf16_is_faster)
 
 
 def resolve(precision: Precision, device: torch.device) -> Precision:
