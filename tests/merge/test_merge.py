@@ -158,8 +158,12 @@ def test_a_merge_whose_model_diverges_is_an_error(tiny_model_dir, adapters, tmp_
     """Weights finite in fp32 can still overflow in the forward pass: a NaN perplexity is not a success."""
     from lorq.errors import LorqError
 
-    with pytest.raises(LorqError, match="make the model diverge"):
+    merge(tiny_model_dir, adapters[:1], tmp_path / "m", eval_blocks=1)
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "m").iterdir())
+    with pytest.raises(LorqError, match="make the model diverge; nothing was written"):
         merge(tiny_model_dir, adapters[:1], tmp_path / "m", eval_blocks=1, weights=[1e30])
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "m").iterdir()) == before  # the earlier merge is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # and no temporary is left
 
 
 def test_fold_and_requantize_unit(tiny_llama):

@@ -77,14 +77,21 @@ class PeakRSS:
     peak_mib: float = 0.0
     exact: bool = False
 
-    def __enter__(self) -> "PeakRSS":
+    def start(self) -> "PeakRSS":
         self.exact = reset_peak()
         self.start_mib = rss_mib()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> "PeakRSS":
         hwm = _status_kib("VmHWM") if self.exact else None
         self.peak_mib = hwm / 1024 if hwm is not None else lifetime_peak_mib()
+        return self
+
+    def __enter__(self) -> "PeakRSS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def phase_mib(self) -> float:

@@ -88,8 +88,12 @@ def note_ignored(cfg: MergeConfig) -> None:
         print(f"lorq: note: {', '.join(set_)} apply to a quantized base; this base is dense, so they are ignored", flush=True)
 
 
-def write_merge(cfg: MergeConfig, src: Source, progress: bool, also_reads=()) -> tuple[AdapterUpdate, bool, dict]:
-    """Read the adapters, stream the merge into cfg.output (atomically); (update, dense, details)."""
+def write_merge(cfg: MergeConfig, src: Source, progress: bool, finish, also_reads=()) -> tuple[AdapterUpdate, bool, dict, PeakRSS]:
+    """Read the adapters, stream the merge into cfg.output (atomically); (update, dense, details,
+    memory of the merge). finish(tmp, update, dense, details, mem) runs on the written directory
+    before it takes the output's place (it evaluates and writes the report, which marks the
+    directory as a merge): a failure there leaves an earlier output as it was."""
+    mem = PeakRSS().start()  # everything the merge holds, from reading the adapters to the last file
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
@@ -108,35 +112,38 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool, also_reads=()) ->
             details = {"bits_per_weight": round(bits, 4), "relative_error_vs_exact": round(report.rel_error, 6),
                        "merged_modules": len(report.modules), "requant": cfg.requant.value, "requant_method": cfg.requant_method.value}
         write_side_files(src, tmp, cfg.dtype, dense)
-        # marks the directory as a merge (replaceable by the next one) even if the evaluation is cut short
-        write_json(tmp / REPORT, {"base": str(src.path), "adapters": [str(p) for p in update.paths], "evaluated": False})
-    return update, dense, details
+        mem.stop()  # the merge ends here: what finish() loads is not the merge's
+        finish(tmp, update, dense, details, mem)
+    return update, dense, details, mem
 
 
 def run_merge(cfg: MergeConfig, progress: bool = True, also_reads=()) -> dict:
     cfg.validate()
     start = time.perf_counter()
     src = open_source(cfg.model, cfg.quant)  # config, tensor index, a weightless skeleton (and the libraries' imports)
-    with PeakRSS() as mem:  # everything the merge holds, from reading the adapters to the last file
-        update, dense, details = write_merge(cfg, src, progress, also_reads)
-    seconds = time.perf_counter() - start
     out = Path(cfg.output)
-    shards = file_mib(sorted(out.glob("*.safetensors")))
-    adapter_mib = update.nbytes() / 2**20
-    summary = {
-        "base": str(src.path), "adapters": [str(p) for p in update.paths], "weights": update.weights,
-        "output": str(out), "kind": "dense" if dense else "quantized", **details,
-        "seconds": round(seconds, 2), "size_on_disk_mib": round(sum(file_mib(out.iterdir())), 2),
-        "largest_shard_mib": round(max(shards), 2), "adapter_mib": round(adapter_mib, 2), "memory": mem.to_json(),
-    }
-    # the target: the merge holds at most the final model, one shard and the adapter
-    summary["memory_bound_mib"] = round(summary["size_on_disk_mib"] + summary["largest_shard_mib"] + adapter_mib, 1)
-    if cfg.eval_blocks:
-        summary.update(evaluate(cfg, update, out, not dense))
-    write_json(out / REPORT, summary)
-    if not math.isfinite(summary.get("ppl_merged", 0.0)):  # finite weights can still overflow in the forward pass
-        raise LorqError(f"the merged model's perplexity is {summary['ppl_merged']} (base + unmerged adapters: {summary['ppl_unmerged']}): "
-                        f"the adapters or --weights make the model diverge; {out} holds that model, do not use it")
+    summary = {}
+
+    def finish(tmp: Path, update: AdapterUpdate, dense: bool, details: dict, mem: PeakRSS) -> None:
+        seconds = time.perf_counter() - start
+        shards = file_mib(sorted(tmp.glob("*.safetensors")))
+        adapter_mib = update.nbytes() / 2**20
+        summary.update({
+            "base": str(src.path), "adapters": [str(p) for p in update.paths], "weights": update.weights,
+            "output": str(out), "kind": "dense" if dense else "quantized", **details,
+            "seconds": round(seconds, 2), "size_on_disk_mib": round(sum(file_mib(tmp.iterdir())), 2),
+            "largest_shard_mib": round(max(shards), 2), "adapter_mib": round(adapter_mib, 2), "memory": mem.to_json(),
+        })
+        # the target: the merge holds at most the final model, one shard and the adapter
+        summary["memory_bound_mib"] = round(summary["size_on_disk_mib"] + summary["largest_shard_mib"] + adapter_mib, 1)
+        if cfg.eval_blocks:
+            summary.update(evaluate(cfg, update, tmp, not dense))
+        if not math.isfinite(summary.get("ppl_merged", 0.0)):  # finite weights can still overflow in the forward pass
+            raise LorqError(f"the merged model's perplexity is {summary['ppl_merged']} (base + unmerged adapters: {summary['ppl_unmerged']}): "
+                            f"the adapters or --weights make the model diverge; nothing was written")
+        write_json(tmp / REPORT, summary)  # also marks the directory as a merge, which the next one may replace
+
+    write_merge(cfg, src, progress, finish, also_reads)
     print(one_line(summary))
     return summary
 
