@@ -155,6 +155,13 @@ def is_positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], where) -> None:
+    """A file's floating tensors hold no NaN or infinity (a diverged run's output is refused)."""
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise LorqError(f"{where}: {bad} holds NaN or infinite values")
+
+
 def check_finite(name: str, values) -> None:
     if any(not math.isfinite(v) for v in values):
         raise LorqError(f"{name} must be finite numbers")

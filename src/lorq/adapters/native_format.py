@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, is_number, is_positive_int, load_safetensors, read_json, write_json
+from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, write_json
 from .lora import LoRALinear, lora_layers, set_trainable, wrap_layer
 from .variants import Variant
 
@@ -107,9 +107,7 @@ def load_native(model: nn.Module, path: Path, name: str = "default", trainable: 
     variant, rank, alpha, modules = config["variant"], config["r"], config["lora_alpha"], config["modules"]
     options, dropout, restore = config["options"], config["lora_dropout"], config.get("restore_base", False)
     tensors = load_safetensors(path / WEIGHTS_FILE)
-    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if nonfinite:
-        raise LorqError(f"{path / WEIGHTS_FILE}: {nonfinite[0]} holds NaN or infinite values")
+    check_finite_tensors(tensors, path / WEIGHTS_FILE)
     starts, used = {}, set()
     for module in modules:
         try:

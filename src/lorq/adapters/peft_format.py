@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, is_number, is_positive_int, load_safetensors, read_json, write_json
+from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, write_json
 from ..quant.linear import QuantizedLinear
 from .lora import LoRALinear, lora_layers, lora_scaling, set_trainable, wrap_layer
 from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
@@ -174,6 +174,7 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
     _check_config(config, path)
     _check_supported(config, path, dora)
     tensors = load_safetensors(path / WEIGHTS_FILE)
+    check_finite_tensors(tensors, path / WEIGHTS_FILE)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     magnitudes = {}
     for key, t in tensors.items():
@@ -184,8 +185,6 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
             continue
         if m is None:
             raise LorqError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r} (not a LoRA A/B weight)")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise LorqError(f"{path / WEIGHTS_FILE}: {key} holds NaN or infinite values")
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     if not pairs:
         raise LorqError(f"{path / WEIGHTS_FILE} holds no LoRA weights")
