@@ -155,7 +155,7 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32, check_confi
     if (path / QUANT_CONFIG).is_file():
         from ..quant.checkpoint import load_quantized
 
-        model = load_quantized(path)
+        model = load_quantized(path, config)
     else:
         from transformers.utils import logging as hf_logging
 

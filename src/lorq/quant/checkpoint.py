@@ -132,14 +132,15 @@ def layer_from_tensors(path: Path, name: str, spec: dict, own: dict[str, torch.T
         raise LorqError(f"{path}: {name}: its tensors do not fit its config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def load_quantized(path: str | Path):
+def load_quantized(path: str | Path, config=None):
+    """The quantized checkpoint in path; config: its config.json already read and checked."""
     from transformers import AutoModelForCausalLM
 
     from ..models.loading import check_causal_lm
 
     path = Path(path)
     meta = read_meta(path)
-    config = check_causal_lm(path)
+    config = config if config is not None else check_causal_lm(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_safetensors(path / "model.safetensors")
     for name, spec in meta.get("modules", {}).items():
