@@ -42,6 +42,7 @@ from lorq.jobs import calibration_ids
 from lorq.models.loading import load_model, resolve_model
 from lorq.quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantMethod, Rule, cast_unquantized, quantize_model
 from lorq.train.data import DataConfig, eval_blocks
+from lorq.train.precision import cpu_flags
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -114,7 +115,8 @@ def machine() -> dict:
     return {
         "cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "python": platform.python_version(),
+        # the flags line as --precision auto reads it (not a match anywhere in the file)
+        "avx512_bf16": "avx512_bf16" in cpu_flags(), "amx_bf16": "amx_bf16" in cpu_flags(), "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
