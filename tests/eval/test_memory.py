@@ -1,6 +1,11 @@
-import torch
+import gc
+from pathlib import Path
 
-from lorq.eval.memory import PeakRSS
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from lorq.eval.memory import PeakRSS, own_file_backed_tensors
 
 
 def test_peak_of_a_phase_counts_what_it_allocates_not_what_came_before():
@@ -12,3 +17,44 @@ def test_peak_of_a_phase_counts_what_it_allocates_not_what_came_before():
     if m.exact:  # Linux: the high-water mark was reset at the start
         assert 100 <= m.phase_mib <= 200
     del before
+
+
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+
+
+def test_owning_the_loaded_tensors_releases_the_weights_file_and_keeps_values_and_ties(tmp_path):
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    weights = str(tmp_path / "model.safetensors")
+    if weights not in mapped_files():
+        pytest.skip("this transformers reads safetensors without a memory map")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert own_file_backed_tensors(model) > 0
+    gc.collect()
+    assert weights not in mapped_files()  # nothing points into the file any more: the mapping is gone
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert own_file_backed_tensors(model) == 0  # idempotent
+
+
+def test_quantizing_a_loaded_model_lets_its_weights_file_go(tmp_path):
+    from conftest import tiny_llama_config
+
+    from lorq.quant import quantize_model
+    from lorq.quant.base import FormatConfig
+    from lorq.quant.linear import DECODER_LINEARS
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    weights = str(tmp_path / "model.safetensors")
+    if weights not in mapped_files():
+        pytest.skip("this transformers reads safetensors without a memory map")
+    quantize_model(model, [(DECODER_LINEARS, FormatConfig(format="nf", bits=4, group_size=64))], progress=False)
+    gc.collect()
+    assert weights not in mapped_files()

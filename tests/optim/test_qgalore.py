@@ -93,3 +93,24 @@ def test_qgalore_plan_checkpoints_the_int8_codes():
     plan = build_optimizer(model, OptimConfig(optimizer=OptimizerKind.QGALORE), lr=1e-3, weight_decay=0.0)
     assert any(n.endswith(".codes") and t.dtype == torch.int8 for n, t in plan.params.items())
     assert not any(isinstance(m, nn.Linear) and "layers" in n for n, m in model.named_modules())
+
+
+def test_int8_weights_let_the_loaded_float_weights_file_go(tmp_path):
+    """The float weights are gone from memory once the int8 codes replace them, even when the
+    model was loaded from a memory-mapped safetensors file (the embeddings would pin it)."""
+    import gc
+    from pathlib import Path
+
+    from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from lorq.optim.qgalore import quantize_weights_int8
+
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    maps, weights = Path("/proc/self/maps"), str(tmp_path / "model.safetensors")
+    if not maps.exists() or weights not in maps.read_text():
+        pytest.skip("no memory-mapped weights here")
+    quantize_weights_int8(model)
+    gc.collect()
+    assert weights not in maps.read_text()

@@ -14,8 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+MAPS = Path("/proc/self/maps")
 
 
 def _status_kib(field: str) -> int | None:
@@ -58,6 +61,44 @@ def release_freed_memory() -> None:
     trim = getattr(LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory-mapped files (Linux; empty elsewhere)."""
+    spans = []
+    try:
+        for line in MAPS.read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode: a file, not [heap] or anon
+                start, end = fields[0].split("-")
+                spans.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return spans
+
+
+def own_file_backed_tensors(model: torch.nn.Module) -> int:
+    """Copy the parameters and buffers that still live in a memory-mapped weights file into
+    memory of their own; returns the bytes copied.
+
+    transformers maps a safetensors file whole and every tensor loaded from it keeps the mapping,
+    so after quantization replaced the float linears, the pages of their weights (read while
+    quantizing) stay resident as long as the embeddings still point into the file: ~0.35 GiB of
+    SmolLM2-135M's 0.5. Copying what is left lets the mapping go.
+    """
+    spans = file_mappings()
+    mapped = lambda t: any(a <= t.data_ptr() < b for a, b in spans)  # noqa: E731
+    copied, seen = 0, set()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is None or id(t) in seen or t.device.type != "cpu" or not mapped(t):
+                        continue
+                    seen.add(id(t))  # a tied weight is one Parameter: copied once, still tied
+                    t.data = t.data.clone()
+                    copied += t.numel() * t.element_size()
+    return copied
 
 
 def reset_peak() -> bool:

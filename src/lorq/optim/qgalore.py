@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..eval.memory import own_file_backed_tensors
 from ..quant.affine import AffineWeight
 from ..quant.base import FormatConfig
 from ..quant.linear import DECODER_LINEARS, match_modules, set_module
@@ -102,6 +103,7 @@ def quantize_weights_int8(model: nn.Module) -> dict[str, Int8Linear]:
         layer = Int8Linear(model.get_submodule(name))
         set_module(model, name, layer)
         out[name] = layer
+    own_file_backed_tensors(model)  # the float weights' pages in the loaded file are released with its mapping
     return out
 
 

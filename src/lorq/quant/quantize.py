@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import LorqError
+from ..eval.memory import own_file_backed_tensors
 from ..io import check_file
 from ..options import opt
 from .base import FORMATS, FormatConfig, QuantFormat
@@ -260,5 +261,6 @@ def quantize_model(model: nn.Module, rules: list[Rule | tuple[str, FormatConfig]
     else:
         for name, (mod, rule) in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
             quantize_linear(model, name, mod, rule, mcfg, report, fisher=fisher.get(name))
+    own_file_backed_tensors(model)  # lets the loaded file's mapping, and the float weights read from it, go
     report.seconds = time.perf_counter() - start
     return report
