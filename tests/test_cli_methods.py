@@ -9,8 +9,11 @@ import pytest
 from test_cli import FAST, one_line_error, run
 
 
-def finetune(capsys, tiny_model_dir, out, *extra) -> dict:
-    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST, "--lr", "3e-3", "--steps", "6", "--eval-every", "6", *extra)
+FULL_FAST = [a for i, a in enumerate(FAST) if "--rank" not in FAST[max(i - 1, 0) : i + 1]]  # no adapter: no --rank
+
+
+def finetune(capsys, tiny_model_dir, out, *extra, fast=FAST) -> dict:
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *fast, "--lr", "3e-3", "--steps", "6", "--eval-every", "6", *extra)
     assert code == 0, err
     return json.loads((out / "summary.json").read_text())
 
@@ -65,7 +68,7 @@ def test_quantization_aware_variants_write_a_quantized_model(tiny_model_dir, tmp
                                    ["--optimizer", "lisa", "--lisa-layers", "1", "--lisa-period", "2"],
                                    ["--full"]])
 def test_full_parameter_training_writes_a_model(tiny_model_dir, tmp_path, capsys, extra):
-    s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--format", "none", *extra)
+    s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--format", "none", *extra, fast=FULL_FAST)
     assert s["ppl_after"] < s["ppl_before"] and s["method"]["full"]
     assert s["final"]["peak_optimizer_state_mb"] > 0
     assert reloaded_ppl(capsys, tmp_path / "run" / "model", None, "--precision", "fp32") == pytest.approx(s["ppl_after"], rel=1e-3)
@@ -88,3 +91,8 @@ def test_impossible_combinations_are_one_line_errors(tiny_model_dir, tmp_path, c
     one_line_error(capsys, *base, "--optimizer", "lisa", "--format", "none", "--loraplus-ratio", "4", match="full-parameter training has none")
     one_line_error(capsys, *base, "--variant", "l4q", match="add --format none")
     one_line_error(capsys, *base, "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")
+    one_line_error(capsys, *base, "--optimizer", "galore", "--format", "none", "--rslora", match="--rank, --rslora would be ignored")
+    one_line_error(capsys, *base, "--init", "lora-sb", "--loraplus-ratio", "4", match="the core variant trains no B")
+    one_line_error(capsys, *base, "--variant", "peqa", "--format", "int", "--lowrank", "loftq", "--lowrank-as", "compensate",
+                   match="starts from the quantizer's own parameters")
+    one_line_error(capsys, *base, "--variant", "core", "--rank", "100", "--format", "none", match="lower --rank")

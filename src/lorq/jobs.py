@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -283,6 +283,7 @@ def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
     lowrank_init = lowrank and cfg.lowrank_as is LowRankUse.INIT
     plain_start = init is LoRAInit.GAUSSIAN and not lowrank_init
     moved_out_of_base = init in RESIDUAL_INITS or lowrank_init
+    adapter_options = [f"--{f.name.replace('_', '-')}" for f in fields(LoRAConfig) if getattr(cfg.lora, f.name) != getattr(LoRAConfig(), f.name)]
     rules = [
         (optim.full and (not plain_start or variant is not Variant.LORA or lowrank),
          "full-parameter training (--full, --optimizer galore/qgalore/lisa) trains the base weights: --init, --variant and --lowrank apply to adapters"),
@@ -292,7 +293,8 @@ def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
          f"--init {init.value} and --lowrank {cfg.method.lowrank.value} both choose the adapter's start; pick one (or --lowrank-as compensate)"),
         (variant in (Variant.NOLA, Variant.RANDLORA) and not plain_start,
          f"--variant {variant.value} builds its update from random bases by design: use --init gaussian and no --lowrank init"),
-        (variant in QAT_VARIANTS and not plain_start, f"--variant {variant.value} starts from the quantizer's own parameters: use --init gaussian and no --lowrank"),
+        (variant in QAT_VARIANTS and (not plain_start or lowrank),
+         f"--variant {variant.value} starts from the quantizer's own parameters: use --init gaussian and no --lowrank"),
         (variant is Variant.PEQA and fmt is not QuantFormat.INT, "--variant peqa trains the scales of an INT-k base: add --format int"),
         (variant is Variant.L4Q and fmt is not QuantFormat.NONE, "--variant l4q quantizes the weights itself while training: add --format none"),
         (variant is Variant.DYLORA and moved_out_of_base,
@@ -303,17 +305,22 @@ def method_conflicts(cfg: FinetuneConfig, lowrank: bool) -> list[str]:
         (optim.loraplus_ratio != 1.0 and variant not in (Variant.LORA, Variant.DORA, Variant.DYLORA, Variant.L4Q),
          f"--loraplus-ratio sets the B factors' learning rate; the {variant.value} variant trains no B"),
         (init is LoRAInit.LORA_SB and variant not in (Variant.LORA, Variant.CORE), f"--init lora-sb needs --variant core (got {variant.value})"),
+        (optim.full and bool(adapter_options), f"full-parameter training (--full, --optimizer galore/qgalore/lisa) trains the base weights, "
+         f"not an adapter: {', '.join(adapter_options)} would be ignored"),
     ]
     return [message for broken, message in rules if broken]
 
 
 def check_method(cfg: FinetuneConfig, lowrank: bool, say) -> None:
-    """Refuse impossible combinations up front; --init lora-sb brings its core variant."""
+    """Refuse impossible combinations up front; --init lora-sb brings its core variant (before
+    the checks: they judge the variant that will train)."""
+    core = cfg.start.init is LoRAInit.LORA_SB and cfg.lora.variant is Variant.LORA
+    if core:
+        cfg.lora.variant = Variant.CORE
     conflicts = method_conflicts(cfg, lowrank)
     if conflicts:
         raise LorqError(conflicts[0])
-    if cfg.start.init is LoRAInit.LORA_SB and cfg.lora.variant is Variant.LORA:
-        cfg.lora.variant = Variant.CORE
+    if core:
         say("lorq: note: --init lora-sb trains an r×r core between frozen factors: using --variant core", flush=True)
 
 

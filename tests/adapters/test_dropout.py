@@ -76,3 +76,17 @@ def test_fused_addition_equals_base_plus_delta_with_dropout_on(dtype):
         plain = base + layer.adapters["default"].delta(xc, base, layer).to(base.dtype)
     assert fused.dtype == plain.dtype
     assert torch.allclose(fused.float(), plain.float(), atol=1e-5 if dtype is torch.float32 else 3e-2)
+
+
+def test_ranks_keep_their_rows_of_the_single_process_mask():
+    x = torch.randn(4, 5, 7)  # odd sizes: the ranks' rows straddle 64-bit draws
+    whole = Dropout(0.3).train()
+    torch.manual_seed(3)
+    want = whole(x)
+    parts = []
+    for rank in range(2):
+        d = Dropout(0.3).train()
+        d.share = (rank, 2)
+        torch.manual_seed(3)  # every rank's generator is seeded alike
+        parts.append(d(x.chunk(2)[rank]))
+    assert torch.equal(torch.cat(parts), want)

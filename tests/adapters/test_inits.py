@@ -114,6 +114,22 @@ def test_bad_combinations_are_refused(tiny_llama):
     assert set(INITS) == set(LoRAInit) - {LoRAInit.GAUSSIAN}
 
 
+@pytest.mark.parametrize("init", [LoRAInit.PISSA, LoRAInit.OLORA, LoRAInit.NLORA, LoRAInit.LORA_GA])
+def test_a_residual_init_on_a_tied_output_layer_is_refused_before_any_weight_changes(init):
+    """W - ΔW₀ on lm_head would also change the tied input embedding (the model would no longer be
+    the base at step 0, and the rank-2r export would not restore it)."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    before = copy.deepcopy(model.state_dict())
+    lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "lm_head"])
+    with pytest.raises(LorqError, match="lm_head's weight is shared with model.embed_tokens"):
+        compute_starts(model, lora, InitConfig(init=init), batches=batches, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # q_proj untouched too
+
+
 def test_nlora_sketch_never_exceeds_the_weight_and_finds_a_decaying_spectrum():
     from lorq.adapters.init import nlora
 

@@ -218,15 +218,29 @@ def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig,
     from tqdm.auto import tqdm
 
     for m in tqdm(modules, desc=f"init {cfg.init.value}", unit="layer", disable=not progress):
-        weight = model.get_submodule(m).weight
-        W = weight.detach().float()
+        W = model.get_submodule(m).weight.detach().float()
         if lora.rank > min(W.shape):
             raise LorqError(f"rank {lora.rank} exceeds {m}'s smaller dimension {min(W.shape)}")
-        start = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg)
+        starts[m] = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg)
+    tied = sorted(m for m in shared_weights(model) if m in starts and starts[m].residual)
+    if tied:  # W - ΔW₀ would change the other user of the weight too (a tied input embedding)
+        raise LorqError(f"--init {cfg.init.value} subtracts its start from the base weight, and {tied[0]}'s weight is shared "
+                        f"with {', '.join(sorted(shared_weights(model)[tied[0]] - {tied[0]}))}; leave {tied[0]} out of --targets")
+    for m, start in starts.items():  # only once every start is known: a refused run leaves the model as it was
         if start.residual:
-            weight.copy_((W - start.delta(scaling)).to(weight.dtype))
-        starts[m] = start
+            weight = model.get_submodule(m).weight
+            weight.copy_((weight.detach().float() - start.delta(scaling)).to(weight.dtype))
     return starts
+
+
+def shared_weights(model: nn.Module) -> dict[str, set[str]]:
+    """Modules whose weight is also another module's (tied embeddings): name -> every user's name."""
+    users: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight")
+        if w is not None:
+            users.setdefault(id(w), set()).add(name)
+    return {n: names for names in users.values() if len(names) > 1 for n in names}
 
 
 @torch.no_grad()

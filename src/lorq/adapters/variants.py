@@ -76,12 +76,17 @@ class Dropout(nn.Module):
     """Inverted dropout whose mask comes from 16 random bits per element, four elements per 64-bit
     draw: on CPU several times cheaper than `bernoulli_`, which drew one random number per element
     and was the adapters' largest cost in a training step. p is used rounded to a multiple of
-    2⁻¹⁶, and kept values are scaled by 1 / (1 - that p), so the expectation is exact."""
+    2⁻¹⁶, and kept values are scaled by 1 / (1 - that p), so the expectation is exact.
+
+    `share` = (rank, ranks) under data parallelism: every rank draws the mask of the whole
+    micro-batch (their generators are seeded alike) and keeps its own contiguous rows, so the
+    masks are those of one process training on the same global batch."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
         self.dropped = round(p * 65536)  # of the 65536 values of an int16
+        self.share = (0, 1)
 
     @property
     def active(self) -> bool:
@@ -92,9 +97,9 @@ class Dropout(nn.Module):
         a linear map can take the factor on its smaller side."""
         if not self.active:
             return x, 1.0
-        n = x.numel()
-        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= -32768 + self.dropped
+        n, (rank, ranks) = x.numel(), self.share
+        bits = torch.randint(-2**63, 2**63 - 1, ((n * ranks + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[rank * n : (rank + 1) * n].view(x.shape) >= -32768 + self.dropped
         return torch.where(keep, x, 0), 65536 / (65536 - self.dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,6 +291,9 @@ class CoreAdapter(Adapter):
     trainable_names = ("R",)
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
+        if rank > min(layer.out_features, layer.in_features):  # the SVD has no more factors than that
+            raise LorqError(f"the core variant's rank {rank} exceeds the smaller dimension of a {layer.out_features}x{layer.in_features} "
+                            f"layer ({min(layer.out_features, layer.in_features)}); lower --rank")
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
         with torch.no_grad():
             U, S, Vh = torch.linalg.svd(base_weight(layer), full_matrices=False)

@@ -202,6 +202,8 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
     plan = build_optimizer(model, optim, cfg.lr, cfg.weight_decay, cfg.seed, cfg.grad_accum, cfg.max_grad_norm, world.size)
     optimizer = plan.optimizer
     adapters = [m for m in model.modules() if isinstance(m, Adapter)]
+    for ad in adapters:  # each rank keeps its rows of the global micro-batch's dropout masks
+        ad.dropout.share = (world.rank, world.size)
     start = 0
     if cfg.resume:
         ckpt = latest_checkpoint(out_dir)
