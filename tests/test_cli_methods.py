@@ -5,6 +5,7 @@ model's final validation perplexity, and impossible combinations are one-line er
 import json
 
 import pytest
+import torch
 
 from test_cli import FAST, one_line_error, run
 
@@ -96,3 +97,21 @@ def test_impossible_combinations_are_one_line_errors(tiny_model_dir, tmp_path, c
     one_line_error(capsys, *base, "--variant", "peqa", "--format", "int", "--lowrank", "loftq", "--lowrank-as", "compensate",
                    match="starts from the quantizer's own parameters")
     one_line_error(capsys, *base, "--variant", "core", "--rank", "100", "--format", "none", match="lower --rank")
+
+
+def test_a_finished_dylora_run_exports_again_at_another_rank(tiny_model_dir, tmp_path, capsys):
+    """DyLoRA trains every rank <= r at once: --resume with another --dylora-rank retrains nothing
+    and writes the same adapter cut at the new rank."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dy"
+    finetune(capsys, tiny_model_dir, out, "--variant", "dylora", "--format", "none", "--dylora-rank", "2")
+    first = load_file(out / "adapter" / "adapter_model.safetensors")
+    s = finetune(capsys, tiny_model_dir, out, "--variant", "dylora", "--format", "none", "--dylora-rank", "3", "--resume")
+    again = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 3
+    for key, t in first.items():
+        assert again[key].shape[0 if "lora_A" in key else 1] == 3
+        cut = again[key][:2] if "lora_A" in key else again[key][:, :2]
+        assert torch.equal(cut, t)
+    assert reloaded_ppl(capsys, tiny_model_dir, out / "adapter", "--precision", "fp32") == pytest.approx(s["ppl_after"], rel=1e-3)

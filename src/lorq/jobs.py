@@ -232,8 +232,10 @@ RUN_MARKER = "lorq_run.json"  # written first into every run directory: what lor
 RUN_MARKERS = (RUN_MARKER, "checkpoints/latest")  # the latter: runs of lorq before the marker
 RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.png", "summary.json", RUN_MARKER)
 # options that may change on --resume: they do not change the trained result (more --steps
-# continue a finished run)
-RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output"}
+# continue a finished run;
+# dylora_rank only picks the rank the trained nested adapter is evaluated and exported at)
+RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output",
+               "dylora_rank"}
 
 
 def flat_options(cfg: FinetuneConfig) -> dict:

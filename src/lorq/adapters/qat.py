@@ -43,7 +43,10 @@ class PEQAAdapter(Adapter):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
         base = layer.base
         if not isinstance(base, QuantizedLinear) or QuantFormat(base.cfg.format) is not QuantFormat.INT or base.rank:
-            raise LorqError("the peqa variant trains the scales of an INT-k base: use --format int (without --lowrank)")
+            got = (QuantFormat(base.cfg.format).value + (" with low-rank compensation" if base.rank else "")
+                   if isinstance(base, QuantizedLinear) else "dense")
+            raise LorqError(f"the peqa variant trains the scales of an INT-k base (--format int, without --lowrank); this base is {got} "
+                            "(a --model that is already a quantized checkpoint keeps its own format)")
         qw = base.qweight()
         self.group = qw.group
         self.register_buffer("scale0", qw.scale.float(), persistent=False)  # (out, groups)
@@ -93,7 +96,8 @@ class L4QAdapter(LowRankAdapter):
                  qat_bits: int = 4, qat_group_size: int = 64, **kw):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
         if not isinstance(layer.base, nn.Linear):
-            raise LorqError("the l4q variant quantizes W + s·B A itself: it needs a dense base (--format none)")
+            raise LorqError("the l4q variant quantizes W + s·B A itself: it needs a dense base (--format none, and a --model "
+                            "that is not already a quantized checkpoint)")
         if qat_bits not in AffineWeight.supported_bits or qat_group_size <= 0 or qat_group_size % 2:  # even: the folded model is an int format
             raise LorqError(f"qat-bits must be one of {AffineWeight.supported_bits} and qat-group-size a positive even number, got {qat_bits} and {qat_group_size}")
         self.bits, self.group = qat_bits, qat_group_size
