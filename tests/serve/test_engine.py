@@ -183,3 +183,23 @@ def test_a_finished_request_leaves_nothing_in_its_kv_slot(tiny_model_dir):
     short, _ = engine.generate([(short_p, None, greedy(6)), (long_p, None, greedy(9))])  # short takes the poisoned slot 0
     assert short.text == alone.text
     assert not any(t.any() for t in engine.pool.k + engine.pool.v)  # every slot freed, moved-from ones too
+
+
+def test_the_kv_cache_stays_within_its_budget_and_is_given_back(tiny_model_dir):
+    """One long request used to size every batch slot to its length for the server's lifetime.
+    Now requests wait until the running ones leave room, outputs are unchanged, and the pool
+    shrinks once the long sequence has left."""
+    engine, _, tok = engine_for(tiny_model_dir, None, max_batch=8)
+    one = engine.pool.bytes_for(1, 200)
+    engine.kv_budget = 2 * one  # two long sequences at a time
+    prompts = [encode_prompt(tok, p) for p in PROMPTS[:5]]
+    alone = [engine.generate([(p, None, greedy(150))])[0].text for p in prompts[:2]]
+    peak, fit = [], engine.pool.fit
+    engine.pool.fit = lambda *a: (fit(*a), peak.append(engine.pool.nbytes))
+    seqs = engine.generate([(p, None, greedy(150)) for p in prompts])
+    assert max(peak) <= engine.kv_budget
+    assert [s.text for s in seqs[:2]] == alone
+    assert engine.pool.nbytes <= engine.pool.bytes_for(1, 1)  # nothing running: back to the smallest pool
+    engine.kv_budget = one // 2
+    with pytest.raises(LorqError, match="needs .* MiB of KV cache, more than the server's budget"):
+        engine.submit(prompts[0], None, greedy(150), lambda d, r: None)

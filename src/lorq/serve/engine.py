@@ -10,6 +10,7 @@ submit requests and receive text deltas through a callback.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import threading
 import time
@@ -34,12 +35,13 @@ class EngineConfig:
     max_batch: int = opt(32, "most sequences decoding together in one step")
     max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
     max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
-    max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context); bounds the KV cache, which holds max-batch sequences of the longest length seen")
+    max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context)")
+    kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA): a request waits until the running ones leave it room; one that alone needs more is refused")
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
-        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0:
-            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len >= 0")
+        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0 or self.kv_cache_mb < 0:
+            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len and kv-cache-mb >= 0")
         check_patterns(self.targets)
         return self
 
@@ -157,6 +159,21 @@ def eos_ids(model: nn.Module, tok) -> set[int]:
     return set(ids if isinstance(ids, (list, tuple)) else [ids]) - {None}
 
 
+def final_length(seq: Sequence) -> int:
+    """The most positions a sequence can fill: its prompt and every token it may generate."""
+    return len(seq.prompt) + seq.params.max_tokens
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """A quarter of the memory the KV cache lives in."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a fixed 4 GiB
+        return 4 * 2**30
+
+
 class Engine:
     """Continuous-batching generation over a base model with per-token adapters."""
 
@@ -175,8 +192,9 @@ class Engine:
         self.eos = eos_ids(model, tok)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        self.pool = KVPool(self.num_layers, self.cfg.max_batch, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                           getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, self.dtype, 64, self.device)
+        self.pool = KVPool(self.num_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                           getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, self.dtype, self.device)
+        self.kv_budget = self.cfg.kv_cache_mb * 2**20 or default_kv_budget(self.device)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.lock = threading.Condition()
@@ -195,6 +213,10 @@ class Engine:
             raise LorqError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_length:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
+        need = self.pool.bytes_for(1, len(prompt) + params.max_tokens)
+        if need > self.kv_budget:
+            raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need / 2**20:.0f} MiB of KV cache, "
+                            f"more than the server's budget of {self.kv_budget / 2**20:.0f} MiB (--kv-cache-mb)")
         seq = Sequence(list(prompt), adapter, params, on_event)
         if arrival is not None:  # when the request reached the server, before tokenizing and reading its adapter
             seq.arrival = arrival
@@ -234,12 +256,17 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the batch: up to max_batch sequences and max_batch_tokens
-        prompt tokens per step (at least one request, so a long prompt is never stuck)."""
+        prompt tokens per step (at least one request, so a long prompt is never stuck), while
+        the KV cache of all of them at their final lengths fits its budget (one alone always does)."""
         new, tokens = [], 0
+        longest = max((final_length(s) for s in self.running), default=0)
         with self.lock:
             while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
                 seq = self.waiting[0]
                 if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
+                    break
+                longest = max(longest, final_length(seq))
+                if self.running + new and self.pool.bytes_for(len(self.running) + len(new) + 1, longest) > self.kv_budget:
                     break
                 self.waiting.popleft()
                 new.append(seq)
@@ -267,7 +294,7 @@ class Engine:
             last.append(len(ids) - 1)
             if seq.adapter is not None:
                 prefill.append((seq.adapter, start, len(ids)))
-        self.pool.reserve(max(positions) + 1)
+        self.pool.fit(len(batch), max(final_length(s) for s in batch))
         dev = self.device
         packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev), [(s.slot, len(s.prompt)) for s in new])
         self.step_ref.plan = StepPlan(prefill, decode, dev) if prefill or decode else None
@@ -310,6 +337,8 @@ class Engine:
         self.running = sorted(alive, key=lambda s: s.slot)
         for seq in gone:
             seq.slot = -1
+        if not self.waiting:  # waiting requests join at the next step: no shrinking to regrow
+            self.pool.shrink(len(self.running), max((final_length(s) for s in self.running), default=0))
 
     def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
@@ -364,6 +393,7 @@ class Engine:
                     seq.slot = -1
                     if seq.finish_reason is None:
                         self.finish(seq, "error")
+                self.pool.shrink(0, 0)
 
     def stop(self) -> None:
         """Finish everything admitted or waiting, then end the thread."""

@@ -23,11 +23,16 @@ ATTENTION = "lorq_ragged"
 
 
 class KVPool:
-    """Keys and values of up to `slots` sequences for every layer; capacity grows by doubling."""
+    """Keys and values of the running sequences for every layer, (slots, kv_heads, capacity, dim).
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64,
-                 device: torch.device | str = "cpu"):
-        self.shape = (slots, kv_heads, capacity, head_dim)
+    Sized to the batch, not to the worst case: `fit` grows it to the running sequences and the
+    longest length any of them may reach (prompt + max_tokens, so a step never regrows it
+    mid-generation), `shrink` gives memory back once the long or many sequences have left."""
+
+    LENGTH_STEP = 64  # capacities round up to this: fewer reallocations as the batch changes
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.shape = (0, kv_heads, 0, head_dim)
         self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
 
@@ -35,18 +40,37 @@ class KVPool:
     def capacity(self) -> int:
         return self.shape[2]
 
-    def reserve(self, length: int) -> None:
-        """Make room for `length` positions in every slot."""
-        if length <= self.capacity:
-            return
-        cap = max(length, 2 * self.capacity)
-        old = self.capacity
-        self.shape = self.shape[:2] + (cap, self.shape[3])
-        for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                grown = t.new_zeros(self.shape)
-                grown[:, :, :old] = t
-                cache[i] = grown
+    def planned(self, slots: int, length: int) -> tuple[int, int]:
+        """The (slots, capacity) a pool for `slots` sequences of up to `length` positions takes."""
+        return max(slots, 1), -(-max(length, 1) // self.LENGTH_STEP) * self.LENGTH_STEP
+
+    def bytes_for(self, slots: int, length: int) -> int:
+        n, cap = self.planned(slots, length)
+        return 2 * len(self.k) * n * self.shape[1] * cap * self.shape[3] * self.k[0].element_size()
+
+    def resize(self, slots: int, capacity: int, keep: int) -> None:
+        """Reallocate at (slots, capacity), keeping the first `keep` slots' entries that fit."""
+        old = self.shape
+        self.shape = (slots, old[1], capacity, old[3])
+        rows, cols = min(keep, slots, old[0]), min(capacity, old[2])
+        with torch.inference_mode(False):  # called inside a step: still a tensor that clear() may write outside one
+            for cache in (self.k, self.v):
+                for i, t in enumerate(cache):
+                    new = t.new_zeros(self.shape)
+                    new[:rows, :, :cols] = t[:rows, :, :cols]
+                    cache[i] = new
+
+    def fit(self, slots: int, length: int) -> None:
+        """Room for `slots` sequences of up to `length` positions (it only grows here)."""
+        if slots > self.shape[0] or length > self.capacity:
+            n, cap = self.planned(slots, length)
+            self.resize(max(n, self.shape[0]), max(cap, self.capacity), self.shape[0])
+
+    def shrink(self, slots: int, length: int) -> None:
+        """Down to what `slots` sequences of up to `length` positions need, when that is at most
+        half of what is held (the first `slots` slots are kept)."""
+        if 2 * self.bytes_for(slots, length) <= self.nbytes:
+            self.resize(*self.planned(slots, length), keep=slots)
 
     def move(self, src: int, dst: int, length: int) -> None:
         for cache in (self.k, self.v):
@@ -57,8 +81,9 @@ class KVPool:
         """Zero a slot's first `length` positions (all if None). A decoding sequence reads its slot
         up to the batch's longest length, masked past its own; the mask weighs stale entries by 0,
         but 0 x NaN is NaN, so a freed slot must not keep what a diverged request wrote."""
-        for t in self.k + self.v:
-            t[slot, :, :length].zero_()
+        if slot < self.shape[0]:
+            for t in self.k + self.v:
+                t[slot, :, :length].zero_()
 
     @property
     def nbytes(self) -> int:
