@@ -93,6 +93,39 @@ def test_dora_magnitude_starts_at_the_row_norms_of_a_quantized_base():
     assert torch.allclose(layer(x), q(x), atol=1e-5)
 
 
+def test_dora_with_dropout_on_a_quantized_base_keeps_no_float_weight_for_backward():
+    """Dropout makes DoRA multiply the dropped input by the base weight again: through the
+    quantized layer's own matmul, which dequantizes in forward and again in backward, not by a
+    dequantized copy autograd would hold until backward. Same values and gradients either way."""
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), FormatConfig(format="nf", bits=4))
+    layer = LoRALinear(q)
+    ad = layer.add("a", 4, 8.0, dropout=0.3, variant=Variant.DORA)
+    perturb(ad)
+    layer.train()
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        torch.manual_seed(7)
+        y = layer(x)
+    assert (32, 64) not in saved
+    y.square().sum().backward()
+    # reference: the same mask, the dequantized weight spelled out
+    torch.manual_seed(7)
+    xd = ad.dropout(x.detach())
+    x2 = x.detach().clone().requires_grad_(True)
+    w = q.dequantize()
+    A, B = ad.A.detach().clone().requires_grad_(True), ad.B.detach().clone()
+    merged = w + ad.scaling * B @ A
+    scale = ad.magnitude.detach() / merged.detach().norm(dim=1)
+    kept = x2 * (xd / x.detach())  # the dropped input, differentiable in x2 (x has no zeros)
+    ref = x2 @ w.T + q.bias + (scale - 1) * (kept @ w.T) + scale * (kept @ A.T @ B.T) * ad.scaling
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(ad.A.grad, A.grad, atol=1e-3, rtol=1e-3)
+
+
 def test_dylora_uses_nested_ranks_with_their_own_scaling():
     layer, ad = layer_with(Variant.DYLORA, rank=8)
     perturb(ad)

@@ -226,19 +226,21 @@ class DoRAAdapter(LowRankAdapter):
         self.magnitude.copy_(torch.linalg.vector_norm(w, dim=1))
 
     def scale(self, layer, dtype) -> torch.Tensor:
-        w = base_weight(layer, dtype) + super().delta_weight().to(dtype)  # (out, in)
-        norm = torch.linalg.vector_norm(w, dim=1).detach()  # treated as a constant (DoRA §4.3)
+        with torch.no_grad():  # the norm is treated as a constant (DoRA §4.3): no graph holds W + sBA
+            w = base_weight(layer, dtype) + super().delta_weight().to(dtype)  # (out, in)
+            norm = torch.linalg.vector_norm(w, dim=1)
         return self.magnitude.to(dtype) / norm  # (out,)
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         dtype = compute_dtype_of(x, self.A)
         scale = self.scale(layer, dtype)
-        if not self.dropout.active:
-            bias = base_bias(layer)
-            plain = base_out - bias.to(base_out.dtype) if bias is not None else base_out  # W x
-        else:  # dropout applies to both terms, as PEFT does
+        bias = base_bias(layer)
+        if self.dropout.active:  # dropout applies to both terms, as PEFT does
             x = self.dropout(x)
-            plain = F.linear(x.to(dtype), base_weight(layer, dtype))
+            # through the base layer itself: a quantized one dequantizes inside its own matmul
+            # and keeps no float weight for backward
+            base_out = layer.base(x.to(dtype))
+        plain = base_out - bias.to(base_out.dtype) if bias is not None else base_out  # W x
         lora = F.linear(F.linear(x.to(dtype), self.A), self.B) * self.scaling
         return (scale - 1) * plain.to(dtype) + scale * lora
 
