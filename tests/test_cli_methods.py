@@ -54,12 +54,14 @@ def test_pissa_on_a_quantized_base_quantizes_the_residual(tiny_model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("extra", [["--variant", "peqa", "--format", "int", "--bits", "4", "--group-size", "32"],
-                                   ["--variant", "l4q", "--format", "none", "--qat-group-size", "32"]])
+                                   ["--variant", "l4q", "--format", "none", "--qat-group-size", "32"],
+                                   ["--variant", "l4q", "--format", "none", "--qat-group-size", "32", "--targets", "q_proj"]])
 def test_quantization_aware_variants_write_a_quantized_model(tiny_model_dir, tmp_path, capsys, extra):
     s = finetune(capsys, tiny_model_dir, tmp_path / "run", *extra)
     assert s["ppl_after"] != s["ppl_before"] and (tmp_path / "run" / "model" / "lorq_quant.json").is_file()
     meta = json.loads((tmp_path / "run" / "model" / "lorq_quant.json").read_text())
     assert all(m["format"] == "int" for m in meta["modules"].values())
+    assert len(meta["modules"]) == 14  # every decoder linear of the 2-layer model, trained (--targets) or not
     # the written model is the product, evaluated as such
     assert reloaded_ppl(capsys, tmp_path / "run" / "model", None, "--precision", "fp32") == pytest.approx(s["ppl_after"], rel=1e-3)
 

@@ -326,6 +326,17 @@ def check_method(cfg: FinetuneConfig, lowrank: bool, say) -> None:
         say("lorq: note: --init lora-sb trains an r×r core between frozen factors: using --variant core", flush=True)
 
 
+def quantize_untrained_linears(model, lora: LoRAConfig, say) -> None:
+    """L4Q's product is one quantized model: decoder linears outside --targets get its INT-k
+    format by round-to-nearest."""
+    rule = Rule(DECODER_LINEARS, FormatConfig(format="int", bits=lora.qat_bits, group_size=lora.qat_group_size, symmetric=True))
+    rest = plan_modules(model, [rule])  # the float nn.Linear ones: the trained layers are quantized already
+    if rest:
+        say(f"lorq: note: l4q trained the layers matching --targets; the {len(rest)} other decoder linears are quantized to "
+            f"INT{lora.qat_bits} g{lora.qat_group_size} by round-to-nearest", flush=True)
+        quantize_model(model, [rule], progress=False)
+
+
 def init_batches(train_blocks, cfg: FinetuneConfig) -> list:
     """The first --init-batches training micro-batches, in training order."""
     from .train.loop import batch_indices
@@ -439,6 +450,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     quantized_result = cfg.lora.variant in QAT_VARIANTS and not full
     if quantized_result:  # the product is the quantized model itself: evaluate what is written
         fold_quantized(model, cfg.lora.adapter_name)
+        if cfg.lora.variant is Variant.L4Q:
+            quantize_untrained_linears(model, cfg.lora, say)
     after = perplexity(model, val_eval, cfg.train.batch_size, precision, progress=world.main, desc="eval after", nll=nll)
     whole = gathered(model.state_dict(keep_vars=True)) if nll is not None else None  # every rank takes part
     writes_model = full or quantized_result  # a model, not an adapter, is the result
