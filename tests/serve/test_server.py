@@ -90,9 +90,31 @@ def test_load_and_unload_adapters_only_from_the_root(live, many_adapters, tmp_pa
         post("/unload_lora_adapter", {"lora_name": "extra"})
 
 
+def test_n_choices_per_prompt_each_sampled_on_its_own(live, ref):
+    c = client(live)
+    greedy = c.completions.create(model="ad4", prompt=PROMPTS[:2], max_tokens=5, temperature=0, n=3)
+    texts = [ch.text for ch in sorted(greedy.choices, key=lambda ch: ch.index)]
+    assert texts == [ref("ad4", p, 5, chat=False) for p in PROMPTS[:2] for _ in range(3)]  # choice i·n + j: prompt i
+    assert greedy.usage.completion_tokens == 30
+    alone = [c.completions.create(model="ad4", prompt=p, max_tokens=1, temperature=0).usage.prompt_tokens for p in PROMPTS[:2]]
+    assert greedy.usage.prompt_tokens == sum(alone)  # each prompt counted once, not once per choice
+    msgs = [{"role": "user", "content": PROMPTS[1]}]
+    sampled = c.chat.completions.create(model="ad6", messages=msgs, max_tokens=12, temperature=1.0, seed=5, n=4)
+    answers = [ch.message.content for ch in sorted(sampled.choices, key=lambda ch: ch.index)]
+    assert len(set(answers)) > 1  # not four copies of one sample
+    again = c.chat.completions.create(model="ad6", messages=msgs, max_tokens=12, temperature=1.0, seed=5, n=4)
+    assert [ch.message.content for ch in sorted(again.choices, key=lambda ch: ch.index)] == answers  # reproducible
+    first = c.chat.completions.create(model="ad6", messages=msgs, max_tokens=12, temperature=1.0, seed=5)
+    assert first.choices[0].message.content == answers[0]  # choice 0 is the request's own seed
+    chunks = list(c.chat.completions.create(model="ad6", messages=msgs, max_tokens=12, temperature=1.0, seed=5, n=4, stream=True))
+    streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i) for i in range(4)]
+    assert streamed == answers
+    assert sorted(ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason) == [0, 1, 2, 3]
+
+
 def test_invalid_requests_get_400_and_unknown_models_404(live):
     c = client(live)
-    for kw in (dict(temperature=5), dict(max_tokens=0), dict(top_p=0), dict(n=2), dict(max_tokens=10_000), dict(stop=["a"] * 5)):
+    for kw in (dict(temperature=5), dict(max_tokens=0), dict(top_p=0), dict(n=0), dict(n=129), dict(max_tokens=10_000), dict(stop=["a"] * 5)):
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="ad0", prompt="hi", **{"max_tokens": 4, **kw})
     with pytest.raises(openai.BadRequestError):

@@ -46,7 +46,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, ge=1)
+    n: int | None = Field(1, ge=1, le=128)  # choices per prompt, each sampled on its own
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -61,7 +61,7 @@ class SamplingFields(BaseModel):
 
     def check_supported(self) -> None:
         unsupported = {
-            "n": self.n not in (None, 1), "presence_penalty": bool(self.presence_penalty),
+            "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias),
             "logprobs": self.logprobs is not None and self.logprobs is not False, "top_logprobs": bool(self.top_logprobs),
             "top_k": self.top_k not in (None, 0, -1), "min_tokens": bool(self.min_tokens),
@@ -167,16 +167,18 @@ def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chat_object(rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+def chat_object(rid: str, model: str, results: list[tuple[str, str]], use: dict) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+                    for i, (text, reason) in enumerate(results)],
         "usage": use,
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+def chat_chunk(rid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None,
+               index: int = 0) -> dict:
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use

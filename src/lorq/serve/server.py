@@ -113,21 +113,23 @@ class Server:
             text = text.replace(f"{root}{os.sep}", "").replace(str(root), "the adapter root")
         return APIError(400, f"adapter {name!r} cannot be loaded: {text}", param=param)
 
-    async def start(self, model: str, prompts: list[list[int]], params: SamplingParams, arrival: float):
-        """Submit one sequence per prompt; events arrive on the returned queue as (index, delta, reason)."""
+    async def start(self, model: str, prompts: list[list[int]], params: SamplingParams, arrival: float, n: int = 1):
+        """Submit n sequences per prompt (choice i·n + j is prompt i's j-th); events arrive on the
+        returned queue as (choice index, delta, reason)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
-        if len(prompts) > self.engine.cfg.max_queue:  # could never be queued at once: not a "retry later"
-            raise APIError(400, f"{len(prompts)} prompts in one request, more than the queue holds ({self.engine.cfg.max_queue})", param="prompt")
+        if len(prompts) * n > self.engine.cfg.max_queue:  # could never be queued at once: not a "retry later"
+            raise APIError(400, f"{len(prompts)} prompts x n = {n} in one request, more than the queue holds ({self.engine.cfg.max_queue})",
+                           param="n" if n > 1 else "prompt")
         try:
-            for i, prompt in enumerate(prompts):
+            for i, prompt in enumerate(p for p in prompts for _ in range(n)):
                 adapter = await self.adapter_for(model)
 
                 def on_event(delta, reason, i=i):
                     loop.call_soon_threadsafe(events.put_nowait, (i, delta, reason))
 
                 try:
-                    seqs.append(self.engine.submit(prompt, adapter, SamplingParams(**vars(params)), on_event, arrival=arrival))
+                    seqs.append(self.engine.submit(prompt, adapter, choice_params(params, i % n), on_event, arrival=arrival))
                 except BaseException:
                     if adapter is not None:
                         self.store.release(adapter.name)
@@ -169,6 +171,20 @@ class Server:
         if "error" in reasons:
             raise server_error()
         return list(zip(texts, reasons))
+
+
+def choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The j-th choice's sampling: a request's seed gives each choice its own stream (seed + j),
+    so the n answers differ and each is reproducible."""
+    out = SamplingParams(**vars(params))
+    if j and out.seed is not None:
+        out.seed = (out.seed + j) % 2**64
+    return out
+
+
+def prompt_tokens(seqs: list[Sequence], n: int) -> int:
+    """Each prompt counted once, however many choices it has."""
+    return sum(len(s.prompt) for s in seqs[::n])
 
 
 async def client_gone(request: Request) -> None:
@@ -309,13 +325,14 @@ def create_app(server: Server) -> FastAPI:
         arrival = time.perf_counter()
         prompts = await run_in_threadpool(lambda: [encode(server, p, chat=False) for p in req.prompts()])  # off the event loop
         params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
-        seqs, events = await server.start(req.model, prompts, params, arrival)
+        n = req.n or 1
+        seqs, events = await server.start(req.model, prompts, params, arrival, n)
         rid = new_id("cmpl")
         if req.stream:
             return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
         choices = [completion_choice(i, text, reason) for i, (text, reason) in enumerate(results)]
-        return completion_object(rid, req.model, choices, usage(sum(len(s.prompt) for s in seqs), sum(len(s.generated) for s in seqs)))
+        return completion_object(rid, req.model, choices, usage(prompt_tokens(seqs, n), sum(len(s.generated) for s in seqs)))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -327,12 +344,12 @@ def create_app(server: Server) -> FastAPI:
         prompt = await run_in_threadpool(encode, server, text, True)
         limit = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), max(server.engine.max_length - len(prompt), 1))
         params = req.sampling(limit)
-        seqs, events = await server.start(req.model, [prompt], params, arrival)
+        seqs, events = await server.start(req.model, [prompt], params, arrival, req.n or 1)
         rid = new_id("chatcmpl")
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
-        (text, reason), = await server.collect(seqs, events, request)
-        return chat_object(rid, req.model, text, reason, usage(len(seqs[0].prompt), len(seqs[0].generated)))
+        results = await server.collect(seqs, events, request)
+        return chat_object(rid, req.model, results, usage(len(seqs[0].prompt), sum(len(s.generated) for s in seqs)))
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(req: LoadAdapterRequest):
@@ -373,7 +390,7 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
             if delta or reason is not None:
                 yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
         if req.include_usage:
-            yield sse(completion_object(rid, req.model, [], usage(sum(len(s.prompt) for s in seqs), sum(len(s.generated) for s in seqs)), chunk=True))
+            yield sse(completion_object(rid, req.model, [], usage(prompt_tokens(seqs, req.n or 1), sum(len(s.generated) for s in seqs)), chunk=True))
         yield "data: [DONE]\n\n"
     finally:
         server.abort(seqs)
@@ -381,19 +398,21 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
 
 async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
     try:
-        yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}))
-        while True:
-            _, delta, reason = await events.get()
+        for i in range(len(seqs)):
+            yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, index=i))
+        left = len(seqs)
+        while left:
+            i, delta, reason = await events.get()
             if reason == "error":
                 yield sse(server_error().body())
                 return
             if delta:
-                yield sse(chat_chunk(rid, req.model, {"content": delta}))
+                yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i))
             if reason is not None:
-                yield sse(chat_chunk(rid, req.model, {}, reason))
-                break
+                yield sse(chat_chunk(rid, req.model, {}, reason, index=i))
+                left -= 1
         if req.include_usage:
-            yield sse(chat_chunk(rid, req.model, None, use=usage(len(seqs[0].prompt), len(seqs[0].generated))))
+            yield sse(chat_chunk(rid, req.model, None, use=usage(len(seqs[0].prompt), sum(len(s.generated) for s in seqs))))
         yield "data: [DONE]\n\n"
     finally:
         server.abort(seqs)
