@@ -457,3 +457,18 @@ def test_options_that_cannot_work_are_refused_before_any_evaluation_or_training(
     code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", tmp_path / "run", *FAST, *extra)
     assert code == 2 and match in err, err
     assert "perplexity before" not in stdout and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_device_choice(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """auto runs where CUDA is, else on the CPU; cuda without a GPU is a one-line error."""
+    from lorq.errors import LorqError
+    from lorq.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type == "cpu"
+    with pytest.raises(LorqError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    for command in (["finetune", "--output", tmp_path / "x"], ["eval"], ["generate"], ["serve"]):
+        one_line_error(capsys, *command, "--model", tiny_model_dir, "--device", "cuda", match="sees no CUDA GPU")
+    code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", "3")
+    assert code == 0, err

@@ -19,7 +19,7 @@ from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
 from .io import atomic_dir, check_file, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, load_model, model_context
+from .models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, resolve_device
 from .options import opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
@@ -63,6 +63,7 @@ class QuantizeConfig:
 class FinetuneConfig:
     model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     output: str = opt("runs/finetune", "run directory: adapter/, metrics.jsonl, loss.png, checkpoints/")
+    device: Device = opt(Device.AUTO, DEVICE_HELP)
     quant: FormatConfig = field(default_factory=FormatConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -83,6 +84,7 @@ class EvalConfig:
     block_size: int = opt(256, "tokens per block")
     batch_size: int = opt(4, "blocks per forward pass")
     precision: Precision = opt(Precision.FP32, "compute precision: fp32, bf16 or auto")
+    device: Device = opt(Device.AUTO, DEVICE_HELP)
     quant: FormatConfig = field(default_factory=no_quant)
 
 
@@ -96,6 +98,7 @@ class GenerateConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold")
     seed: int = opt(0, "sampling seed")
     chat: bool = opt(True, "wrap the prompt in the tokenizer's chat template")
+    device: Device = opt(Device.AUTO, DEVICE_HELP)
     quant: FormatConfig = field(default_factory=no_quant)
 
 
@@ -235,7 +238,7 @@ RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.p
 # continue a finished run;
 # dylora_rank only picks the rank the trained nested adapter is evaluated and exported at)
 RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "fsdp", "output",
-               "dylora_rank"}
+               "dylora_rank", "device"}
 
 
 def flat_options(cfg: FinetuneConfig) -> dict:
@@ -362,7 +365,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     cfg.data.validate()
     cfg.start.validate()
     cfg.optim.validate()
-    world = init_world()  # torchrun: data-parallel ranks; rank 0 prints and writes
+    device = resolve_device(cfg.device)
+    world = init_world(device)  # torchrun: data-parallel ranks; rank 0 prints and writes
     check_divisible(cfg.train.batch_size, world)
     check_fsdp(cfg.train, cfg.optim, world)
     cfg.optim.check_accumulation(cfg.train.grad_accum, world.size)
@@ -431,7 +435,8 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         apply_starts(model, cfg.lora.adapter_name, starts)
         what = (f"{cfg.lora.variant.value} r={cfg.lora.rank} ({cfg.start.init.value} init, {cfg.optim.optimizer.value}) "
                 f"on {len(wrapped)} layers")
-    precision = resolve(cfg.train.precision, next(model.parameters()).device)
+    model.to(device)  # loaded, quantized and initialized on the CPU; trained where --device says
+    precision = resolve(cfg.train.precision, device)
     val_eval = val_blocks.take(cfg.train.eval_blocks or None)
     say(f"lorq: base {path}{' quantized to ' + ', '.join(report.summary()['formats']) if report else ''}; "
           f"{what}, {trainable_count(model):,} trainable parameters; "
@@ -491,14 +496,15 @@ def inference_base(model_name: str, quant: FormatConfig, check_config=None) -> B
     return base
 
 
-def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None, check_config=None):
+def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None, check_config=None, device: Device = Device.CPU):
+    device = resolve_device(device)  # before anything is read: --device cuda without a GPU fails at once
     if adapter is not None and not Path(adapter).is_dir():  # before the model is loaded
         raise LorqError(f"adapter directory {adapter} not found" + (" (it is a file)" if Path(adapter).is_file() else ""))
     base = inference_base(model_name, quant, check_config)
     model, tok, path = base.model, base.tok, base.path
     if adapter:
         load_peft(model, adapter)
-    return model, tok, path
+    return model.to(device), tok, path
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -506,7 +512,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise LorqError("eval-blocks must be >= 0 and batch-size positive")
     DataConfig(block_size=cfg.block_size).validate()
     check_file(cfg.data_file, "data file")
-    model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_block_size(config, cfg.block_size))
+    model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_block_size(config, cfg.block_size), cfg.device)
     data = DataConfig(block_size=cfg.block_size)
     blocks = eval_blocks(tok, data, cfg.data_file)
     if cfg.data_file is None:
@@ -527,7 +533,7 @@ def run_generate(cfg: GenerateConfig) -> str:
         cfg.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
-    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens))
+    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens), cfg.device)
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
     print(text)
     return text
@@ -536,6 +542,7 @@ def run_generate(cfg: GenerateConfig) -> str:
 def run_serve(cfg: ServeConfig) -> None:
     cfg.validate()
     check_address(cfg.host, cfg.port)
+    device = resolve_device(cfg.device)
     base = inference_base(cfg.model, cfg.quant, lambda config: check_max_model_len(config, cfg.engine.max_model_len))
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
-    serve(build_server(base.model, base.tok, name, cfg), cfg)
+    serve(build_server(base.model.to(device), base.tok, name, cfg), cfg)

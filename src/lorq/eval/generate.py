@@ -28,7 +28,7 @@ def check_new_tokens(config, max_new_tokens: int) -> None:
 
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
-    ids = torch.tensor([encode_prompt(tok, prompt, chat)])
+    ids = torch.tensor([encode_prompt(tok, prompt, chat)], device=next(model.parameters()).device)
     if ids.shape[1] == 0:
         raise LorqError("the prompt is empty (give text, or use the chat template)")
     context = model_context(model.config)

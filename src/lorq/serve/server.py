@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LorqError
 from ..eval.generate import chat_text, encode_prompt
-from ..models.loading import DEFAULT_MODEL, MODEL_HELP
+from ..models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, Device
 from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
@@ -46,6 +46,7 @@ class ServeConfig:
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1; unset: $LORQ_API_KEY if set, else no key")
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port to listen on")
+    device: Device = opt(Device.AUTO, DEVICE_HELP)
     adapter_cache_mb: float = opt(2048.0, "memory budget of the adapter weight cache (LRU; adapters in use are kept)")
     shutdown_timeout: float = opt(60.0, "seconds in-flight requests get to finish after SIGINT/SIGTERM")
     engine: EngineConfig = field(default_factory=EngineConfig)

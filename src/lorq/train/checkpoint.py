@@ -36,7 +36,10 @@ def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimiz
     with atomic_dir(root / name) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in params.items()}
         save_file(tensors, str(tmp / TRAINABLE))
-        torch.save({"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "optimizer_kind": kind}, tmp / STATE)
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout masks drawn on a GPU come from its generator
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        torch.save({"step": step, "optimizer": optimizer_state, **rng, "optimizer_kind": kind}, tmp / STATE)
         if options is not None:
             write_json(tmp / OPTIONS, options)
     atomic_write_text(root / "latest", name + "\n")
@@ -89,7 +92,7 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_s
                 raise LorqError(f"checkpoint {path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}")
             p.copy_(place(tensors[n], p))
     try:
-        state = torch.load(path / STATE, weights_only=True)
+        state = torch.load(path / STATE, weights_only=True, map_location="cpu")  # load_state_dict moves it to each parameter's device
     except Exception as e:  # a truncated or foreign file; torch raises many kinds
         raise LorqError(f"checkpoint {path / STATE} is unreadable ({type(e).__name__})")
     if state.get("optimizer_kind", kind) != kind:
@@ -100,4 +103,6 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_s
         raise LorqError(f"checkpoint {path} holds optimizer state for other parameter groups ({str(e).splitlines()[0][:120]}); use a new --output")
     at_step(int(state["step"]))
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     return int(state["step"])

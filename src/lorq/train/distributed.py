@@ -48,22 +48,24 @@ class World:
     def all_sum(self, value: float) -> float:
         if not self.distributed:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        nccl = torch.distributed.get_backend() == "nccl"  # it reduces CUDA tensors only
+        t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if nccl else "cpu")
         torch.distributed.all_reduce(t)
         return t.item()
 
 
-def init_world() -> World:
-    """The process group torchrun describes (created once), or a world of one."""
+def init_world(device: torch.device = torch.device("cpu")) -> World:
+    """The process group torchrun describes (created once), or a world of one: nccl for a model
+    on a GPU, gloo on the CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 
