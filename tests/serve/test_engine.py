@@ -185,21 +185,23 @@ def test_a_finished_request_leaves_nothing_in_its_kv_slot(tiny_model_dir):
     assert not any(t.any() for t in engine.pool.k + engine.pool.v)  # every slot freed, moved-from ones too
 
 
-def test_the_kv_cache_stays_within_its_budget_and_is_given_back(tiny_model_dir):
+def test_the_kv_cache_admits_within_its_budget_and_is_given_back(tiny_model_dir):
     """One long request used to size every batch slot to its length for the server's lifetime.
-    Now requests wait until the running ones leave room, outputs are unchanged, and the pool
-    shrinks once the long sequence has left."""
+    Now a request joins only while the pool, at the running sequences' lengths, fits the budget;
+    outputs are unchanged; the pool shrinks once the long sequence has left."""
     engine, _, tok = engine_for(tiny_model_dir, None, max_batch=8)
-    one = engine.pool.bytes_for(1, 200)
-    engine.kv_budget = 2 * one  # two long sequences at a time
-    prompts = [encode_prompt(tok, p) for p in PROMPTS[:5]]
-    alone = [engine.generate([(p, None, greedy(150))])[0].text for p in prompts[:2]]
-    peak, fit = [], engine.pool.fit
-    engine.pool.fit = lambda *a: (fit(*a), peak.append(engine.pool.nbytes))
-    seqs = engine.generate([(p, None, greedy(150)) for p in prompts])
-    assert max(peak) <= engine.kv_budget
-    assert [s.text for s in seqs[:2]] == alone
-    assert engine.pool.nbytes <= engine.pool.bytes_for(1, 1)  # nothing running: back to the smallest pool
-    engine.kv_budget = one // 2
+    long_p = encode_prompt(tok, " ".join(PROMPTS * 3))[:180]
+    shorts = [encode_prompt(tok, p) for p in PROMPTS[:4]]
+    assert all(len(p) < 64 for p in shorts)
+    engine.kv_budget = engine.pool.bytes_for(2, len(long_p))  # the long prompt and one more at its length
+    alone = [engine.generate([(p, None, greedy(8))])[0].text for p in [long_p, *shorts]]
+    seqs = [engine.submit(p, None, greedy(8), lambda d, r: None) for p in [long_p, *shorts]]
+    engine.step()
+    assert len(engine.running) == 2 and engine.pool.nbytes <= engine.kv_budget  # the others wait for room
+    while engine.busy:
+        engine.step()
+    assert [s.text for s in seqs] == alone
+    assert engine.pool.nbytes <= engine.pool.bytes_for(1, 64)  # nothing running: back to the smallest pool
+    engine.kv_budget = engine.pool.bytes_for(1, 64)
     with pytest.raises(LorqError, match="needs .* MiB of KV cache, more than the server's budget"):
-        engine.submit(prompts[0], None, greedy(150), lambda d, r: None)
+        engine.submit(shorts[0], None, greedy(100), lambda d, r: None)

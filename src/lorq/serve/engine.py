@@ -36,7 +36,7 @@ class EngineConfig:
     max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
     max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
     max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context)")
-    kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA): a request waits until the running ones leave it room; one that alone needs more is refused")
+    kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA), checked when a request joins the batch: it waits until the running ones leave it room; one whose prompt + max_tokens alone needs more is refused")
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
@@ -159,9 +159,10 @@ def eos_ids(model: nn.Module, tok) -> set[int]:
     return set(ids if isinstance(ids, (list, tuple)) else [ids]) - {None}
 
 
-def final_length(seq: Sequence) -> int:
-    """The most positions a sequence can fill: its prompt and every token it may generate."""
-    return len(seq.prompt) + seq.params.max_tokens
+def next_length(seq: Sequence) -> int:
+    """The KV positions a sequence fills after its next step: its prompt when it is new, else
+    one more than it has cached."""
+    return len(seq.prompt) + len(seq.generated)
 
 
 def default_kv_budget(device: torch.device) -> int:
@@ -257,15 +258,16 @@ class Engine:
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the batch: up to max_batch sequences and max_batch_tokens
         prompt tokens per step (at least one request, so a long prompt is never stuck), while
-        the KV cache of all of them at their final lengths fits its budget (one alone always does)."""
+        the KV cache of all of them fits its budget (one alone always does). The budget holds at
+        admission; sequences that grow while decoding may take the pool past it."""
         new, tokens = [], 0
-        longest = max((final_length(s) for s in self.running), default=0)
+        longest = max((next_length(s) for s in self.running), default=0)
         with self.lock:
             while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
                 seq = self.waiting[0]
                 if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
                     break
-                longest = max(longest, final_length(seq))
+                longest = max(longest, next_length(seq))
                 if self.running + new and self.pool.bytes_for(len(self.running) + len(new) + 1, longest) > self.kv_budget:
                     break
                 self.waiting.popleft()
@@ -294,7 +296,7 @@ class Engine:
             last.append(len(ids) - 1)
             if seq.adapter is not None:
                 prefill.append((seq.adapter, start, len(ids)))
-        self.pool.fit(len(batch), max(final_length(s) for s in batch))
+        self.pool.fit(len(batch), max(positions) + 1)
         dev = self.device
         packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev), [(s.slot, len(s.prompt)) for s in new])
         self.step_ref.plan = StepPlan(prefill, decode, dev) if prefill or decode else None
@@ -338,7 +340,7 @@ class Engine:
         for seq in gone:
             seq.slot = -1
         if not self.waiting:  # waiting requests join at the next step: no shrinking to regrow
-            self.pool.shrink(len(self.running), max((final_length(s) for s in self.running), default=0))
+            self.pool.shrink(len(self.running), max((next_length(s) for s in self.running), default=0))
 
     def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params

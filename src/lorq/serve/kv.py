@@ -25,9 +25,9 @@ ATTENTION = "lorq_ragged"
 class KVPool:
     """Keys and values of the running sequences for every layer, (slots, kv_heads, capacity, dim).
 
-    Sized to the batch, not to the worst case: `fit` grows it to the running sequences and the
-    longest length any of them may reach (prompt + max_tokens, so a step never regrows it
-    mid-generation), `shrink` gives memory back once the long or many sequences have left."""
+    Sized to the batch, not to the worst case: `fit` grows it to the running sequences and
+    their longest length (by half again at least, so decoding regrows it rarely), `shrink`
+    gives memory back once the long or many sequences have left."""
 
     LENGTH_STEP = 64  # capacities round up to this: fewer reallocations as the batch changes
 
@@ -63,7 +63,7 @@ class KVPool:
     def fit(self, slots: int, length: int) -> None:
         """Room for `slots` sequences of up to `length` positions (it only grows here)."""
         if slots > self.shape[0] or length > self.capacity:
-            n, cap = self.planned(slots, length)
+            n, cap = self.planned(slots, max(length, 3 * self.capacity // 2 if length > self.capacity else 0))
             self.resize(max(n, self.shape[0]), max(cap, self.capacity), self.shape[0])
 
     def shrink(self, slots: int, length: int) -> None:
