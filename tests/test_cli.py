@@ -8,6 +8,7 @@ import torch
 from lorq.cli import main
 
 FAST = ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--eval-every", "3", "--save-every", "3", "--precision", "fp32", "--rank", "4"]
+FULL_FAST = FAST[:-2]  # full-parameter training has no adapter: no --rank
 
 
 def run(capsys, *args):
@@ -454,7 +455,8 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_adapter(tiny_model_di
     (["--optimizer", "lisa", "--format", "none", "--lisa-layers", "100"], "lisa-layers must be in 1..2"),
 ])
 def test_options_that_cannot_work_are_refused_before_any_evaluation_or_training(tiny_model_dir, tmp_path, capsys, extra, match):
-    code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", tmp_path / "run", *FAST, *extra)
+    fast = FULL_FAST if "lisa" in extra else FAST
+    code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", tmp_path / "run", *fast, *extra)
     assert code == 2 and match in err, err
     assert "perplexity before" not in stdout and not (tmp_path / "run" / "checkpoints").exists()
 

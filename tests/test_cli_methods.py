@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 
-from test_cli import FAST, one_line_error, run
-
-
-FULL_FAST = [a for i, a in enumerate(FAST) if "--rank" not in FAST[max(i - 1, 0) : i + 1]]  # no adapter: no --rank
+from test_cli import FAST, FULL_FAST, one_line_error, run
 
 
 def finetune(capsys, tiny_model_dir, out, *extra, fast=FAST) -> dict:
