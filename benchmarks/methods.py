@@ -315,7 +315,8 @@ def main(argv=None) -> int:
         info = previous["machine"]
     result = {"machine": info, "seconds": round(time.perf_counter() - start + (previous or {}).get("seconds", 0), 1),
               "settings": {k: getattr(args, k) for k in (*SETTINGS, "lrs", "jobs")}
-              | {"rank": 16, "alpha": 32, "targets": "all decoder linears", "seed": 0}, "rows": rows}
+              | {"rank": 16, "alpha": 32, "targets": "all decoder linears", "seed": 0}, "rows": rows,
+              "notes": (previous or {}).get("notes", [])}  # dated remarks on rows kept from earlier runs
     result["targets"] = summarize(rows, args)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "methods.json", result)
@@ -381,6 +382,7 @@ def markdown(result) -> str:
                      "the learning rates tried is reported")
     extra += [f"- row renamed on {r['renamed']['date']}: {r['renamed']['why']}; its runs are those measured under its former "
               f"name, {r['renamed']['from']!r}, with the same configuration" for r in result["rows"] if r.get("renamed")]
+    extra += [f"- {note}" for note in result.get("notes", [])]
     lines += ["", *extra, "", "Targets:", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in result["targets"].items()]
     return "\n".join(lines) + "\n"
 
