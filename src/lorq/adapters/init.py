@@ -222,10 +222,11 @@ def compute_starts(model: nn.Module, lora: LoRAConfig, cfg: InitConfig,
         if lora.rank > min(W.shape):
             raise LorqError(f"rank {lora.rank} exceeds {m}'s smaller dimension {min(W.shape)}")
         starts[m] = INITS[cfg.init](W, grads.get(m), lora.rank, scaling, cfg)
-    tied = sorted(m for m in shared_weights(model) if m in starts and starts[m].residual)
+    shared = shared_weights(model)
+    tied = sorted(m for m in shared if m in starts and starts[m].residual)
     if tied:  # W - ΔW₀ would change the other user of the weight too (a tied input embedding)
         raise LorqError(f"--init {cfg.init.value} subtracts its start from the base weight, and {tied[0]}'s weight is shared "
-                        f"with {', '.join(sorted(shared_weights(model)[tied[0]] - {tied[0]}))}; leave {tied[0]} out of --targets")
+                        f"with {', '.join(sorted(shared[tied[0]] - {tied[0]}))}; leave {tied[0]} out of --targets")
     for m, start in starts.items():  # only once every start is known: a refused run leaves the model as it was
         if start.residual:
             weight = model.get_submodule(m).weight

@@ -63,8 +63,9 @@ class KVPool:
     def fit(self, slots: int, length: int) -> None:
         """Room for `slots` sequences of up to `length` positions (it only grows here)."""
         if slots > self.shape[0] or length > self.capacity:
-            n, cap = self.planned(slots, max(length, 3 * self.capacity // 2 if length > self.capacity else 0))
-            self.resize(max(n, self.shape[0]), max(cap, self.capacity), self.shape[0])
+            longer = max(length, 3 * self.capacity // 2) if length > self.capacity else self.capacity
+            n, cap = self.planned(slots, longer)
+            self.resize(max(n, self.shape[0]), cap, self.shape[0])
 
     def shrink(self, slots: int, length: int) -> None:
         """Down to what `slots` sequences of up to `length` positions need, when that is at most

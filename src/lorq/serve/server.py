@@ -183,9 +183,10 @@ def choice_params(params: SamplingParams, j: int) -> SamplingParams:
     return out
 
 
-def prompt_tokens(seqs: list[Sequence], n: int) -> int:
-    """Each prompt counted once, however many choices it has."""
-    return sum(len(s.prompt) for s in seqs[::n])
+def request_usage(seqs: list[Sequence], n: int) -> dict:
+    """Usage of a request's sequences, n per prompt: each prompt counted once, however many
+    choices it has, and every generated token."""
+    return usage(sum(len(s.prompt) for s in seqs[::n]), sum(len(s.generated) for s in seqs))
 
 
 async def client_gone(request: Request) -> None:
@@ -333,7 +334,7 @@ def create_app(server: Server) -> FastAPI:
             return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
         choices = [completion_choice(i, text, reason) for i, (text, reason) in enumerate(results)]
-        return completion_object(rid, req.model, choices, usage(prompt_tokens(seqs, n), sum(len(s.generated) for s in seqs)))
+        return completion_object(rid, req.model, choices, request_usage(seqs, n))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -350,7 +351,7 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
-        return chat_object(rid, req.model, results, usage(len(seqs[0].prompt), sum(len(s.generated) for s in seqs)))
+        return chat_object(rid, req.model, results, request_usage(seqs, len(seqs)))
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(req: LoadAdapterRequest):
@@ -391,7 +392,7 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
             if delta or reason is not None:
                 yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
         if req.include_usage:
-            yield sse(completion_object(rid, req.model, [], usage(prompt_tokens(seqs, req.n or 1), sum(len(s.generated) for s in seqs)), chunk=True))
+            yield sse(completion_object(rid, req.model, [], request_usage(seqs, req.n or 1), chunk=True))
         yield "data: [DONE]\n\n"
     finally:
         server.abort(seqs)
@@ -413,7 +414,7 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
                 yield sse(chat_chunk(rid, req.model, {}, reason, index=i))
                 left -= 1
         if req.include_usage:
-            yield sse(chat_chunk(rid, req.model, None, use=usage(len(seqs[0].prompt), sum(len(s.generated) for s in seqs))))
+            yield sse(chat_chunk(rid, req.model, None, use=request_usage(seqs, len(seqs))))
         yield "data: [DONE]\n\n"
     finally:
         server.abort(seqs)
