@@ -143,7 +143,8 @@ def peft_child(lr: float, args) -> dict:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         idx = batch_indices(step, len(train_blocks), args.batch, 0)
-        model(input_ids=train_blocks.input_ids[idx], labels=train_blocks.labels[idx]).loss.backward()
+        b = train_blocks[idx]  # lorq's default document packing: the same position ids
+        model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seconds.append(time.perf_counter() - t0)

@@ -78,7 +78,7 @@ def batches(train_blocks, steps: int):
 
     for step in range(steps):
         idx = batch_indices(step, len(train_blocks), BATCH, seed=0)
-        yield train_blocks.input_ids[idx], train_blocks.labels[idx]
+        yield train_blocks[idx]  # with lorq's default document packing: PEFT gets the same position ids
 
 
 def peft_child(args) -> dict:
@@ -98,12 +98,12 @@ def peft_child(args) -> dict:
     model.train()
     reset_peak()  # as lorq's loop does: the peak of training, not of loading the model
     losses, seconds = [], []
-    for step, (x, y) in enumerate(batches(train_blocks, args.steps)):
+    for step, b in enumerate(batches(train_blocks, args.steps)):
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=y).loss
+        loss = model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -141,12 +141,12 @@ def profile_step(model, train_blocks, cfg) -> list[dict]:
     from lorq.eval.perplexity import next_token_nll
     from lorq.train.precision import autocast, resolve
 
-    x, y = next(batches(train_blocks, 1))
+    b = next(batches(train_blocks, 1))
     precision = resolve(cfg.precision, torch.device("cpu"))
     model.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with autocast(precision, torch.device("cpu")):
-            nll, n = next_token_nll(model, x, y, cfg.loss_chunk)
+            nll, n = next_token_nll(model, b.input_ids, b.labels, cfg.loss_chunk, b.position_ids)
         (nll / n).backward()
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]

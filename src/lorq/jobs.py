@@ -272,10 +272,14 @@ def shaping(options: dict) -> dict:
     return kept
 
 
+# options added with a default that changed what runs without them did: their value before
+PREVIOUS_BEHAVIOUR = {"packing": "stream"}
+
+
 def recorded_options(saved: dict) -> dict:
     """A checkpoint's options as this lorq would record them; an option added since it was
-    written counts at its default, which keeps the behaviour from before the option existed."""
-    return shaping({**flat_options(FinetuneConfig()), **saved})  # the defaults of every optimizer's options too
+    written counts at the value that keeps the behaviour from before the option existed."""
+    return shaping({**flat_options(FinetuneConfig()), **PREVIOUS_BEHAVIOUR, **saved})  # the defaults of every optimizer's options too
 
 
 def trainable_count(model) -> int:

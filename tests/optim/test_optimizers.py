@@ -248,3 +248,13 @@ def test_a_lisa_option_added_since_a_checkpoint_counts_at_its_default():
     now = run_options(cfg)
     older = {k: v for k, v in flat_options(cfg).items() if k != "lisa_period"}  # written before lisa_period existed
     assert recorded_options(older) == now
+
+
+def test_a_run_from_before_document_packing_resumes_as_the_stream_it_was():
+    from lorq.jobs import FinetuneConfig, flat_options, recorded_options, run_options
+
+    cfg = FinetuneConfig()
+    older = {k: v for k, v in flat_options(cfg).items() if k != "packing"}
+    assert recorded_options(older)["packing"] == "stream" != run_options(cfg)["packing"]
+    cfg.data.packing = "stream"
+    assert recorded_options(older) == run_options(cfg)

@@ -5,7 +5,8 @@ import torch
 
 from lorq.errors import LorqError
 from lorq.models.loading import load_tokenizer
-from lorq.train.data import IGNORE, DataConfig, load_blocks, pydoc_split, read_records, tokenize_chat
+from lorq.eval.perplexity import next_token_nll
+from lorq.train.data import IGNORE, DataConfig, document_positions, load_blocks, pack, pydoc_split, read_records, tokenize_chat
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,46 @@ def test_pydoc_split_is_deterministic_disjoint_about_ten_percent():
 
 
 def test_embedded_blocks(tok):
-    train, val = load_blocks(tok, DataConfig(block_size=64))
+    train, val = load_blocks(tok, DataConfig(block_size=64, packing="stream"))
     assert train.input_ids.shape[1] == 64 and len(train) > 10 * len(val) / 2 and len(val) > 0
-    assert torch.equal(train.input_ids, train.labels)
+    assert torch.equal(train.input_ids, train.labels) and train.position_ids is None and val.position_ids is None
+
+
+def test_document_positions_restart_at_documents_and_blocks():
+    pos = document_positions(12, [0, 3, 9], block_size=4)
+    assert pos.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 0, 0, 1, 2]
+
+
+def test_document_packing_keeps_documents_apart(tok):
+    docs = load_blocks(tok, DataConfig(block_size=64))[0]
+    stream = load_blocks(tok, DataConfig(block_size=64, packing="stream"))[0]
+    assert torch.equal(docs.input_ids, stream.input_ids)
+    inner = (docs.position_ids == 0) & (torch.arange(64) > 0)  # a document starts inside the block
+    assert inner.any() and (docs.position_ids[:, 0] == 0).all()
+    assert (docs.labels[inner] == IGNORE).all()  # no document predicts the next one's first token
+    assert torch.equal(docs.labels[~inner], stream.labels[~inner])
+    eos = docs.input_ids[:, :-1][inner[:, 1:]]
+    assert (eos == tok.eos_token_id).all()  # each starts right after the previous one's EOS
+    held_out = load_blocks(tok, DataConfig(block_size=64))[1]
+    assert held_out.position_ids is None  # validation is the stream perplexity, whatever the packing
+
+
+def test_a_packed_block_scores_like_its_documents_alone(tiny_llama):
+    """The oracle: with document positions, the loss of a packed row is the sum of the losses of
+    its documents run one by one (stream packing lets the later ones see the earlier)."""
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 14, 9)]
+    ids = sum(docs, [])
+    starts = [0, 9, 23]
+    blocks = pack(ids, list(ids), starts, 32, "docs").as_documents()
+    with torch.no_grad():
+        packed, n = next_token_nll(tiny_llama, blocks.input_ids, blocks.labels, chunk=0, position_ids=blocks.position_ids)
+        alone = [next_token_nll(tiny_llama, torch.tensor([d]), torch.tensor([d]), chunk=0) for d in docs]
+        stream, _ = next_token_nll(tiny_llama, blocks.input_ids, blocks.as_stream().labels, chunk=0)
+        stream_docs, _ = next_token_nll(tiny_llama, blocks.input_ids, blocks.labels, chunk=0)  # masked targets, no positions
+    assert n == sum(k for _, k in alone) == 29
+    torch.testing.assert_close(packed, sum(nll for nll, _ in alone), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(stream_docs, packed, rtol=1e-3) and stream.item() > 0
 
 
 def test_text_and_jsonl_records(tmp_path, tok):

@@ -18,8 +18,12 @@ from ..train.precision import Precision, autocast
 LOSS_CHUNK = 256  # tokens per output-layer chunk: 256 x 49k vocab x 4 B = 50 MB of logits at most (faster than 1024 on CPU)
 
 
-def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of -log p(label_{t+1} | tokens_<=t), number of labelled tokens) for one batch.
+
+    position_ids that restart inside a row make transformers keep its documents apart
+    (block-diagonal causal attention); None is one stream per row.
 
     With chunk > 0 the full (B, T, vocab) logits are never formed: the decoder's hidden states
     of the labelled positions go through the output layer and the cross-entropy `chunk` tokens
@@ -29,11 +33,11 @@ def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     """
     decoder, head = chunkable(model) if chunk > 0 else (None, None)
     if decoder is None:
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         target = labels[:, 1:]  # (B, T-1)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
         return nll, int((target != IGNORE).sum())
-    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE  # only labelled positions need logits
     hidden, target = hidden.reshape(-1, hidden.shape[-1])[keep], target[keep]  # (N, H), (N,)

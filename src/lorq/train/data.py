@@ -3,7 +3,9 @@
 Records are plain text (a .txt file is one record; JSONL lines with a `text` field) or chat
 (JSONL lines with `messages` of role/content, rendered with the tokenizer's chat template,
 loss on assistant tokens only). Tokens are packed into fixed-length blocks; labels of -100
-are ignored by the loss.
+are ignored by the loss. Training keeps the documents of a block apart by default: their
+positions restart at each document (transformers then masks attention block-diagonally), as
+TRL's padding-free packing does; validation is the plain stream perplexity either way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -22,6 +25,11 @@ from ..options import opt
 IGNORE = -100
 
 
+class Packing(str, Enum):
+    DOCUMENTS = "documents"  # each document attends to itself only, from position 0
+    STREAM = "stream"  # one token stream cut into blocks (HF run_clm): a document sees the ones before it
+
+
 @dataclass
 class DataConfig:
     """Where training and validation text comes from and how it is cut."""
@@ -29,6 +37,8 @@ class DataConfig:
     train_file: str | None = opt(None, "training data: .txt, or .jsonl with `text` or chat `messages` (default: the embedded CPython docs)")
     validation_file: str | None = opt(None, "validation data in the same formats (default: the embedded split, or every 10th block of --train-file)")
     block_size: int = opt(256, "tokens per packed training block")
+    packing: Packing = opt(Packing.DOCUMENTS, "training blocks: documents (each document of a block attends to itself only, "
+                                              "positions restart at it) or stream (the block is one text, as HF's run_clm packs)")
 
     def validate(self) -> "DataConfig":
         if self.block_size < 2:
@@ -40,16 +50,34 @@ class DataConfig:
 
 @dataclass
 class Blocks:
-    """Packed examples: input_ids and labels, both (n_blocks, block_size) int64."""
+    """Packed examples: input_ids and labels, both (n_blocks, block_size) int64, and the position
+    of each token in its document's part of the block (None: one stream, 0..block_size-1)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def __getitem__(self, rows) -> "Blocks":
+        pos = self.position_ids[rows] if self.position_ids is not None else None
+        return Blocks(self.input_ids[rows], self.labels[rows], pos)
+
     def take(self, n: int | None) -> "Blocks":
-        return self if n is None else Blocks(self.input_ids[:n], self.labels[:n])
+        return self if n is None else self[:n]
+
+    def as_stream(self) -> "Blocks":
+        return Blocks(self.input_ids, self.labels)
+
+    def as_documents(self) -> "Blocks":
+        """Documents kept apart: the position ids restart at each one, and a document's first
+        token is no target (it would be predicted from the previous document)."""
+        if self.position_ids is None:
+            raise ValueError("these blocks carry no document positions")
+        first = self.position_ids == 0
+        first[:, 0] = False  # the block's first token is no target anyway
+        return Blocks(self.input_ids, self.labels.masked_fill(first, IGNORE), self.position_ids)
 
 
 def pydoc_split(val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
@@ -130,16 +158,28 @@ def tokenize_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize_records(tok, records) -> tuple[list[int], list[int]]:
-    ids, labels = [], []
+def tokenize_records(tok, records) -> tuple[list[int], list[int], list[int]]:
+    """(ids, labels, index of each record's first token) of the records one after another."""
+    ids, labels, starts = [], [], []
     for r in records:
         i, l = tokenize_chat(tok, r) if isinstance(r, list) else tokenize_text(tok, r)
+        starts.append(len(ids))
         ids += i
         labels += l
-    return ids, labels
+    return ids, labels, starts
 
 
-def pack(ids: list[int], labels: list[int], block_size: int, what: str) -> Blocks:
+def document_positions(length: int, starts: list[int], block_size: int) -> torch.Tensor:
+    """Each token's distance from the last document start or block start at or before it."""
+    restart = torch.zeros(length, dtype=torch.bool)
+    restart[::block_size] = True
+    restart[torch.tensor([s for s in starts if s < length], dtype=torch.long)] = True
+    index = torch.arange(length)
+    last_restart = torch.cummax(torch.where(restart, index, 0), dim=0).values
+    return index - last_restart
+
+
+def pack(ids: list[int], labels: list[int], starts: list[int], block_size: int, what: str) -> Blocks:
     """Concatenate and cut into full blocks (the incomplete tail is dropped)."""
     n = len(ids) // block_size
     if n == 0:
@@ -149,11 +189,20 @@ def pack(ids: list[int], labels: list[int], block_size: int, what: str) -> Block
     y = torch.tensor(labels[:cut], dtype=torch.long).view(n, block_size)
     if (y == IGNORE).all():
         raise LorqError(f"{what} has no tokens to learn from (no assistant replies?)")
-    return Blocks(x, y)
+    return Blocks(x, y, document_positions(cut, starts, block_size).view(n, block_size))
+
+
+PACKINGS = {Packing.DOCUMENTS: Blocks.as_documents, Packing.STREAM: Blocks.as_stream}
 
 
 def load_blocks(tok, cfg: DataConfig) -> tuple[Blocks, Blocks]:
-    """(train, validation) blocks for a data config."""
+    """(train, validation) blocks for a data config: training blocks packed as it says, the
+    validation ones as one stream."""
+    train, val = stream_blocks(tok, cfg)
+    return PACKINGS[cfg.packing](train), val.as_stream()
+
+
+def stream_blocks(tok, cfg: DataConfig) -> tuple[Blocks, Blocks]:
     cfg.validate()
     if cfg.train_file is None:
         train_texts, val_texts = pydoc_split()
@@ -165,9 +214,7 @@ def load_blocks(tok, cfg: DataConfig) -> tuple[Blocks, Blocks]:
             held_out = torch.arange(len(train)) % 10 == 9
             if held_out.sum() == 0:
                 raise LorqError(f"{cfg.train_file} gives {len(train)} blocks; need 10 to hold out validation, or pass --validation-file")
-            val = Blocks(train.input_ids[held_out], train.labels[held_out])
-            train = Blocks(train.input_ids[~held_out], train.labels[~held_out])
-            return train, val
+            return train[~held_out], train[held_out]
     if cfg.validation_file is not None:
         val = pack(*tokenize_records(tok, read_records(cfg.validation_file)), cfg.block_size, cfg.validation_file)
     return train, val
@@ -176,5 +223,5 @@ def load_blocks(tok, cfg: DataConfig) -> tuple[Blocks, Blocks]:
 def eval_blocks(tok, cfg: DataConfig, data_file: str | None = None) -> Blocks:
     """Validation blocks, or all blocks of `data_file` when one is given (for `lorq eval`)."""
     if data_file is not None:
-        return pack(*tokenize_records(tok, read_records(data_file)), cfg.block_size, data_file)
+        return pack(*tokenize_records(tok, read_records(data_file)), cfg.block_size, data_file).as_stream()
     return load_blocks(tok, cfg)[1]

@@ -152,8 +152,8 @@ class NextTokenLoss(nn.Module):
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        return next_token_nll(self.model, input_ids, labels, self.chunk)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None):
+        return next_token_nll(self.model, input_ids, labels, self.chunk, position_ids)
 
 
 def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
@@ -237,11 +237,12 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
             micros = idx.split(cfg.batch_size)
             for i, micro in enumerate(micros):
                 mine = world.share(micro)
-                x = train_blocks.input_ids[mine].to(device)
-                y = train_blocks.labels[mine].to(device)
+                micro_blocks = train_blocks[mine]
+                x, y = micro_blocks.input_ids.to(device), micro_blocks.labels.to(device)
+                pos = micro_blocks.position_ids.to(device) if micro_blocks.position_ids is not None else None
                 n_all = world.all_sum(int((y[:, 1:] != IGNORE).sum()))  # labelled tokens of the whole micro-batch
                 with no_sync(loss_fn, i < len(micros) - 1), autocast(precision, device):
-                    nll, n = loss_fn(x, y)
+                    nll, n = loss_fn(x, y, pos)
                     # DDP averages over ranks: x world.size makes it the single-process gradient
                     (nll * world.size / max(n_all, 1) / cfg.grad_accum).backward()
                 loss_sum += nll.item()
