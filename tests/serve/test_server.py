@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -243,22 +244,29 @@ def test_api_key(tiny_model_dir, many_adapters):
         server.close()
 
 
-def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_adapters):
+def cli_server(model_dir, adapters, *extra) -> tuple[subprocess.Popen, str]:
+    """`lorq serve` in a process of its own, once it answers /health: (process, base URL)."""
     sock = free_port()
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "lorq", "serve", "--model", str(tiny_model_dir), "--adapters", str(many_adapters),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lorq", "serve", "--model", str(model_dir), "--adapters", str(adapters),
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health")
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stdout.read() if proc.poll() is not None else "timeout")
+            time.sleep(0.2)
+
+
+def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_adapters):
+    proc, url = cli_server(tiny_model_dir, many_adapters)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health")
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-                time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=150, temperature=0, stream=True)
         first = next(iter(stream))
@@ -272,6 +280,39 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_a
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, many_adapters):
+    proc, url = cli_server(tiny_model_dir, many_adapters, "--shutdown-timeout", "0")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
+        events = iter(stream)
+        next(events)
+        waiting = []  # a plain request sent after the stream is running: it is in flight at the signal too
+        sender = threading.Thread(target=lambda: waiting.append(catch(lambda: c.completions.create(model="ad2", prompt=PROMPTS[1], max_tokens=200, temperature=0))))
+        sender.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shut down before this request finished"):
+            list(events)
+        sender.join(30)
+        assert isinstance(waiting[0], openai.InternalServerError) and waiting[0].status_code == 503
+        assert "shut down before this request finished" in str(waiting[0])
+        assert proc.wait(60) == 0
+        log = proc.stdout.read()
+        assert "lorq: server stopped" in log and "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def catch(call):
+    try:
+        return call()
+    except Exception as e:
+        return e
 
 
 def test_a_failing_step_is_a_500_and_an_error_event_in_a_stream(live):

@@ -94,7 +94,7 @@ class ShuttingDown(LorqError):
 @dataclass
 class Sequence:
     """One request in flight. `on_event(delta_text, finish_reason)` is called from the engine
-    thread; finish_reason is None until the last call ("stop", "length", "abort" or "error")."""
+    thread; finish_reason is None until the last call ("stop", "length", or one of UNFINISHED)."""
 
     prompt: list[int]
     adapter: AdapterWeights | None
@@ -109,12 +109,17 @@ class Sequence:
     first_token: float | None = None
     slot: int = -1  # row of the KV pool while running
     generator: torch.Generator | None = None
-    aborted: bool = False
+    aborted: str | None = None  # why it is to end before its answer is complete (one of UNFINISHED)
 
     @property
     def cached(self) -> int:
         """Tokens whose keys and values are in the KV cache: all but the last generated one."""
         return len(self.prompt) + len(self.generated) - 1
+
+
+# finish reasons of a sequence that ends without its answer: its client went away, its step
+# failed, the server's shutdown deadline passed
+UNFINISHED = ("abort", "error", "shutdown")
 
 
 def greedy(logits: torch.Tensor) -> int:
@@ -234,17 +239,26 @@ class Engine:
             self.lock.notify()
         return seq
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
         """Stop a sequence (e.g. its client went away): a waiting one leaves the queue now, a
         running one at the next step."""
-        seq.aborted = True
+        seq.aborted = reason
         with self.lock:
             queued = seq in self.waiting
             if queued:
                 self.waiting.remove(seq)
             self.lock.notify()
         if queued:
-            self.finish(seq, "abort")
+            self.finish(seq, reason)
+
+    def expire(self) -> None:
+        """The shutdown deadline has passed: every request ends unfinished, the running ones
+        after the current step."""
+        with self.lock:
+            left = list(self.waiting) + list(self.running)
+        for seq in left:
+            if seq.finish_reason is None:
+                self.abort(seq, "shutdown")
 
     @property
     def queue_depth(self) -> int:
@@ -278,7 +292,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> int:
         """Run one packed forward pass; returns the number of sequences it advanced."""
-        self.leave([s for s in self.running if s.aborted], "abort")
+        aborted = [s for s in self.running if s.aborted]
+        for seq in aborted:
+            self.finish(seq, seq.aborted)
+        self.leave(aborted)
         decoding, new = self.running, self.admit()
         for i, seq in enumerate(new):
             seq.slot = len(decoding) + i
@@ -365,7 +382,7 @@ class Engine:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        delta = seq.text[seq.sent :] if reason not in ("abort", "error") else ""
+        delta = seq.text[seq.sent :] if reason not in UNFINISHED else ""
         seq.sent = len(seq.text)
         if self.on_finish is not None:
             self.on_finish(seq)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class ServeConfig:
     port: int = opt(8000, "port to listen on")
     device: Device = opt(Device.AUTO, DEVICE_HELP)
     adapter_cache_mb: float = opt(2048.0, "memory budget of the adapter weight cache (LRU; adapters in use are kept)")
-    shutdown_timeout: float = opt(60.0, "seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    shutdown_timeout: float = opt(60.0, "seconds in-flight requests get to finish after SIGINT/SIGTERM; unfinished ones then get a 503 (an error event in a stream)")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> "ServeConfig":
@@ -169,8 +170,9 @@ class Server:
         finally:
             gone.cancel()
             self.abort(seqs)  # the client went away before the end
-        if "error" in reasons:
-            raise server_error()
+        error = unfinished_error(reasons)
+        if error is not None:
+            raise error
         return list(zip(texts, reasons))
 
 
@@ -196,6 +198,7 @@ async def client_gone(request: Request) -> None:
         pass
 
 
+SHUTDOWN_GRACE_S = 10  # after --shutdown-timeout: for the step in progress to end and the 503s to go out
 MAX_BODY_BYTES = 16 * 2**20  # a request body larger than this is refused (413) before it is read
 TOO_LARGE = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
 
@@ -235,6 +238,15 @@ def sse(obj) -> str:
 
 def server_error() -> APIError:
     return APIError(500, "generation failed on the server (see its log)", "server_error")
+
+
+def unfinished_error(reasons) -> APIError | None:
+    """The error of a request one of whose sequences ended unfinished on the server's side."""
+    if "error" in reasons:
+        return server_error()
+    if "shutdown" in reasons:
+        return APIError(503, "the server shut down before this request finished (--shutdown-timeout)", "service_unavailable")
+    return None
 
 
 def endpoint(request: Request) -> str:
@@ -386,8 +398,10 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
         while left:
             i, delta, reason = await events.get()
             left -= reason is not None
-            if reason == "error":  # the openai client raises on an error event
-                yield sse(server_error().body())
+            error = unfinished_error([reason])
+            if error is not None:  # the openai client raises on an error event
+                yield sse(error.body())
+                yield "data: [DONE]\n\n"
                 return
             if delta or reason is not None:
                 yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
@@ -405,8 +419,10 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
         left = len(seqs)
         while left:
             i, delta, reason = await events.get()
-            if reason == "error":
-                yield sse(server_error().body())
+            error = unfinished_error([reason])
+            if error is not None:
+                yield sse(error.body())
+                yield "data: [DONE]\n\n"
                 return
             if delta:
                 yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i))
@@ -449,14 +465,21 @@ def serve(server: Server, cfg: ServeConfig) -> None:
 
     print(f"lorq: serving {server.base_name} + {len(server.store.names)} adapters on http://{cfg.host}:{cfg.port}/v1 "
           f"(OpenAI-compatible; {'API key required' if server.api_key else 'no API key'})", flush=True)
+    deadline = threading.Timer(cfg.shutdown_timeout, server.engine.expire)
+    deadline.daemon = True
+
     class Graceful(uvicorn.Server):
         # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which asyncio turns into a
         # traceback and a signal exit status; a drained, finished server ends normally instead
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            if not deadline.is_alive() and not deadline.finished.is_set():
+                deadline.start()  # then unfinished requests get a 503 (an error event in a stream)
 
+    # uvicorn's own deadline cancels the handlers (a bare 500, a cut stream): it comes later, once
+    # the engine's current step has ended the expired requests properly
     config = uvicorn.Config(create_app(server), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=cfg.shutdown_timeout)
+                            timeout_graceful_shutdown=cfg.shutdown_timeout + SHUTDOWN_GRACE_S)
     Graceful(config).run()
     print("lorq: server stopped", flush=True)
