@@ -185,6 +185,25 @@ def test_a_finished_request_leaves_nothing_in_its_kv_slot(tiny_model_dir):
     assert not any(t.any() for t in engine.pool.k + engine.pool.v)  # every slot freed, moved-from ones too
 
 
+def test_sequences_outgrowing_the_kv_budget_are_preempted_and_recomputed(tiny_model_dir):
+    """Three requests fit the budget when they join; as they decode, the pool at their length
+    would not: the latest admitted goes back to the queue, its slot freed, and rejoins later with
+    prompt + generated tokens as its prompt. The pool stays within the budget at every step and
+    each output is what the request gives alone."""
+    engine, _, tok = engine_for(tiny_model_dir, None, max_batch=8)
+    prompts = [encode_prompt(tok, p)[:20] for p in PROMPTS[:3]]
+    alone = [engine.generate([(p, None, greedy(70))])[0].generated for p in prompts]
+    engine.kv_budget = engine.pool.bytes_for(2, 128)
+    seqs = [engine.submit(p, None, greedy(70), lambda d, r: None) for p in prompts]
+    engine.step()
+    assert len(engine.running) == 3  # all three fit at first (3 slots x 64 positions)
+    while engine.busy:
+        engine.step()
+        assert engine.pool.nbytes <= engine.kv_budget
+    assert engine.preemptions >= 1
+    assert [s.generated for s in seqs] == alone and all(s.finish_reason == "length" for s in seqs)
+
+
 def test_the_kv_cache_admits_within_its_budget_and_is_given_back(tiny_model_dir):
     """One long request used to size every batch slot to its length for the server's lifetime.
     Now a request joins only while the pool, at the running sequences' lengths, fits the budget;

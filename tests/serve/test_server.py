@@ -203,7 +203,7 @@ def test_64_concurrent_requests_across_10_adapters(live, ref):
     # concurrent first requests for an adapter share one read: at most one miss per adapter (10 + "extra")
     assert value['lorq_adapter_requests_total{model="ad3"}'] >= 6 and value["lorq_adapter_cache_misses_total"] <= 11
     assert value["lorq_adapter_cache_hits_total"] >= 48
-    assert value["lorq_queue_depth"] == 0 and value["lorq_running_sequences"] == 0
+    assert value["lorq_queue_depth"] == 0 and value["lorq_running_sequences"] == 0 and value["lorq_preemptions_total"] == 0
     assert "lorq_request_latency_seconds_bucket" in metrics and 'lorq_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
 
 

@@ -36,7 +36,7 @@ class EngineConfig:
     max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
     max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
     max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context)")
-    kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA), checked when a request joins the batch: it waits until the running ones leave it room; one whose prompt + max_tokens alone needs more is refused")
+    kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA): a request joins the batch when the running ones leave it room, and the latest admitted go back to the queue when the running ones outgrow it (their keys and values are recomputed when they rejoin); one whose prompt + max_tokens alone needs more is refused")
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
@@ -165,8 +165,8 @@ def eos_ids(model: nn.Module, tok) -> set[int]:
 
 
 def next_length(seq: Sequence) -> int:
-    """The KV positions a sequence fills after its next step: its prompt when it is new, else
-    one more than it has cached."""
+    """The KV positions a sequence fills after its next step: its prompt when it is new (and
+    what it generated, when it rejoins after a preemption), else one more than it has cached."""
     return len(seq.prompt) + len(seq.generated)
 
 
@@ -208,6 +208,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0
+        self.preemptions = 0
         self.on_finish: Callable[[Sequence], None] | None = None
 
     # -- requests -------------------------------------------------------------------------
@@ -269,24 +270,38 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # -- one step ---------------------------------------------------------------------------
+    def preempt(self) -> None:
+        """Keep the running sequences' KV cache within its budget at this step: the latest
+        admitted go back to the head of the queue, their slots freed (as vLLM's recompute
+        preemption: they rejoin with prompt + generated tokens as their prompt). One sequence
+        alone always fits (submit checked it)."""
+        keep = sorted(self.running, key=lambda s: s.id)
+        out = []
+        while len(keep) > 1 and self.pool.bytes_for(len(keep), max(next_length(s) for s in keep)) > self.kv_budget:
+            out.append(keep.pop())
+        if out:
+            with self.lock:
+                self.waiting.extendleft(out)  # the earliest of them first
+            self.leave(out)
+            self.preemptions += len(out)
+
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the batch: up to max_batch sequences and max_batch_tokens
         prompt tokens per step (at least one request, so a long prompt is never stuck), while
-        the KV cache of all of them fits its budget (one alone always does). The budget holds at
-        admission; sequences that grow while decoding may take the pool past it."""
+        the KV cache of all of them fits its budget (one alone always does)."""
         new, tokens = [], 0
         longest = max((next_length(s) for s in self.running), default=0)
         with self.lock:
             while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
                 seq = self.waiting[0]
-                if new and tokens + len(seq.prompt) > self.cfg.max_batch_tokens:
+                if new and tokens + next_length(seq) > self.cfg.max_batch_tokens:
                     break
                 longest = max(longest, next_length(seq))
                 if self.running + new and self.pool.bytes_for(len(self.running) + len(new) + 1, longest) > self.kv_budget:
                     break
                 self.waiting.popleft()
                 new.append(seq)
-                tokens += len(seq.prompt)
+                tokens += next_length(seq)
         return new
 
     @torch.inference_mode()
@@ -296,6 +311,7 @@ class Engine:
         for seq in aborted:
             self.finish(seq, seq.aborted)
         self.leave(aborted)
+        self.preempt()
         decoding, new = self.running, self.admit()
         for i, seq in enumerate(new):
             seq.slot = len(decoding) + i
@@ -306,16 +322,17 @@ class Engine:
         positions = [s.cached for s in decoding]  # each new token's position
         decode = [(s.adapter, i) for i, s in enumerate(decoding) if s.adapter is not None]
         prefill, last = [], list(range(len(decoding)))
-        for seq in new:
+        for seq in new:  # a preempted sequence rejoins with what it generated as part of its prompt
             start = len(ids)
-            ids += seq.prompt
-            positions += range(len(seq.prompt))
+            ids += seq.prompt + seq.generated
+            positions += range(len(ids) - start)
             last.append(len(ids) - 1)
             if seq.adapter is not None:
                 prefill.append((seq.adapter, start, len(ids)))
-        self.pool.fit(len(batch), max(positions) + 1)
+        self.pool.fit(len(batch), max(positions) + 1, self.kv_budget)
         dev = self.device
-        packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev), [(s.slot, len(s.prompt)) for s in new])
+        packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev),
+                            [(s.slot, next_length(s)) for s in new])
         self.step_ref.plan = StepPlan(prefill, decode, dev) if prefill or decode else None
         try:
             logits = self.model(

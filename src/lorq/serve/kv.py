@@ -60,12 +60,15 @@ class KVPool:
                     new[:rows, :, :cols] = t[:rows, :, :cols]
                     cache[i] = new
 
-    def fit(self, slots: int, length: int) -> None:
-        """Room for `slots` sequences of up to `length` positions (it only grows here)."""
+    def fit(self, slots: int, length: int, budget: int | None = None) -> None:
+        """Room for `slots` sequences of up to `length` positions; the first `slots` slots are
+        kept. It grows only here, with room to spare (the slots it had, half again the length)
+        unless that would take it past `budget` bytes."""
         if slots > self.shape[0] or length > self.capacity:
             longer = max(length, 3 * self.capacity // 2) if length > self.capacity else self.capacity
-            n, cap = self.planned(slots, longer)
-            self.resize(max(n, self.shape[0]), cap, self.shape[0])
+            roomy = (max(slots, self.shape[0]), longer)
+            n, cap = self.planned(*(roomy if budget is None or self.bytes_for(*roomy) <= budget else (slots, length)))
+            self.resize(n, cap, keep=slots)
 
     def shrink(self, slots: int, length: int) -> None:
         """Down to what `slots` sequences of up to `length` positions need, when that is at most

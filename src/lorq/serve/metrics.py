@@ -19,6 +19,7 @@ class EngineCollector:
         yield GaugeMetricFamily("lorq_queue_depth", "requests waiting for a batch slot", value=e.queue_depth)
         yield GaugeMetricFamily("lorq_running_sequences", "sequences in the running batch", value=len(e.running))
         yield CounterMetricFamily("lorq_engine_steps", "packed forward passes run", value=e.steps)
+        yield CounterMetricFamily("lorq_preemptions", "running sequences sent back to the queue to keep the KV cache within its budget", value=e.preemptions)
         yield GaugeMetricFamily("lorq_kv_cache_bytes", "bytes of the KV cache pool", value=e.pool.nbytes)
         yield GaugeMetricFamily("lorq_adapters_registered", "adapters that can be requested", value=len(s.names))
         yield GaugeMetricFamily("lorq_adapter_cache_adapters", "adapters whose weights are in the cache", value=len(s.cache))
