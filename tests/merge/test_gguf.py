@@ -1,6 +1,9 @@
 """GGUF export read back by transformers' own GGUF loader (the oracle): F32 exact, F16 and Q8_0
 equal to the source with its weights rounded the way each type stores them."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,6 +77,32 @@ def test_tokenizer_and_metadata_survive(tiny_model_dir, tmp_path):
     assert back.chat_template == ours.chat_template and back.eos_token_id == ours.eos_token_id
     fields = gguf.GGUFReader(str(path)).fields
     assert fields["general.architecture"].contents() == "llama" and fields["llama.block_count"].contents() == 2
+
+
+def test_the_pre_tokenizer_name_follows_the_gguf_the_model_came_from(tiny_model_dir, tmp_path, capsys):
+    """The embedded model's GGUF says smollm; a GGUF exported from a model with its tokenizer
+    must say so too, or llama.cpp splits text with its default (llama) rules."""
+    from lorq.models.loading import embedded_gguf, gguf_pre
+
+    def written(path):
+        return gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents()
+
+    assert gguf_pre(embedded_gguf()) == "smollm"
+    export(tiny_model_dir, tmp_path / "auto.gguf", "f32")  # the tiny model carries the embedded tokenizer
+    assert written(tmp_path / "auto.gguf") == "smollm"
+    export_gguf(ExportConfig(model=str(tiny_model_dir), output=str(tmp_path / "given.gguf"), outtype="f32", tokenizer_pre="llama-bpe", verify=False), progress=False)
+    assert written(tmp_path / "given.gguf") == "llama-bpe"
+    bare = tmp_path / "bare"  # a tokenizer that never came from a GGUF file
+    shutil.copytree(tiny_model_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("gguf_tokenizer_pre")
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    export(bare, tmp_path / "bare.gguf", "f32")
+    assert written(tmp_path / "bare.gguf") == "default" and "Pass --tokenizer-pre" in capsys.readouterr().out
+    with pytest.raises(LorqError, match="not a llama.cpp pre-tokenizer name"):
+        export_gguf(ExportConfig(model=str(tiny_model_dir), output=str(tmp_path / "x.gguf"), tokenizer_pre="Llama BPE", verify=False), progress=False)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_rope_interleave_is_what_transformers_undoes():

