@@ -5,7 +5,8 @@ from lorq.errors import LorqError
 from lorq.eval.generate import encode_prompt
 from lorq.models.loading import load_model
 from lorq.serve import AdapterStore, Engine, EngineConfig, QueueFull, SamplingParams
-from lorq.serve.engine import nucleus_sample, safe_prefix, stop_cut
+from lorq.serve.engine import safe_prefix, stop_cut
+from lorq.serve.sampling import nucleus_sample
 from serving_helpers import PROMPTS, References, many_adapters  # noqa: F401  (fixture)
 
 

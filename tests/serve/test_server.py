@@ -124,7 +124,8 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
         c.chat.completions.create(model="ad0", messages=[{"role": "wizard", "content": "x"}])
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-adapter", prompt="hi")
-    bad = [dict(seed=10**20), dict(top_k=5), dict(min_tokens=3), dict(logprobs=0), dict(repetition_penalty=1.2),
+    bad = [dict(seed=10**20), dict(top_k=-5), dict(min_tokens=3), dict(logprobs=True), dict(logprobs=21), dict(repetition_penalty=0),
+           dict(presence_penalty=2.5), dict(logit_bias={"a": 1}), dict(logit_bias={"5": 101}), dict(suffix="x"),
            dict(max_tokens=True), dict(max_tokens="5"), dict(stream="yes"), dict(prompt="\ud800"), dict(prompt=[1, 10**6]),
            dict(prompt=["hi"] * 300), dict(response_format={"type": "json_object"}), dict(best_of=0), dict(n=0),
            dict(stream_options={"include_usage": True}), dict(stream=True, stream_options={"include_usage": "no"})]
@@ -142,6 +143,8 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(live.url + path, method=method))
         assert e.value.code == code and json.loads(e.value.read())["error"]["code"] == code
+    head = urllib.request.urlopen(urllib.request.Request(live.url + "/health", method="HEAD"))
+    assert head.status == 200 and head.read() == b""  # a load balancer's probe
 
 
 def post_json(live, path: str, body) -> tuple[int, dict]:

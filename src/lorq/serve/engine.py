@@ -28,6 +28,7 @@ from ..options import opt
 from ..quant.linear import DECODER_LINEARS
 from .kv import ATTENTION, KVPool, PackedStep
 from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
+from .sampling import SamplingParams, TokenLogprob, next_token, token_logprobs
 
 
 @dataclass
@@ -43,27 +44,6 @@ class EngineConfig:
         if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0 or self.kv_cache_mb < 0:
             raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len and kv-cache-mb >= 0")
         check_patterns(self.targets)
-        return self
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False  # run to max_tokens (benchmarks: a fixed amount of work per request)
-
-    def validate(self) -> "SamplingParams":
-        if self.max_tokens <= 0:
-            raise LorqError(f"max_tokens must be a positive integer, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 2:
-            raise LorqError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LorqError(f"top_p must be in (0, 1], got {self.top_p}")
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise LorqError("stop must be at most 4 non-empty strings")
         return self
 
 
@@ -110,6 +90,8 @@ class Sequence:
     slot: int = -1  # row of the KV pool while running
     generator: torch.Generator | None = None
     aborted: str | None = None  # why it is to end before its answer is complete (one of UNFINISHED)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (the first has none), when params.prompt_logprobs
 
     @property
     def cached(self) -> int:
@@ -120,23 +102,6 @@ class Sequence:
 # finish reasons of a sequence that ends without its answer: its client went away, its step
 # failed, the server's shutdown deadline passed
 UNFINISHED = ("abort", "error", "shutdown")
-
-
-def greedy(logits: torch.Tensor) -> int:
-    return int(logits.argmax())
-
-
-def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p."""
-    # fp64: a temperature or top_p below ~1e-45 is 0 in fp32 (0/0 logits, an empty nucleus)
-    logits = logits.double().cpu()  # the per-request generator lives on the CPU
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # max first: no inf/inf at tiny T
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # tokens before which the mass is still short of top_p
-        keep[0] = True  # the most likely token, whatever top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def stop_cut(text: str, stops: list[str]) -> int | None:
@@ -220,6 +185,9 @@ class Engine:
             raise LorqError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_length:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise LorqError(f"logit_bias keys must be token IDs in 0..{vocab - 1}")
         need = self.pool.bytes_for(1, len(prompt) + params.max_tokens)
         if need > self.kv_budget:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need / 2**20:.0f} MiB of KV cache, "
@@ -321,12 +289,15 @@ class Engine:
         ids = [s.generated[-1] for s in decoding]
         positions = [s.cached for s in decoding]  # each new token's position
         decode = [(s.adapter, i) for i, s in enumerate(decoding) if s.adapter is not None]
-        prefill, last = [], list(range(len(decoding)))
+        prefill, keep = [], list(range(len(decoding)))  # the positions whose logits are needed
+        rows, scored = [1] * len(decoding), [False] * len(decoding)  # of them, per sequence; prompts scored
         for seq in new:  # a preempted sequence rejoins with what it generated as part of its prompt
             start = len(ids)
             ids += seq.prompt + seq.generated
             positions += range(len(ids) - start)
-            last.append(len(ids) - 1)
+            scored.append(seq.params.prompt_logprobs and seq.prompt_logprobs is None)
+            keep += range(start, len(ids)) if scored[-1] else [len(ids) - 1]
+            rows.append(len(ids) - start if scored[-1] else 1)
             if seq.adapter is not None:
                 prefill.append((seq.adapter, start, len(ids)))
         self.pool.fit(len(batch), max(positions) + 1, self.kv_budget)
@@ -337,13 +308,15 @@ class Engine:
         try:
             logits = self.model(
                 input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev), use_cache=False,
-                logits_to_keep=torch.tensor(last, device=dev), lorq_step=packed,
+                logits_to_keep=torch.tensor(keep, device=dev), lorq_step=packed,
             ).logits[0]
         finally:
             self.step_ref.plan = None
-        for seq, row in zip(batch, logits):
+        for seq, scores, score_prompt in zip(batch, logits.split(rows), scored):
             try:
-                self.advance(seq, row)
+                if score_prompt:  # a prompt's own log-probabilities: row t scores prompt token t + 1
+                    seq.prompt_logprobs = token_logprobs(scores[:-1], seq.prompt[1:], seq.params.logprobs or 0)
+                self.advance(seq, scores[-1])
             except Exception as e:  # one request's failure (e.g. its sampling) is not the batch's
                 print(f"lorq: request {seq.id} failed: {type(e).__name__}: {e}", flush=True)
                 self.finish(seq, "error")
@@ -378,7 +351,9 @@ class Engine:
 
     def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
-        token = greedy(logits) if p.temperature == 0 else nucleus_sample(logits, p.temperature, p.top_p, seq.generator)
+        token = next_token(logits, p, seq.prompt, seq.generated, self.eos, seq.generator)
+        if p.logprobs is not None:
+            seq.logprobs += token_logprobs(logits[None], [token], p.logprobs)
         if seq.first_token is None:
             seq.first_token = time.perf_counter()
         seq.generated.append(token)

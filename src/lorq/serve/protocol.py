@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import LorqError
-from .engine import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams
 
 
 class APIError(LorqError):
@@ -49,9 +49,7 @@ class SamplingFields(BaseModel):
     n: int | None = Field(1, ge=1, le=128)  # choices per prompt, each sampled on its own
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
     top_k: int | None = None  # vLLM's extensions from here on
     min_tokens: int | None = None
     repetition_penalty: float | None = None
@@ -60,26 +58,33 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     def check_supported(self) -> None:
-        unsupported = {
-            "presence_penalty": bool(self.presence_penalty),
-            "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias),
-            "logprobs": self.logprobs is not None and self.logprobs is not False, "top_logprobs": bool(self.top_logprobs),
-            "top_k": self.top_k not in (None, 0, -1), "min_tokens": bool(self.min_tokens),
-            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
-            "response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools),
-        }
+        unsupported = {"response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools)}
         for name, used in unsupported.items():
             if used:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def logprob_count(self) -> int | None:
+        """Alternatives reported with each token (None: no log-probabilities)."""
+        return None
+
+    def sampling(self, max_tokens: int, prompt_logprobs: bool = False) -> SamplingParams:
         if self.stream_options is not None and not self.stream:  # as OpenAI answers
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         self.check_supported()
+        if self.top_k is not None and self.top_k < -1:
+            raise APIError(400, f"top_k must be -1 or 0 (every token) or positive, got {self.top_k}", param="top_k")
+        try:
+            bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token IDs", param="logit_bias")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        given = lambda value, default: default if value is None else value  # noqa: E731  (null is the default)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed, ignore_eos=bool(self.ignore_eos),
+            max_tokens=max_tokens, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
+            top_k=max(given(self.top_k, 0), 0), min_tokens=given(self.min_tokens, 0), presence_penalty=given(self.presence_penalty, 0.0),
+            frequency_penalty=given(self.frequency_penalty, 0.0), repetition_penalty=given(self.repetition_penalty, 1.0),
+            logit_bias=bias, stop=stop, seed=self.seed, ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_count(),
+            prompt_logprobs=prompt_logprobs and self.logprob_count() is not None,
         )
         try:
             return params.validate()
@@ -97,17 +102,21 @@ Prompt = str | list[int]  # text, or token IDs as OpenAI's API allows
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool | None = False
+    echo: bool | None = False  # the prompt comes back before the completion (with its log-probabilities when asked)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[Prompt]:
         """One prompt or a list: text, or token IDs (one list of ints, or a list of them)."""
         prompts = [self.prompt] if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)) else self.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if self.echo or (self.best_of or 1) > 1 or self.suffix:
-            raise APIError(400, "echo, best_of and suffix are not supported by this server")
+        if (self.best_of or 1) > 1 or self.suffix:
+            raise APIError(400, "best_of and suffix are not supported by this server")
         return prompts
 
 
@@ -137,6 +146,13 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # both checked: one must not hide the other's bad value
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class LoadAdapterRequest(BaseModel):
@@ -163,22 +179,46 @@ def completion_object(rid: str, model: str, choices: list[dict], use: dict | Non
     return body
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_object(rid: str, model: str, results: list[tuple[str, str]], use: dict) -> dict:
+# a scored token as the API shows it: (its text, its log-probability or None for a prompt's
+# first token, the alternatives as (text, log-probability), or None)
+Scored = tuple[str, float | None, list[tuple[str, float]] | None]
+
+
+def completion_logprobs(scored: list[Scored], offset: int) -> dict:
+    """The completions API's logprobs object; offset: where the first token's text starts in the choice's text."""
+    offsets = []
+    for text, _, _ in scored:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": [t for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
+            "top_logprobs": [None if top is None else dict(top) for _, _, top in scored], "text_offset": offsets}
+
+
+def chat_logprobs(scored: list[Scored]) -> dict:
+    """The chat API's logprobs object: each token with its UTF-8 bytes and alternatives."""
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top or []]} for t, lp, top in scored], "refusal": None}
+
+
+def chat_object(rid: str, model: str, results: list[tuple[str, str]], use: dict, logprobs: list[dict | None] | None = None) -> dict:
+    logprobs = logprobs or [None] * len(results)
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-                    for i, (text, reason) in enumerate(results)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": lp}
+                    for i, ((text, reason), lp) in enumerate(zip(results, logprobs))],
         "usage": use,
     }
 
 
 def chat_chunk(rid: str, model: str, delta: dict | None, finish_reason: str | None = None, use: dict | None = None,
-               index: int = 0) -> dict:
-    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+               index: int = 0, logprobs: dict | None = None) -> dict:
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use

@@ -33,9 +33,10 @@ from .adapter_cache import NAME, AdapterNotFound, AdapterStore
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
-    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_object,
-    completion_choice, completion_object, new_id, usage,
+    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, Scored, UnloadAdapterRequest, chat_chunk, chat_logprobs, chat_object,
+    completion_choice, completion_logprobs, completion_object, new_id, usage,
 )
+from .sampling import TokenLogprob
 
 
 @dataclass
@@ -185,6 +186,15 @@ def choice_params(params: SamplingParams, j: int) -> SamplingParams:
     return out
 
 
+def scored_tokens(tok, entries: list[TokenLogprob]) -> list[Scored]:
+    return [(tok.decode([e.token]), e.logprob, [(tok.decode([t]), lp) for t, lp in e.top]) for e in entries]
+
+
+def prompt_scored(tok, seq: Sequence) -> list[Scored]:
+    """The prompt's tokens with their log-probabilities (the first has none: nothing precedes it)."""
+    return [(tok.decode([seq.prompt[0]]), None, None)] + scored_tokens(tok, seq.prompt_logprobs or [])
+
+
 def request_usage(seqs: list[Sequence], n: int) -> dict:
     """Usage of a request's sequences, n per prompt: each prompt counted once, however many
     choices it has, and every generated token."""
@@ -319,7 +329,7 @@ def create_app(server: Server) -> FastAPI:
         server.metrics.requests.labels(endpoint(request), str(response.status_code)).inc()
         return response
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health():
         return {"status": "ok"}
 
@@ -337,15 +347,22 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.perf_counter()
-        prompts = await run_in_threadpool(lambda: [encode(server, p, chat=False) for p in req.prompts()])  # off the event loop
-        params = req.sampling(req.max_tokens if req.max_tokens is not None else 16)
+        given = req.prompts()
+        prompts = await run_in_threadpool(lambda: [encode(server, p, chat=False) for p in given])  # off the event loop
+        params = req.sampling(req.max_tokens if req.max_tokens is not None else 16, prompt_logprobs=bool(req.echo))
         n = req.n or 1
         seqs, events = await server.start(req.model, prompts, params, arrival, n)
         rid = new_id("cmpl")
+        echoes = [p if isinstance(p, str) else server.engine.tok.decode(p) for p in given for _ in range(n)] if req.echo else None
         if req.stream:
-            return StreamingResponse(stream_completion(server, req, rid, seqs, events), media_type="text/event-stream")
+            return StreamingResponse(stream_completion(server, req, rid, seqs, events, echoes), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
-        choices = [completion_choice(i, text, reason) for i, (text, reason) in enumerate(results)]
+        tok = server.engine.tok
+        choices = []
+        for i, ((text, reason), seq) in enumerate(zip(results, seqs)):
+            echo = echoes[i] if echoes else ""
+            scored = (prompt_scored(tok, seq) if echoes else []) + scored_tokens(tok, seq.logprobs)
+            choices.append(completion_choice(i, echo + text, reason, completion_logprobs(scored, 0) if params.logprobs is not None else None))
         return completion_object(rid, req.model, choices, request_usage(seqs, n))
 
     @app.post("/v1/chat/completions")
@@ -363,7 +380,8 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
-        return chat_object(rid, req.model, results, request_usage(seqs, len(seqs)))
+        logprobs = [chat_logprobs(scored_tokens(server.engine.tok, s.logprobs)) for s in seqs] if params.logprobs is not None else None
+        return chat_object(rid, req.model, results, request_usage(seqs, len(seqs)), logprobs)
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(req: LoadAdapterRequest):
@@ -392,8 +410,31 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def stream_completion(server: Server, req: CompletionRequest, rid: str, seqs, events):
+class StreamedLogprobs:
+    """The log-probabilities of each choice's tokens not yet sent, and where their text starts."""
+
+    def __init__(self, tok, seqs: list[Sequence]):
+        self.tok, self.seqs = tok, seqs
+        self.sent, self.offset = [0] * len(seqs), [0] * len(seqs)
+
+    def take(self, i: int, prompt: bool = False) -> list[Scored]:
+        """Choice i's tokens since the last call (the prompt's first, when asked)."""
+        seq = self.seqs[i]
+        new = seq.logprobs[self.sent[i] :]  # the engine thread appends; a slice is one consistent read
+        self.sent[i] += len(new)
+        return (prompt_scored(self.tok, seq) if prompt else []) + scored_tokens(self.tok, new)
+
+    def completion(self, i: int, prompt: bool = False) -> dict:
+        scored = self.take(i, prompt)
+        out = completion_logprobs(scored, self.offset[i])
+        self.offset[i] += sum(len(text) for text, _, _ in scored)
+        return out
+
+
+async def stream_completion(server: Server, req: CompletionRequest, rid: str, seqs, events, echoes: list[str] | None):
     left = len(seqs)
+    logprobs = StreamedLogprobs(server.engine.tok, seqs) if req.logprobs is not None else None
+    echoed = [not echoes] * len(seqs)
     try:
         while left:
             i, delta, reason = await events.get()
@@ -403,8 +444,11 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
                 yield sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
-            if delta or reason is not None:
-                yield sse(completion_object(rid, req.model, [completion_choice(i, delta, reason)], None, chunk=True))
+            prefix = "" if echoed[i] else echoes[i]  # the prompt comes with the choice's first chunk
+            if delta or reason is not None or prefix:
+                lp = logprobs.completion(i, prompt=not echoed[i]) if logprobs is not None else None
+                echoed[i] = True
+                yield sse(completion_object(rid, req.model, [completion_choice(i, prefix + delta, reason, lp)], None, chunk=True))
         if req.include_usage:
             yield sse(completion_object(rid, req.model, [], request_usage(seqs, req.n or 1), chunk=True))
         yield "data: [DONE]\n\n"
@@ -413,6 +457,7 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
 
 
 async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
+    logprobs = StreamedLogprobs(server.engine.tok, seqs) if req.logprob_count() is not None else None
     try:
         for i in range(len(seqs)):
             yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, index=i))
@@ -424,8 +469,9 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
                 yield sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
-            if delta:
-                yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i))
+            scored = logprobs.take(i) if logprobs is not None else []
+            if delta or scored:
+                yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i, logprobs=chat_logprobs(scored) if logprobs is not None else None))
             if reason is not None:
                 yield sse(chat_chunk(rid, req.model, {}, reason, index=i))
                 left -= 1
