@@ -144,7 +144,7 @@ def peft_child(lr: float, args) -> dict:
         opt.zero_grad(set_to_none=True)
         idx = batch_indices(step, len(train_blocks), args.batch, 0)
         b = train_blocks[idx]  # lorq's default document packing: the same position ids
-        model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids).loss.backward()
+        model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids, use_cache=False).loss.backward()  # a cache would unmask documents
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seconds.append(time.perf_counter() - t0)

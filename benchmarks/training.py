@@ -103,7 +103,8 @@ def peft_child(args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids).loss
+        # use_cache=False as lorq: with a cache transformers ignores the restarting position ids when masking
+        loss = model(input_ids=b.input_ids, labels=b.labels, position_ids=b.position_ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
