@@ -96,6 +96,22 @@ def test_lora_sb_starts_at_the_best_rank_r_approximation_of_the_first_step(tiny_
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["adapters.default.R"]
 
 
+def test_the_gradient_estimate_keeps_packed_documents_apart(tiny_llama):
+    """lora-ga / lora-sb see the batches as training does: a packed row with document position
+    ids gives the gradient of its documents run one by one."""
+    from lorq.train.data import pack
+
+    name = "model.layers.0.mlp.up_proj"
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 128, (10,), generator=g).tolist(), torch.randint(0, 128, (14,), generator=g).tolist()
+    row = pack(a + b, a + b, [0, 10], 24, "docs").as_documents()
+    packed = full_gradients(tiny_llama, [name], [(row.input_ids, row.labels, row.position_ids)])[name]
+    alone = full_gradients(tiny_llama, [name], [(torch.tensor([a]), torch.tensor([a])), (torch.tensor([b]), torch.tensor([b]))])[name]
+    stream = full_gradients(tiny_llama, [name], [(row.input_ids, row.labels)])[name]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(stream, alone, rtol=1e-3, atol=1e-6)
+
+
 def test_gradient_estimate_is_the_mean_loss_gradient(tiny_llama):
     name = "model.layers.0.mlp.up_proj"
     G = full_gradients(tiny_llama, [name], batches(1))[name]

@@ -120,7 +120,7 @@ def test_streamed_logprobs_equal_the_whole_answers(live):
     answer = c.chat.completions.create(**chat).choices[0]
     entries = answer.logprobs.content
     assert len(entries) == 5 and all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries)
-    assert all(e.bytes == list(e.token.encode()) for e in entries)
+    assert bytes(b for e in entries for b in e.bytes).decode() == answer.message.content
     streamed = [e for ch in c.chat.completions.create(stream=True, **chat) if ch.choices and ch.choices[0].logprobs
                 for e in ch.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in entries]
@@ -150,3 +150,57 @@ def test_sampling_controls_through_the_api(live, oracle):
         error = json.loads(e.value.read())["error"]
         assert e.value.code == 400 and error["message"], body
         assert param is None or error["param"] == param
+
+
+def test_token_bytes_are_exact_where_a_token_splits_a_character(oracle):
+    from lorq.serve.logprobs import LogprobCursor, Scored, TokenText, byte_level_alphabet
+
+    _, tok = oracle
+    assert sorted(byte_level_alphabet().values()) == list(range(256))
+    text = "héllo 你好 🙂 wörld <|im_start|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    tt = TokenText(tok)
+    raws = [tt.raw(t) for t in ids]
+    assert b"".join(raws) == text.encode() and any(r.decode("utf-8", "replace") != r.decode("utf-8", "ignore") for r in raws)
+
+    class Seq:
+        logprobs = []
+
+    cursor = LogprobCursor(tt, [Seq()])
+    offsets = cursor.offsets(0, [Scored(r, None, None) for r in raws])
+    assert offsets == [len(b"".join(raws[:i]).decode("utf-8", "ignore")) for i in range(len(raws))]
+    for raw, start in zip(raws, offsets):
+        whole = raw.decode("utf-8", "replace")
+        if "\ufffd" not in whole:
+            assert text[start : start + len(whole)] == whole
+
+
+def test_lm_evaluation_harness_loglikelihood_request(live, oracle):
+    """lm-evaluation-harness's local-completions model scores a continuation with token-ID
+    prompts, echo, logprobs=1 and max_tokens=1, reading token_logprobs[ctxlen:-1] and the
+    top alternative of each position (is the continuation greedy?)."""
+    logp, tok = oracle
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    continuation = tok(" context manager", add_special_tokens=False)["input_ids"]
+    prompts = [c + continuation for c in contexts]
+    out = client(live).completions.create(model="ad3", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1234)
+    assert len(out.choices) == 2
+    for ids, ctx, choice in zip(prompts, contexts, out.choices):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1
+        want = logp(ids)
+        scores = lp.token_logprobs[len(ctx) : -1]
+        assert scores == pytest.approx([want[t - 1, ids[t]].item() for t in range(len(ctx), len(ids))], abs=1e-4)
+        greedy = all(max(top, key=top.get) == tok_text for top, tok_text in zip(lp.top_logprobs[len(ctx) : -1], lp.tokens[len(ctx) : -1]))
+        assert greedy == all(want[t - 1].argmax().item() == ids[t] for t in range(len(ctx), len(ids)))
+        assert all(len(top) in (1, 2) for top in lp.top_logprobs[1:])  # the top one, and the token itself when it is not
+
+
+def test_min_tokens_holds_back_stop_strings_too(live):
+    c = client(live)
+    text = c.completions.create(model="ad2", prompt=PROMPTS[0], max_tokens=8, temperature=0).choices[0].text
+    stop = text[1:3]
+    early = c.completions.create(model="ad2", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop])
+    held = c.completions.create(model="ad2", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop], extra_body={"min_tokens": 5})
+    assert early.choices[0].finish_reason == "stop" and early.usage.completion_tokens < 5
+    assert held.usage.completion_tokens >= 5

@@ -286,22 +286,32 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_a
 
 
 def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, many_adapters):
-    proc, url = cli_server(tiny_model_dir, many_adapters, "--shutdown-timeout", "0")
+    """`--shutdown-timeout 0`: SIGTERM ends what is queued or running with a 503 at once."""
+    proc, url = cli_server(tiny_model_dir, many_adapters, "--shutdown-timeout", "0", "--max-batch", "1")
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
         events = iter(stream)
         next(events)
-        waiting = []  # a plain request sent after the stream is running: it is in flight at the signal too
-        sender = threading.Thread(target=lambda: waiting.append(catch(lambda: c.completions.create(model="ad2", prompt=PROMPTS[1], max_tokens=200, temperature=0))))
-        sender.start()
-        time.sleep(0.3)
+        answers = []  # two more requests wait behind the running one (--max-batch 1)
+        senders = [threading.Thread(target=lambda p=p: answers.append(catch(lambda: c.completions.create(model="ad2", prompt=p, max_tokens=200, temperature=0))))
+                   for p in PROMPTS[1:3]]
+        for t in senders:
+            t.start()
+        deadline = time.time() + 30
+        while "lorq_queue_depth 2.0" not in urllib.request.urlopen(url + "/metrics").read().decode():
+            assert time.time() < deadline, "the requests never queued"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        with pytest.raises(openai.APIError, match="shut down before this request finished"):
-            list(events)
-        sender.join(30)
-        assert isinstance(waiting[0], openai.InternalServerError) and waiting[0].status_code == 503
-        assert "shut down before this request finished" in str(waiting[0])
+        try:
+            list(events)  # the stream may have finished first; if not, it ends with the error event
+        except openai.APIError as e:
+            assert "shut down before this request finished" in str(e)
+        for t in senders:
+            t.join(30)
+        assert len(answers) == 2
+        for a in answers:
+            assert isinstance(a, openai.InternalServerError) and a.status_code == 503 and "shut down before this request finished" in str(a)
         assert proc.wait(60) == 0
         log = proc.stdout.read()
         assert "lorq: server stopped" in log and "Traceback" not in log
@@ -309,6 +319,38 @@ def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, 
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_expiry_ends_running_and_queued_requests_and_refuses_new_ones(tiny_model_dir, many_adapters):
+    server = start_server(tiny_model_dir, many_adapters, max_batch=1)
+    engine = server.state.engine
+    forward = engine.model.forward
+
+    def slow(*a, **k):  # steps long enough for the requests to be in flight when the deadline passes
+        time.sleep(0.05)
+        return forward(*a, **k)
+
+    engine.model.forward = slow
+    try:
+        c = client(server)
+        stream = iter(c.chat.completions.create(model="ad1", messages=[{"role": "user", "content": "hi"}], max_tokens=100, temperature=0, stream=True))
+        next(stream)
+        answers = []
+        sender = threading.Thread(target=lambda: answers.append(catch(lambda: c.completions.create(model="ad2", prompt="hi", max_tokens=100))))
+        sender.start()
+        while not engine.waiting:
+            time.sleep(0.01)
+        engine.expire()
+        with pytest.raises(openai.APIError, match="shut down before this request finished"):
+            list(stream)
+        sender.join(30)
+        assert isinstance(answers[0], openai.InternalServerError) and answers[0].status_code == 503
+        with pytest.raises(openai.InternalServerError, match="shutting down"):
+            c.completions.create(model="ad2", prompt="hi", max_tokens=2)
+        assert not engine.busy and not server.state.store.in_use  # every adapter released once
+    finally:
+        engine.model.forward = forward
+        server.close()
 
 
 def catch(call):

@@ -106,3 +106,5 @@ def test_too_little_data(tmp_path, tok):
         load_blocks(tok, DataConfig(train_file=str(p), validation_file=str(p), block_size=64))
     with pytest.raises(LorqError, match="not found"):
         read_records(tmp_path / "missing.txt")
+    with pytest.raises(LorqError, match="packing must be one of documents, stream"):
+        DataConfig(packing="document").validate()

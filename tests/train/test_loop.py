@@ -132,3 +132,27 @@ def test_batch_order_takes_any_64_bit_seed_and_keeps_the_usual_ones():
     for seed in (2**62, -(2**62), 200_000_000_000_000):  # seed * 100003 passes 64 bits
         assert batch_indices(3, 10, 4, seed).shape == (4,)
     assert torch.equal(batch_indices(0, 10, 4, 7)[:4], torch.randperm(10, generator=torch.Generator().manual_seed(7 * 100003))[:4])
+
+
+def test_training_runs_each_block_with_its_document_positions(tmp_path):
+    """Blocks packed as documents train with their restarting position ids (transformers then
+    masks the documents apart); stream blocks with none."""
+    model = fresh_model()
+    data = toy_blocks(n=8)
+    pos = torch.arange(16).repeat(8, 1)
+    pos[:, 9:] -= 9  # a second document from column 9 on
+    seen = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    def spy(*args, **kw):
+        if torch.is_grad_enabled():  # training, not validation
+            seen.append(kw.get("position_ids"))
+        return forward(*args, **kw)
+
+    decoder.forward = spy
+    train(model, Blocks(data.input_ids, data.labels, pos), data, cfg(steps=2, grad_accum=1, save_every=10), tmp_path / "docs", progress=False)
+    assert len(seen) == 2 and all(torch.equal(p, pos[:2]) for p in seen)
+    seen.clear()
+    train(model, data, data, cfg(steps=2, grad_accum=1, save_every=10), tmp_path / "stream", progress=False)
+    assert seen == [None, None]

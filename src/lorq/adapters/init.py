@@ -168,8 +168,9 @@ def lora_sb(W, G, rank, scaling, cfg) -> Start:
     return Start(B=U.contiguous(), A=V.T.contiguous(), R=torch.diag(S) / scaling, residual=False)
 
 
-def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """G = ∂L/∂W of each module's weight, L the mean next-token loss over `batches`."""
+def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+    """G = ∂L/∂W of each module's weight, L the mean next-token loss over `batches` of
+    (input_ids, labels) or (input_ids, labels, position_ids), as training runs them."""
     from ..eval.perplexity import next_token_nll  # eval imports adapters: import on use
 
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -183,8 +184,8 @@ def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[tor
     model.train()
     try:
         n_tokens = 0
-        for x, y in batches:
-            nll, n = next_token_nll(model, x, y)
+        for x, y, *pos in batches:
+            nll, n = next_token_nll(model, x, y, position_ids=pos[0] if pos else None)
             nll.backward()
             n_tokens += n
         return {m: w.grad.detach().float() / max(n_tokens, 1) for m, w in weights.items()}

@@ -35,14 +35,15 @@ from .sampling import SamplingParams, TokenLogprob, next_token, token_logprobs
 class EngineConfig:
     max_batch: int = opt(32, "most sequences decoding together in one step")
     max_batch_tokens: int = opt(2048, "most prompt tokens prefilled in one step (a longer prompt runs alone)")
+    max_scored_tokens: int = opt(1024, "most prompt tokens scored in one step for echo + logprobs (each holds a row of vocabulary-sized logits; a longer prompt runs alone)")
     max_queue: int = opt(256, "most requests waiting for a batch slot; more are refused (HTTP 429)")
     max_model_len: int = opt(0, "longest prompt + max_tokens accepted (0 = the model's context)")
     kv_cache_mb: int = opt(0, "KV cache budget in MiB (0 = a quarter of the machine's memory, of the GPU's on CUDA): a request joins the batch when the running ones leave it room, and the latest admitted go back to the queue when the running ones outgrow it (their keys and values are recomputed when they rejoin); one whose prompt + max_tokens alone needs more is refused")
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
-        if self.max_batch <= 0 or self.max_batch_tokens <= 0 or self.max_queue <= 0 or self.max_model_len < 0 or self.kv_cache_mb < 0:
-            raise LorqError("max-batch, max-batch-tokens and max-queue must be positive, max-model-len and kv-cache-mb >= 0")
+        if min(self.max_batch, self.max_batch_tokens, self.max_scored_tokens, self.max_queue) <= 0 or self.max_model_len < 0 or self.kv_cache_mb < 0:
+            raise LorqError("max-batch, max-batch-tokens, max-scored-tokens and max-queue must be positive, max-model-len and kv-cache-mb >= 0")
         check_patterns(self.targets)
         return self
 
@@ -135,6 +136,11 @@ def next_length(seq: Sequence) -> int:
     return len(seq.prompt) + len(seq.generated)
 
 
+def scores_prompt(seq: Sequence) -> bool:
+    """Whether its next step computes the log-probabilities of its prompt (echo + logprobs)."""
+    return seq.params.prompt_logprobs and seq.prompt_logprobs is None
+
+
 def default_kv_budget(device: torch.device) -> int:
     """A quarter of the memory the KV cache lives in."""
     if device.type == "cuda":
@@ -174,6 +180,7 @@ class Engine:
         self.stopping = False
         self.steps = 0
         self.preemptions = 0
+        self.expired = False
         self.on_finish: Callable[[Sequence], None] | None = None
 
     # -- requests -------------------------------------------------------------------------
@@ -199,7 +206,7 @@ class Engine:
             seq.generator = torch.Generator()
             seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         with self.lock:
-            if self.stopping:
+            if self.stopping or self.expired:
                 raise ShuttingDown("the server is shutting down")
             if bounded and len(self.waiting) >= self.cfg.max_queue:
                 raise QueueFull(f"the request queue is full ({self.cfg.max_queue} waiting); retry later")
@@ -221,13 +228,19 @@ class Engine:
             self.finish(seq, reason)
 
     def expire(self) -> None:
-        """The shutdown deadline has passed: every request ends unfinished, the running ones
-        after the current step."""
+        """The shutdown deadline has passed: from the next step on, every request ends
+        unfinished (waiting, running, or joining just now), and no new one is taken."""
         with self.lock:
-            left = list(self.waiting) + list(self.running)
+            self.expired = True
+            self.lock.notify()
+
+    def end_expired(self) -> None:
+        with self.lock:
+            left, self.waiting = list(self.waiting), deque()
         for seq in left:
-            if seq.finish_reason is None:
-                self.abort(seq, "shutdown")
+            self.finish(seq, "shutdown")
+        for seq in self.running:
+            seq.aborted = seq.aborted or "shutdown"
 
     @property
     def queue_depth(self) -> int:
@@ -257,12 +270,13 @@ class Engine:
         """Move waiting requests into the batch: up to max_batch sequences and max_batch_tokens
         prompt tokens per step (at least one request, so a long prompt is never stuck), while
         the KV cache of all of them fits its budget (one alone always does)."""
-        new, tokens = [], 0
+        new, tokens, scored = [], 0, 0
         longest = max((next_length(s) for s in self.running), default=0)
         with self.lock:
             while self.waiting and len(self.running) + len(new) < self.cfg.max_batch:
                 seq = self.waiting[0]
-                if new and tokens + next_length(seq) > self.cfg.max_batch_tokens:
+                scores = len(seq.prompt) if scores_prompt(seq) else 0
+                if new and (tokens + next_length(seq) > self.cfg.max_batch_tokens or scored + scores > self.cfg.max_scored_tokens):
                     break
                 longest = max(longest, next_length(seq))
                 if self.running + new and self.pool.bytes_for(len(self.running) + len(new) + 1, longest) > self.kv_budget:
@@ -270,11 +284,14 @@ class Engine:
                 self.waiting.popleft()
                 new.append(seq)
                 tokens += next_length(seq)
+                scored += scores
         return new
 
     @torch.inference_mode()
     def step(self) -> int:
         """Run one packed forward pass; returns the number of sequences it advanced."""
+        if self.expired:
+            self.end_expired()
         aborted = [s for s in self.running if s.aborted]
         for seq in aborted:
             self.finish(seq, seq.aborted)
@@ -295,7 +312,7 @@ class Engine:
             start = len(ids)
             ids += seq.prompt + seq.generated
             positions += range(len(ids) - start)
-            scored.append(seq.params.prompt_logprobs and seq.prompt_logprobs is None)
+            scored.append(scores_prompt(seq))
             keep += range(start, len(ids)) if scored[-1] else [len(ids) - 1]
             rows.append(len(ids) - start if scored[-1] else 1)
             if seq.adapter is not None:
@@ -360,7 +377,7 @@ class Engine:
         if token in self.eos and not p.ignore_eos:
             return self.finish(seq, "stop")
         text = self.tok.decode(seq.generated, skip_special_tokens=True)
-        cut = stop_cut(text, p.stop) if p.stop else None
+        cut = stop_cut(text, p.stop) if p.stop and len(seq.generated) >= p.min_tokens else None  # no stop before min_tokens, as vLLM
         if cut is not None:
             seq.text = text[:cut]
             return self.finish(seq, "stop")

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import LorqError
+from .logprobs import Scored
 from .sampling import MAX_LOGPROBS, SamplingParams
 
 
@@ -183,27 +184,26 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-# a scored token as the API shows it: (its text, its log-probability or None for a prompt's
-# first token, the alternatives as (text, log-probability), or None)
-Scored = tuple[str, float | None, list[tuple[str, float]] | None]
+def completion_logprobs(scored: list[Scored], offsets: list[int]) -> dict:
+    """The completions API's logprobs object: text_offset is where each token's text starts in
+    the choice's text; each token's alternatives include the token itself, as OpenAI's do."""
+    def alternatives(s: Scored) -> dict | None:
+        if s.top is None:
+            return None
+        top = {raw.decode("utf-8", errors="replace"): lp for raw, lp in s.top}
+        return top if s.logprob is None else {**top, s.text: s.logprob}
 
-
-def completion_logprobs(scored: list[Scored], offset: int) -> dict:
-    """The completions API's logprobs object; offset: where the first token's text starts in the choice's text."""
-    offsets = []
-    for text, _, _ in scored:
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": [t for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
-            "top_logprobs": [None if top is None else dict(top) for _, _, top in scored], "text_offset": offsets}
+    return {"tokens": [s.text for s in scored], "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [alternatives(s) for s in scored], "text_offset": offsets}
 
 
 def chat_logprobs(scored: list[Scored]) -> dict:
-    """The chat API's logprobs object: each token with its UTF-8 bytes and alternatives."""
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    """The chat API's logprobs object: each token with its UTF-8 bytes (part of a character's,
+    for a token that splits one) and its top alternatives."""
+    def entry(raw: bytes, lp: float) -> dict:
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
 
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top or []]} for t, lp, top in scored], "refusal": None}
+    return {"content": [{**entry(s.raw, s.logprob), "top_logprobs": [entry(*t) for t in s.top or []]} for s in scored], "refusal": None}
 
 
 def chat_object(rid: str, model: str, results: list[tuple[str, str]], use: dict, logprobs: list[dict | None] | None = None) -> dict:

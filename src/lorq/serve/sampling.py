@@ -141,15 +141,18 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+LOGPROB_ROWS = 256  # rows of logits normalized at a time: a scored prompt's copies stay small
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
     """For each row of logits (n, vocab), the log-probability of the token that followed it."""
-    if not tokens:
-        return []
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(tokens, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
-    tops = logp.topk(k, dim=-1) if k else None
     out = []
-    for i, (token, lp) in enumerate(zip(tokens, chosen)):
-        top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
-        out.append(TokenLogprob(token, lp, top))
+    for start in range(0, len(tokens), LOGPROB_ROWS):
+        part = tokens[start : start + LOGPROB_ROWS]
+        logp = torch.log_softmax(logits[start : start + len(part)].float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(part, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+        tops = logp.topk(k, dim=-1) if k else None
+        for i, (token, lp) in enumerate(zip(part, chosen)):
+            top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
+            out.append(TokenLogprob(token, lp, top))
     return out

@@ -33,10 +33,10 @@ from .adapter_cache import NAME, AdapterNotFound, AdapterStore
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
-    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, Scored, UnloadAdapterRequest, chat_chunk, chat_logprobs, chat_object,
+    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_logprobs, chat_object,
     completion_choice, completion_logprobs, completion_object, new_id, usage,
 )
-from .sampling import TokenLogprob
+from .logprobs import LogprobCursor, TokenText
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Server:
     def __init__(self, engine: Engine, store: AdapterStore, base_name: str, api_key: str | None = None):
         self.engine, self.store, self.base_name, self.api_key = engine, store, base_name, api_key
         self.metrics = Metrics(engine, store)
+        self.token_text = TokenText(engine.tok)  # shared: its cache of token bytes grows with use
         self.created = int(time.time())
         engine.on_finish = self.sequence_done
 
@@ -184,15 +185,6 @@ def choice_params(params: SamplingParams, j: int) -> SamplingParams:
     if j and out.seed is not None:
         out.seed = (out.seed + j) % 2**64
     return out
-
-
-def scored_tokens(tok, entries: list[TokenLogprob]) -> list[Scored]:
-    return [(tok.decode([e.token]), e.logprob, [(tok.decode([t]), lp) for t, lp in e.top]) for e in entries]
-
-
-def prompt_scored(tok, seq: Sequence) -> list[Scored]:
-    """The prompt's tokens with their log-probabilities (the first has none: nothing precedes it)."""
-    return [(tok.decode([seq.prompt[0]]), None, None)] + scored_tokens(tok, seq.prompt_logprobs or [])
 
 
 def request_usage(seqs: list[Sequence], n: int) -> dict:
@@ -357,12 +349,14 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_completion(server, req, rid, seqs, events, echoes), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
-        tok = server.engine.tok
+        cursor = LogprobCursor(server.token_text, seqs)
         choices = []
-        for i, ((text, reason), seq) in enumerate(zip(results, seqs)):
-            echo = echoes[i] if echoes else ""
-            scored = (prompt_scored(tok, seq) if echoes else []) + scored_tokens(tok, seq.logprobs)
-            choices.append(completion_choice(i, echo + text, reason, completion_logprobs(scored, 0) if params.logprobs is not None else None))
+        for i, (text, reason) in enumerate(results):
+            lp = None
+            if params.logprobs is not None:
+                scored = cursor.take(i, prompt=bool(echoes))
+                lp = completion_logprobs(scored, cursor.offsets(i, scored))
+            choices.append(completion_choice(i, (echoes[i] if echoes else "") + text, reason, lp))
         return completion_object(rid, req.model, choices, request_usage(seqs, n))
 
     @app.post("/v1/chat/completions")
@@ -380,7 +374,8 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_chat(server, req, rid, seqs, events), media_type="text/event-stream")
         results = await server.collect(seqs, events, request)
-        logprobs = [chat_logprobs(scored_tokens(server.engine.tok, s.logprobs)) for s in seqs] if params.logprobs is not None else None
+        cursor = LogprobCursor(server.token_text, seqs)
+        logprobs = [chat_logprobs(cursor.take(i)) for i in range(len(seqs))] if params.logprobs is not None else None
         return chat_object(rid, req.model, results, request_usage(seqs, len(seqs)), logprobs)
 
     @app.post("/v1/load_lora_adapter")
@@ -410,30 +405,9 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-class StreamedLogprobs:
-    """The log-probabilities of each choice's tokens not yet sent, and where their text starts."""
-
-    def __init__(self, tok, seqs: list[Sequence]):
-        self.tok, self.seqs = tok, seqs
-        self.sent, self.offset = [0] * len(seqs), [0] * len(seqs)
-
-    def take(self, i: int, prompt: bool = False) -> list[Scored]:
-        """Choice i's tokens since the last call (the prompt's first, when asked)."""
-        seq = self.seqs[i]
-        new = seq.logprobs[self.sent[i] :]  # the engine thread appends; a slice is one consistent read
-        self.sent[i] += len(new)
-        return (prompt_scored(self.tok, seq) if prompt else []) + scored_tokens(self.tok, new)
-
-    def completion(self, i: int, prompt: bool = False) -> dict:
-        scored = self.take(i, prompt)
-        out = completion_logprobs(scored, self.offset[i])
-        self.offset[i] += sum(len(text) for text, _, _ in scored)
-        return out
-
-
 async def stream_completion(server: Server, req: CompletionRequest, rid: str, seqs, events, echoes: list[str] | None):
     left = len(seqs)
-    logprobs = StreamedLogprobs(server.engine.tok, seqs) if req.logprobs is not None else None
+    cursor = LogprobCursor(server.token_text, seqs) if req.logprobs is not None else None
     echoed = [not echoes] * len(seqs)
     try:
         while left:
@@ -446,7 +420,10 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
                 return
             prefix = "" if echoed[i] else echoes[i]  # the prompt comes with the choice's first chunk
             if delta or reason is not None or prefix:
-                lp = logprobs.completion(i, prompt=not echoed[i]) if logprobs is not None else None
+                lp = None
+                if cursor is not None:
+                    scored = cursor.take(i, prompt=not echoed[i])
+                    lp = completion_logprobs(scored, cursor.offsets(i, scored))
                 echoed[i] = True
                 yield sse(completion_object(rid, req.model, [completion_choice(i, prefix + delta, reason, lp)], None, chunk=True))
         if req.include_usage:
@@ -457,7 +434,7 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
 
 
 async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
-    logprobs = StreamedLogprobs(server.engine.tok, seqs) if req.logprob_count() is not None else None
+    cursor = LogprobCursor(server.token_text, seqs) if req.logprob_count() is not None else None
     try:
         for i in range(len(seqs)):
             yield sse(chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, index=i))
@@ -469,9 +446,9 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
                 yield sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
-            scored = logprobs.take(i) if logprobs is not None else []
+            scored = cursor.take(i) if cursor is not None else []
             if delta or scored:
-                yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i, logprobs=chat_logprobs(scored) if logprobs is not None else None))
+                yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i, logprobs=chat_logprobs(scored) if cursor is not None else None))
             if reason is not None:
                 yield sse(chat_chunk(rid, req.model, {}, reason, index=i))
                 left -= 1

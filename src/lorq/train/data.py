@@ -43,6 +43,10 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if self.block_size < 2:
             raise LorqError(f"block size must be at least 2, got {self.block_size}")
+        try:
+            self.packing = Packing(self.packing)
+        except ValueError:
+            raise LorqError(f"packing must be one of {', '.join(p.value for p in Packing)}, got {self.packing!r}")
         check_file(self.train_file, "training file")
         check_file(self.validation_file, "validation file")
         return self
