@@ -67,6 +67,10 @@ def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     cfg.write_text("prompt: hello\nmax_new_tokens: 3\n")
     code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--config", cfg, "--no-chat")
     assert code == 0, err
+    code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--config", cfg, "--no-chat", "--temperature", "0.7", "--top-k", "5",
+                            "--repetition-penalty", "1.3")
+    assert code == 0, err
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--top-k", "-1", match="top-k >= 0")
     cfg.write_text("lora:\n  rank: 2\ntrain:\n  steps: 1\n  eval_blocks: 1\n  batch_size: 1\ndata:\n  block_size: 16\n")
     code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--config", cfg, "--output", tmp_path / "y", "--precision", "fp32")
     assert code == 0, err

@@ -96,6 +96,8 @@ class GenerateConfig:
     max_new_tokens: int = opt(64, "tokens to generate")
     temperature: float = opt(0.0, "sampling temperature (0 = greedy)")
     top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_k: int = opt(0, "sample among the k most likely tokens only (0 = all)")
+    repetition_penalty: float = opt(1.0, "divide a positive logit (multiply a negative one) of every token already in prompt or output by this, also when greedy (1 = off)")
     seed: int = opt(0, "sampling seed")
     chat: bool = opt(True, "wrap the prompt in the tokenizer's chat template")
     device: Device = opt(Device.AUTO, DEVICE_HELP)
@@ -530,8 +532,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def run_generate(cfg: GenerateConfig) -> str:
-    if cfg.max_new_tokens <= 0 or not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
-        raise LorqError("max-new-tokens must be positive, temperature >= 0 and top-p in (0, 1]")
+    if cfg.max_new_tokens <= 0 or not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or not 0 < cfg.repetition_penalty <= 100:
+        raise LorqError("max-new-tokens must be positive, temperature >= 0, top-p in (0, 1], top-k >= 0 and repetition-penalty in (0, 100]")
     if 0 < cfg.temperature < 1e-4:  # logits / 1e-320 overflow to NaN probabilities
         raise LorqError(f"temperature must be 0 (greedy) or at least 1e-4, got {cfg.temperature}")
     try:
@@ -539,7 +541,8 @@ def run_generate(cfg: GenerateConfig) -> str:
     except UnicodeEncodeError:
         raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens), cfg.device)
-    text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)
+    text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat,
+                         top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
     print(text)
     return text
 

@@ -204,3 +204,24 @@ def test_min_tokens_holds_back_stop_strings_too(live):
     held = c.completions.create(model="ad2", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop], extra_body={"min_tokens": 5})
     assert early.choices[0].finish_reason == "stop" and early.usage.completion_tokens < 5
     assert held.usage.completion_tokens >= 5
+
+
+def test_repetition_penalty_greedy_equals_lorq_generate(tiny_model_dir, many_adapters):
+    """Two implementations, one answer: the engine's penalty against transformers' generate
+    (what `lorq generate --repetition-penalty` runs), greedy, with an adapter."""
+    from lorq.eval.generate import encode_prompt, generate_text
+    from lorq.jobs import load_for_inference
+    from lorq.models.loading import load_model
+    from lorq.quant.base import no_quant
+    from lorq.serve import AdapterStore, Engine
+
+    model, tok, _ = load_for_inference(str(tiny_model_dir), no_quant(), str(many_adapters / "ad4"))
+    want = [generate_text(model, tok, p, 24, repetition_penalty=1.8) for p in PROMPTS[:3]]
+    plain = [generate_text(model, tok, p, 24) for p in PROMPTS[:3]]
+    base, tok, _ = load_model(str(tiny_model_dir))
+    engine = Engine(base, tok)
+    store = AdapterStore(many_adapters, engine.layers, 1 << 30)
+    store.discover()
+    seqs = engine.generate([(encode_prompt(tok, p), store.acquire("ad4"), SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.8))
+                            for p in PROMPTS[:3]])
+    assert [s.text for s in seqs] == want != plain

@@ -27,7 +27,8 @@ def check_new_tokens(config, max_new_tokens: int) -> None:
         raise LorqError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
 
 
-def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
+def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
+                  top_k: int = 0, repetition_penalty: float = 1.0) -> str:
     ids = torch.tensor([encode_prompt(tok, prompt, chat)], device=next(model.parameters()).device)
     if ids.shape[1] == 0:
         raise LorqError("the prompt is empty (give text, or use the chat template)")
@@ -36,7 +37,8 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature
         raise LorqError(f"the prompt ({ids.shape[1]} tokens) + max-new-tokens {max_new_tokens} exceed the model's context of {context} tokens")
     torch.manual_seed(seed)
     sample = temperature > 0
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kw["repetition_penalty"] = repetition_penalty if repetition_penalty != 1.0 else None
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
