@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -247,7 +248,8 @@ def test_api_key(tiny_model_dir, many_adapters):
         server.close()
 
 
-def cli_server(model_dir, adapters, *extra) -> tuple[subprocess.Popen, str]:
+@contextmanager
+def cli_server(model_dir, adapters, *extra):
     """`lorq serve` in a process of its own, once it answers /health: (process, base URL)."""
     sock = free_port()
     port = sock.getsockname()[1]
@@ -256,39 +258,41 @@ def cli_server(model_dir, adapters, *extra) -> tuple[subprocess.Popen, str]:
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health")
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(proc.stdout.read() if proc.poll() is not None else "timeout")
-            time.sleep(0.2)
-
-
-def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_adapters):
-    proc, url = cli_server(tiny_model_dir, many_adapters)
     try:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=150, temperature=0, stream=True)
-        first = next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
-        rest = list(stream)
-        assert rest[-1].choices[0].finish_reason == "length" and first.choices[0].finish_reason is None
-        assert proc.wait(60) == 0
-        log = proc.stdout.read()
-        assert "lorq: server stopped" in log and "Traceback" not in log
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
 
 
+def stopped_cleanly(proc) -> None:
+    assert proc.wait(60) == 0
+    log = proc.stdout.read()
+    assert "lorq: server stopped" in log and "Traceback" not in log
+
+
+def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_adapters):
+    with cli_server(tiny_model_dir, many_adapters) as (proc, url):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=150, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "length" and first.choices[0].finish_reason is None
+        stopped_cleanly(proc)
+
+
 def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, many_adapters):
     """`--shutdown-timeout 0`: SIGTERM ends what is queued or running with a 503 at once."""
-    proc, url = cli_server(tiny_model_dir, many_adapters, "--shutdown-timeout", "0", "--max-batch", "1")
-    try:
+    with cli_server(tiny_model_dir, many_adapters, "--shutdown-timeout", "0", "--max-batch", "1") as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
         events = iter(stream)
@@ -312,13 +316,7 @@ def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, 
         assert len(answers) == 2
         for a in answers:
             assert isinstance(a, openai.InternalServerError) and a.status_code == 503 and "shut down before this request finished" in str(a)
-        assert proc.wait(60) == 0
-        log = proc.stdout.read()
-        assert "lorq: server stopped" in log and "Traceback" not in log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stopped_cleanly(proc)
 
 
 def test_expiry_ends_running_and_queued_requests_and_refuses_new_ones(tiny_model_dir, many_adapters):
