@@ -33,6 +33,11 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+def given(value, default):
+    """A field's value; null means its default, as in OpenAI's API."""
+    return default if value is None else value
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; unknown fields are ignored, as OpenAI's servers do,
     but known sampling fields this server does not implement are refused, not ignored. Types are
@@ -79,7 +84,6 @@ class SamplingFields(BaseModel):
         except ValueError:
             raise APIError(400, "logit_bias keys must be token IDs", param="logit_bias")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        given = lambda value, default: default if value is None else value  # noqa: E731  (null is the default)
         params = SamplingParams(
             max_tokens=max_tokens, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
             top_k=max(given(self.top_k, 0), 0), min_tokens=given(self.min_tokens, 0), presence_penalty=given(self.presence_penalty, 0.0),
