@@ -205,6 +205,33 @@ def test_sequences_outgrowing_the_kv_budget_are_preempted_and_recomputed(tiny_mo
     assert [s.generated for s in seqs] == alone and all(s.finish_reason == "length" for s in seqs)
 
 
+def test_preemption_with_adapters_prompt_logprobs_and_an_abort(tiny_model_dir, many_adapters):
+    """A preempted sequence keeps its prompt's log-probabilities (scored once) and its
+    adapter; one aborted while it waits to rejoin finishes once; every adapter is released."""
+    engine, store, tok = engine_for(tiny_model_dir, many_adapters, max_batch=8)
+    prompts = [encode_prompt(tok, p)[:20] for p in PROMPTS[:3]]
+    params = lambda: SamplingParams(max_tokens=70, temperature=0.0, logprobs=2, prompt_logprobs=True)  # noqa: E731
+    alone = [engine.generate([(p, store.acquire("ad5"), params())])[0] for p in prompts]
+    for _ in alone:
+        store.release("ad5")
+    engine.kv_budget = engine.pool.bytes_for(2, 128)
+    engine.on_finish = lambda seq: store.release(seq.adapter.name)  # as the server does
+    ends = []
+    seqs = [engine.submit(p, store.acquire("ad5"), params(), lambda d, r: ends.append(r) if r else None) for p in prompts]
+    while not engine.preemptions:
+        engine.step()
+    waiting = next(s for s in seqs if s in engine.waiting)
+    engine.abort(waiting)
+    while engine.busy:
+        engine.step()
+    for seq, ref in zip(seqs, alone):
+        assert [(e.token, round(e.logprob, 4)) for e in seq.prompt_logprobs] == [(e.token, round(e.logprob, 4)) for e in ref.prompt_logprobs]
+        if seq is not waiting:
+            assert seq.generated == ref.generated and len(seq.logprobs) == 70
+    assert sorted(ends) == ["abort", "length", "length"] and waiting.finish_reason == "abort"
+    assert not store.in_use
+
+
 def test_the_kv_cache_admits_within_its_budget_and_is_given_back(tiny_model_dir):
     """One long request used to size every batch slot to its length for the server's lifetime.
     Now a request joins only while the pool, at the running sequences' lengths, fits the budget;
