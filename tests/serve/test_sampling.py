@@ -225,3 +225,23 @@ def test_repetition_penalty_greedy_equals_lorq_generate(tiny_model_dir, many_ada
     seqs = engine.generate([(encode_prompt(tok, p), store.acquire("ad4"), SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.8))
                             for p in PROMPTS[:3]])
     assert [s.text for s in seqs] == want != plain
+
+
+def test_streamed_logprobs_never_run_ahead_of_the_text(live):
+    """Text that may still become a stop string is held back; the log-probabilities of its
+    tokens come with the chunk that completes them, not before: after every chunk the tokens
+    sent spell a prefix of the text sent, and at the end all of it."""
+    c = client(live)
+    stops = ["e§", "s§", "t§", " §"]  # a text ending in e, s, t or a space waits for the next token
+    behind = 0
+    for prompt in PROMPTS[:3]:
+        text, spelled = "", ""
+        for ch in c.completions.create(model="ad6", prompt=prompt, max_tokens=20, temperature=0, logprobs=0, stop=stops, stream=True):
+            choice = ch.choices[0]
+            text += choice.text
+            spelled += "".join(choice.logprobs.tokens) if choice.logprobs else ""
+            clean = spelled.replace("\ufffd", "")
+            assert text.startswith(clean) or "\ufffd" in spelled, (text, spelled)
+            behind += len(clean) < len(text)
+        assert spelled == text or "\ufffd" in spelled
+    assert behind  # some text was sent before its last token's log-probability

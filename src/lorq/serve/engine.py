@@ -93,6 +93,7 @@ class Sequence:
     aborted: str | None = None  # why it is to end before its answer is complete (one of UNFINISHED)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (the first has none), when params.prompt_logprobs
+    marks: list[int] = field(default_factory=list)  # per event sent: the generated tokens whose text it has covered
 
     @property
     def cached(self) -> int:
@@ -387,7 +388,19 @@ class Engine:
         end = safe_prefix(text, p.stop)
         if end > seq.sent:
             delta, seq.sent = text[seq.sent : end], end
-            seq.on_event(delta, None)
+            self.emit(seq, delta, None, self.tokens_within(seq.generated, end) if end < len(text) else len(seq.generated))
+
+    def tokens_within(self, tokens: list[int], chars: int) -> int:
+        """How many of the first tokens decode to at most `chars` characters (the text held back
+        at the end, a partial character or a possible stop string, covers the rest)."""
+        k = len(tokens)
+        while k and len(self.tok.decode(tokens[:k], skip_special_tokens=True)) > chars:
+            k -= 1
+        return k
+
+    def emit(self, seq: Sequence, delta: str, reason: str | None, covered: int) -> None:
+        seq.marks.append(covered)  # before the event: whoever reads it finds its mark
+        seq.on_event(delta, reason)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -395,7 +408,7 @@ class Engine:
         seq.sent = len(seq.text)
         if self.on_finish is not None:
             self.on_finish(seq)
-        seq.on_event(delta, reason)
+        self.emit(seq, delta, reason, len(seq.generated))
 
     # -- the engine thread --------------------------------------------------------------------
     def start(self) -> "Engine":

@@ -81,15 +81,23 @@ class LogprobCursor:
     def __init__(self, text: TokenText, seqs: list):
         self.text, self.seqs = text, seqs
         self.sent = [0] * len(seqs)
+        self.events = [0] * len(seqs)  # events of each choice read so far
         self.chars = [0] * len(seqs)
         self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in seqs]
 
-    def take(self, i: int, prompt: bool = False) -> list[Scored]:
-        """Choice i's tokens since the last call (its prompt's first, when asked)."""
+    def take(self, i: int, prompt: bool = False, upto: int | None = None) -> list[Scored]:
+        """Choice i's tokens since the last call, up to token `upto` (all so far if None); its
+        prompt's first, when asked."""
         seq = self.seqs[i]
-        new = seq.logprobs[self.sent[i] :]  # the engine thread appends; a slice is one consistent read
+        new = seq.logprobs[self.sent[i] : upto]  # the engine thread appends; a slice is one consistent read
         self.sent[i] += len(new)
         return (self.text.prompt(seq) if prompt else []) + self.text.scored(new)
+
+    def take_event(self, i: int, prompt: bool = False) -> list[Scored]:
+        """The tokens whose text choice i's next event carries (events are read in order)."""
+        seq, k = self.seqs[i], self.events[i]
+        self.events[i] += 1
+        return self.take(i, prompt, seq.marks[k] if k < len(seq.marks) else None)
 
     def offsets(self, i: int, scored: list[Scored]) -> list[int]:
         out = []

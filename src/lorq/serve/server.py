@@ -419,11 +419,9 @@ async def stream_completion(server: Server, req: CompletionRequest, rid: str, se
                 yield "data: [DONE]\n\n"
                 return
             prefix = "" if echoed[i] else echoes[i]  # the prompt comes with the choice's first chunk
+            scored = cursor.take_event(i, prompt=not echoed[i]) if cursor is not None else []
             if delta or reason is not None or prefix:
-                lp = None
-                if cursor is not None:
-                    scored = cursor.take(i, prompt=not echoed[i])
-                    lp = completion_logprobs(scored, cursor.offsets(i, scored))
+                lp = completion_logprobs(scored, cursor.offsets(i, scored)) if cursor is not None else None
                 echoed[i] = True
                 yield sse(completion_object(rid, req.model, [completion_choice(i, prefix + delta, reason, lp)], None, chunk=True))
         if req.include_usage:
@@ -446,7 +444,7 @@ async def stream_chat(server: Server, req: ChatRequest, rid: str, seqs, events):
                 yield sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
-            scored = cursor.take(i) if cursor is not None else []
+            scored = cursor.take_event(i) if cursor is not None else []
             if delta or scored:
                 yield sse(chat_chunk(rid, req.model, {"content": delta}, index=i, logprobs=chat_logprobs(scored) if cursor is not None else None))
             if reason is not None:
