@@ -122,7 +122,10 @@ def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         tok_config = out / "tokenizer_config.json"
         if tok_config.is_file() and GGUF_PRE not in json.loads(tok_config.read_text()):
-            keep_gguf_pre(out, gguf)  # converted before lorq kept the name
+            try:
+                keep_gguf_pre(out, gguf)  # converted before lorq kept the name
+            except (OSError, ValueError):  # a read-only cache: loading still works; export then says 'default' and why
+                pass
         return out
     return convert_gguf(gguf, out)
 
