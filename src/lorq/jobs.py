@@ -354,7 +354,7 @@ def init_batches(train_blocks, cfg: FinetuneConfig) -> list:
     for k in range(cfg.start.init_batches):
         idx = batch_indices(k, len(train_blocks), cfg.train.batch_size, cfg.train.seed)
         b = train_blocks[idx]
-        out.append((b.input_ids, b.labels) if b.position_ids is None else (b.input_ids, b.labels, b.position_ids))
+        out.append((b.input_ids, b.labels, b.position_ids))
     return out
 
 

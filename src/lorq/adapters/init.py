@@ -170,7 +170,7 @@ def lora_sb(W, G, rank, scaling, cfg) -> Start:
 
 def full_gradients(model: nn.Module, modules: list[str], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """G = ∂L/∂W of each module's weight, L the mean next-token loss over `batches` of
-    (input_ids, labels) or (input_ids, labels, position_ids), as training runs them."""
+    (input_ids, labels) or (input_ids, labels, position_ids or None), as training runs them."""
     from ..eval.perplexity import next_token_nll  # eval imports adapters: import on use
 
     flags = {p: p.requires_grad for p in model.parameters()}

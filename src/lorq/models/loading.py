@@ -104,13 +104,13 @@ def gguf_pre(gguf: Path) -> str | None:
 
 
 def keep_gguf_pre(checkpoint: Path, gguf: Path) -> None:
-    """Record the GGUF's pre-tokenizer name with the converted tokenizer, so that a GGUF
-    exported from it (or from anything saved with its tokenizer) splits text the same way."""
+    """Record the GGUF's pre-tokenizer name with the converted tokenizer (null when the file has
+    none, so the GGUF is read once), so that a GGUF exported from it (or from anything saved with
+    its tokenizer) splits text the same way. A tokenizer that has the record is left alone."""
     config_file = checkpoint / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    pre = gguf_pre(gguf)
-    if pre is not None and config.get(GGUF_PRE) != pre:
-        atomic_write_text(config_file, json.dumps({**config, GGUF_PRE: pre}, indent=2, ensure_ascii=False))
+    if GGUF_PRE not in config:
+        atomic_write_text(config_file, json.dumps({**config, GGUF_PRE: gguf_pre(gguf)}, indent=2, ensure_ascii=False))
 
 
 def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
@@ -120,12 +120,10 @@ def cached_gguf_checkpoint(gguf: Path, name: str | None = None) -> Path:
         name = f"gguf-{gguf.stem}-{key}"
     out = cache_root() / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        tok_config = out / "tokenizer_config.json"
-        if tok_config.is_file() and GGUF_PRE not in json.loads(tok_config.read_text()):
-            try:
-                keep_gguf_pre(out, gguf)  # converted before lorq kept the name
-            except (OSError, ValueError):  # a read-only cache: loading still works; export then says 'default' and why
-                pass
+        try:
+            keep_gguf_pre(out, gguf)  # a cache converted before lorq kept the name
+        except (OSError, ValueError):  # a read-only cache: loading still works; export then says 'default' and why
+            pass
         return out
     return convert_gguf(gguf, out)
 

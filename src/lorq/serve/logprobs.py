@@ -33,7 +33,7 @@ class Scored:
 
     raw: bytes
     logprob: float | None
-    top: list[tuple[bytes, float]] | None
+    top: list["Scored"] | None = None
 
     @property
     def text(self) -> str:
@@ -66,7 +66,7 @@ class TokenText:
         return piece.replace("▁", " ").encode()
 
     def scored(self, entries: list[TokenLogprob]) -> list[Scored]:
-        return [Scored(self.raw(e.token), e.logprob, [(self.raw(t), lp) for t, lp in e.top]) for e in entries]
+        return [Scored(self.raw(e.token), e.logprob, [Scored(self.raw(t), lp) for t, lp in e.top]) for e in entries]
 
     def prompt(self, seq) -> list[Scored]:
         """A prompt's tokens with their log-probabilities (the first has none: nothing precedes it)."""

@@ -194,7 +194,7 @@ def completion_logprobs(scored: list[Scored], offsets: list[int]) -> dict:
     def alternatives(s: Scored) -> dict | None:
         if s.top is None:
             return None
-        top = {raw.decode("utf-8", errors="replace"): lp for raw, lp in s.top}
+        top = {t.text: t.logprob for t in s.top}
         return top if s.logprob is None else {**top, s.text: s.logprob}
 
     return {"tokens": [s.text for s in scored], "token_logprobs": [s.logprob for s in scored],
@@ -204,10 +204,10 @@ def completion_logprobs(scored: list[Scored], offsets: list[int]) -> dict:
 def chat_logprobs(scored: list[Scored]) -> dict:
     """The chat API's logprobs object: each token with its UTF-8 bytes (part of a character's,
     for a token that splits one) and its top alternatives."""
-    def entry(raw: bytes, lp: float) -> dict:
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+    def entry(s: Scored) -> dict:
+        return {"token": s.text, "logprob": s.logprob, "bytes": list(s.raw)}
 
-    return {"content": [{**entry(s.raw, s.logprob), "top_logprobs": [entry(*t) for t in s.top or []]} for s in scored], "refusal": None}
+    return {"content": [{**entry(s), "top_logprobs": [entry(t) for t in s.top or []]} for s in scored], "refusal": None}
 
 
 def chat_object(rid: str, model: str, results: list[tuple[str, str]], use: dict, logprobs: list[dict | None] | None = None) -> dict:
