@@ -51,6 +51,40 @@ def test_fused_loss_of_a_plain_head_equals_the_full_logits_loss(tiny_llama):
     assert torch.allclose(out[16][2], out[0][2], atol=1e-6)
 
 
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_a_trained_tied_embedding_gets_the_full_logits_gradient_in_one_tensor(padding_idx):
+    """Full-parameter training of a tied model: the fused loss hands the output layer's gradient
+    to the embedding lookup. Loss and every gradient match transformers' own full-logits loss
+    (padding rows of the lookup get no gradient there either), and backward allocates no second
+    (vocab, hidden) gradient."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True, vocab_size=4096, pad_token_id=padding_idx))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    x[0, :4] = 3
+    y = x.clone()
+    y[1, 5:9] = IGNORE
+    out = {}
+    for chunk in (0, 16):
+        model.zero_grad(set_to_none=True)
+        nll, n = next_token_nll(model, x, y, chunk)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            (nll / n).backward()
+        biggest = max(e.cpu_memory_usage for e in prof.events())
+        out[chunk] = (nll.item(), {k: p.grad.clone() for k, p in model.named_parameters()}, biggest)
+    (full_nll, full, _), (nll, fused, biggest) = out[0], out[16]
+    assert nll == pytest.approx(full_nll, rel=1e-6)
+    assert all(torch.allclose(fused[k], full[k], atol=1e-6) for k in full)
+    if padding_idx is not None:  # the lm_head part of the padding row's gradient remains
+        assert not torch.equal(fused["model.embed_tokens.weight"][3], torch.zeros(64))
+    assert biggest < 4096 * 64 * 4  # no (V, H) tensor allocated in backward
+
+
 def test_no_tokens_is_an_error_not_a_perfect_perplexity(tiny_llama):
     from lorq.errors import LorqError
     from lorq.eval.perplexity import perplexity

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import LorqError
-from ..train.cross_entropy import fusable, linear_cross_entropy
+from ..train.cross_entropy import TiedGradient, fusable, linear_cross_entropy, sharable_embedding, tied_lookup
 from ..train.data import IGNORE, Blocks
 from ..train.precision import Precision, autocast
 
@@ -29,7 +29,8 @@ def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     of the labelled positions go through the output layer and the cross-entropy `chunk` tokens
     at a time; with gradients on, a plain linear output layer takes the fused loss (its
     gradient computed chunk by chunk in forward), any other head recomputes each chunk in
-    backward (activation checkpointing) instead of storing it.
+    backward (activation checkpointing) instead of storing it. A trained output layer tied to
+    the input embedding then has one (V, H) gradient, not two (cross_entropy.TiedGradient).
     """
     decoder, head = chunkable(model) if chunk > 0 else (None, None)
     if decoder is None:
@@ -37,12 +38,16 @@ def next_token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
         target = labels[:, 1:]  # (B, T-1)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
         return nll, int((target != IGNORE).sum())
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+    fused = torch.is_grad_enabled() and fusable(head)
+    embedding = sharable_embedding(decoder, head) if fused else None
+    tied = TiedGradient() if embedding is not None else None
+    inputs = dict(inputs_embeds=tied_lookup(input_ids, embedding, tied)) if tied else dict(input_ids=input_ids)
+    hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE  # only labelled positions need logits
     hidden, target = hidden.reshape(-1, hidden.shape[-1])[keep], target[keep]  # (N, H), (N,)
-    if torch.is_grad_enabled() and fusable(head):
-        return linear_cross_entropy(hidden, head, target, chunk), len(target)
+    if fused:
+        return linear_cross_entropy(hidden, head, target, chunk, tied), len(target)
     nll = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(target), chunk):
         h, t = hidden[i : i + chunk], target[i : i + chunk]

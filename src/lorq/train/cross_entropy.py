@@ -6,19 +6,73 @@ log-sum-exp), turns them in place into that gradient and multiplies it back thro
 loss is done with its logits before backward starts. Against the checkpointed chunked loss this
 saves the recomputed output-layer matmul and its log-softmax, and the full (tokens, vocab)
 logits never exist (Liger-Kernel's fused linear cross-entropy does the same on GPU).
+
+An output layer tied to the input embedding would get two (V, H) gradients that autograd adds
+at the end of backward, both alive at once (113 MiB each on SmolLM2). With a `TiedGradient`
+the loss hands its gradient to the embedding lookup instead, which adds its rows into it with
+index_add_ and passes one tensor on: one (V, H) gradient, as if the weight were used once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..quant.linear import compute_dtype
 
 
+@dataclass
+class TiedGradient:
+    """The output layer's weight gradient on its way from the loss to the embedding lookup."""
+
+    grad: torch.Tensor | None = None
+
+
+class _TiedLookup(torch.autograd.Function):
+    """F.embedding(ids, weight) whose weight gradient is the loss's (from `tied`, if it left
+    one) plus the looked-up rows' gradients; rows of `padding_idx` get none, as in F.embedding."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, tied: TiedGradient, padding_idx: int | None):
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.padding_idx, ctx.weight_shape, ctx.weight_dtype = tied, padding_idx, weight.shape, weight.dtype
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        grad, ctx.tied.grad = ctx.tied.grad, None
+        if grad is None:  # the loss did not run its backward through the head
+            grad = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+        rows, idx = grad_out.reshape(-1, grad_out.shape[-1]), ids.reshape(-1)
+        if ctx.padding_idx is not None:
+            keep = idx != ctx.padding_idx
+            rows, idx = rows[keep], idx[keep]
+        return None, grad.index_add_(0, idx, rows.to(grad.dtype)), None, None
+
+
+def tied_lookup(ids: torch.Tensor, embedding: nn.Embedding, tied: TiedGradient) -> torch.Tensor:
+    return _TiedLookup.apply(ids, embedding.weight, tied, embedding.padding_idx)
+
+
+def sharable_embedding(decoder, head) -> nn.Embedding | None:
+    """The decoder's input embedding when the output layer is tied to it and trained: a plain
+    nn.Embedding (no max_norm, no frequency scaling, no subclass that scales its output)."""
+    get = getattr(decoder, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    if type(embedding) is not nn.Embedding or embedding.weight is not head.weight or not head.weight.requires_grad:
+        return None
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        return None
+    return embedding
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk: int, dtype: torch.dtype):
+    def forward(ctx, h, weight, bias, target, chunk: int, dtype: torch.dtype, tied: TiedGradient | None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)  # (V, H), cast once per call
@@ -50,6 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                      grad_b.to(bias.dtype) if grad_b is not None else None)
+        ctx.tied = tied
         return nll
 
     @staticmethod
@@ -58,7 +113,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("the fused cross-entropy's backward runs once (retain_graph is not supported)")
-        return (*(g.mul_(grad_out) if g is not None else None for g in grads), None, None, None)
+        grad_h, grad_w, grad_b = (g.mul_(grad_out) if g is not None else None for g in grads)
+        if ctx.tied is not None and grad_w is not None:
+            ctx.tied.grad, grad_w = grad_w, None  # the lookup's backward, later, adds its rows and passes it on
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def accumulate_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
@@ -75,7 +133,9 @@ def fusable(head) -> bool:
     return type(head) is nn.Linear
 
 
-def linear_cross_entropy(h: torch.Tensor, head: nn.Linear, target: torch.Tensor, chunk: int) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, head: nn.Linear, target: torch.Tensor, chunk: int,
+                         tied: TiedGradient | None = None) -> torch.Tensor:
     """sum_i CE(head(h_i), t_i) for h (N, H) and targets (N,), chunk rows at a time, in the
-    compute dtype (autocast's when it is on)."""
-    return _LinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk, compute_dtype(h))
+    compute dtype (autocast's when it is on). tied: h comes from a tied_lookup of the same
+    weight, which then receives the head's gradient."""
+    return _LinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk, compute_dtype(h), tied)
