@@ -68,6 +68,7 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "L4Q (QAT LoRA, writes INT4 g64)": ({"variant": "l4q", "format": "none"}, ADAPTER_LRS),
     "Full fine-tuning (AdamW, fp32 base)": ({"full": True, "format": "none"}, FULL_LRS),
     "GaLore (fp32 base)": ({"optimizer": "galore", "format": "none"}, GALORE_LRS),
+    "8-bit GaLore (fp32 base)": ({"optimizer": "galore", "galore_states": "int8", "format": "none"}, GALORE_LRS),
     "Q-GaLore (int8 weights)": ({"optimizer": "qgalore", "format": "none"}, GALORE_LRS),
     "LISA (2 layers, default: tied embeddings frozen, fp32 base)": ({"optimizer": "lisa", "format": "none"}, FULL_LRS),
     "LISA (2 layers, embeddings trained as in the paper, fp32 base)": ({"optimizer": "lisa", "format": "none", "lisa_embeddings": "train"}, FULL_LRS),
@@ -230,6 +231,7 @@ def summarize(rows: list[dict], args) -> dict:
                 targets[f"{name} reaches plain LoRA's final validation loss in <= 60% of its steps"] = reach is not None and reach <= 0.6 * total
     if full:
         for name, key, bound, what in (("GaLore (fp32 base)", "peak_rss_mib", 0.6, "peak memory"),
+                                       ("8-bit GaLore (fp32 base)", "peak_rss_mib", 0.6, "peak memory"),
                                        ("LISA (2 layers, default: tied embeddings frozen, fp32 base)", "peak_optimizer_state_mib", 0.25,
                                         "peak optimizer memory")):
             if name in by:
@@ -287,7 +289,15 @@ def main(argv=None) -> int:
     previous = read_json(RESULTS / "methods.json") if args.update or args.extend else None
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(name, lr) for name in names for i, lr in enumerate(METHODS[name][1][: args.lrs]) if args.grid_index in (None, i)]
+    def lrs_of(name: str) -> list[float]:
+        """The grid's first --lrs; re-measuring a row (--update) also repeats the rates its sweep was extended to."""
+        grid = METHODS[name][1][: args.lrs]
+        if not args.update or args.grid_index is not None:
+            return grid
+        tried = [x["lr"] for r in (previous or {}).get("rows", []) if r["name"] == name for x in r["runs"] if x.get("failed") != "not run"]
+        return sorted(set(grid) | set(tried))
+
+    jobs = [(name, lr) for name in names for i, lr in enumerate(lrs_of(name)) if args.grid_index in (None, i)]
     if args.extend:
         edge = {r["name"]: beyond(r) for r in previous["rows"]}
         names = [n for n in names if edge.get(n) is not None]
@@ -297,7 +307,7 @@ def main(argv=None) -> int:
         done = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs)))
     for name in names:
         options, lrs = METHODS[name]
-        runs = [done[(name, lr)] for lr in lrs[: args.lrs] if (name, lr) in done]
+        runs = [done[(name, lr)] for lr in lrs_of(name) if (name, lr) in done]
         if args.extend:
             runs = [done[j] for j in jobs if j[0] == name]
         if previous and (args.grid_index is not None or args.extend):  # one learning rate more: keep the row's others
@@ -309,6 +319,8 @@ def main(argv=None) -> int:
         mark = ({} if not previous else {"extended": info["date"]} if args.extend else
                 {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]})
         keep = {k: old[k] for k in ("remeasured", "filled_in", "extended", "renamed") if k in old and args.extend}
+        if args.update and args.grid_index is None:  # every rate the row had, measured again
+            keep = {k: old[k] for k in ("extended", "renamed") if k in old}
         rows.append({"name": name, "options": options, "runs": runs, "best": best, **keep, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}

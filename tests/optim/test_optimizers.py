@@ -9,6 +9,7 @@ import torch.nn as nn
 from lorq.adapters import LoRAConfig, add_adapters
 from lorq.errors import LorqError
 from lorq.optim import AdamW8bit, GaLoreAdamW, OptimConfig, OptimizerKind, build_optimizer
+from lorq.optim.adamw8bit import adam_direction_8bit
 from lorq.optim.galore import project, project_back
 from lorq.optim.lisa import decoder_layers
 from lorq.train.checkpoint import latest_checkpoint
@@ -127,7 +128,70 @@ def test_galore_layerwise_updates_equal_the_step_at_the_end(tmp_path):
     assert any(not torch.equal(pa[n], p) for n, p in params(full_model()).items())
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_codes_are_the_nearest_levels(signed):
+    """The lookup table's code equals a binary search over the decision midpoints, at and
+    around every midpoint, for zeros, subnormals and random values."""
+    from lorq.optim.adamw8bit import levels, nearest_codes
+
+    _, mid = levels(signed)
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    x = x / x.abs().max()
+    edges = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45, 3e-8])])
+    v = torch.cat([x, edges]).clamp(-1, 1)
+    v = v if signed else v[v >= 0]
+    assert torch.equal(nearest_codes(v, signed), torch.searchsorted(mid, v).to(torch.uint8))
+
+
+def test_8bit_moments_chunk_by_chunk_equal_one_pass(monkeypatch):
+    """Chunks only bound the temporaries: the same codes, absmaxes and direction as one pass."""
+    import lorq.optim.adamw8bit as a8
+
+    g = [torch.randn(3 * 1024 + 100, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runs = []
+    for chunk in (1 << 30, 1024):
+        monkeypatch.setattr(a8, "CHUNK", chunk)
+        st: dict = {}
+        runs.append(([adam_direction_8bit(st, x, t + 1, (0.9, 0.999), 1e-8) for t, x in enumerate(g)], st))
+    (d1, st1), (d2, st2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(d1, d2))
+    assert all(torch.equal(st1[k], st2[k]) for k in st1) and st1["m_codes"].dtype == torch.uint8
+
+
+def test_8bit_galore_follows_galore_with_a_quarter_of_the_state():
+    """8-bit GaLore (Zhao et al. 2024, sec. 5) keeps both the projected moments and the
+    unprojected matrices' in 8 bits, and trains as 32-bit GaLore does."""
+    def run(states):
+        g = torch.Generator().manual_seed(0)
+        X, W_true = torch.randn(512, 64, generator=g), torch.randn(256, 64, generator=g)
+        Y = X @ W_true.T
+        w, e = nn.Parameter(torch.zeros(256, 64)), nn.Parameter(torch.zeros(256, 64))  # projected (rank 16), plain
+        opt = GaLoreAdamW([{"params": [w], "rank": 16}, {"params": [e], "rank": 0}], lr=0.05, update_gap=10, states=states)
+        losses = []
+        for _ in range(60):
+            opt.zero_grad()
+            lw, le = ((X @ w.T - Y) ** 2).mean(), ((X @ e.T - Y) ** 2).mean()
+            (lw + le).backward()
+            opt.step()
+            losses.append((lw.item(), le.item()))
+        held = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if torch.is_tensor(t) and k != "P")
+        return losses, e.detach(), held, opt
+
+    l32, e32, held32, _ = run("fp32")
+    l8, e8, held8, opt = run("int8")
+    # a rank-16 subspace of a rank-64 problem: the loss follows 32-bit GaLore's, its sign-like
+    # steps in the subspace do not (weights 30% apart at the same loss)
+    assert all(abs(a[0] - b[0]) < 0.01 * a[0] for a, b in zip(l32, l8)) and l8[-1][0] < 0.8 * l8[0][0]
+    assert (e8 - e32).norm() / e32.norm() < 0.05 and l8[-1][1] < 0.02 * l8[0][1]
+    assert held8 < 0.3 * held32
+    assert all(st["m_codes"].dtype == torch.uint8 and st["v_codes"].dtype == torch.uint8 for st in opt.state.values())
+    with pytest.raises(ValueError, match="int8"):
+        GaLoreAdamW([nn.Parameter(torch.zeros(2, 2))], states="int4")
+
+
 @pytest.mark.parametrize("oc", [dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2),
+                                dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2, galore_states="int8"),
                                 dict(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=3),  # resumes at a period boundary
                                 dict(optimizer=OptimizerKind.ADAMW8BIT, full=True)])  # full: tensors past min_8bit_size
 def test_resume_equals_an_uninterrupted_run(tmp_path, oc):

@@ -113,6 +113,8 @@ def test_fsdp_is_refused_where_it_cannot_shard():
             check_fsdp(fsdp, optim.validate(), World(0, 2))
     for optim in (OptimConfig(full=True), OptimConfig(optimizer="galore"), OptimConfig(optimizer="lisa")):  # allowed
         check_fsdp(fsdp, optim.validate(), World(0, 2))
+    with pytest.raises(LorqError, match="--galore-states fp32"):
+        check_fsdp(fsdp, OptimConfig(optimizer="galore", galore_states="int8").validate(), World(0, 2))
     check_fsdp(TrainConfig(), OptimConfig().validate(), World(0, 2))  # DDP: nothing to check
     with pytest.raises(LorqError, match="DDP cannot follow"):
         check_fsdp(TrainConfig(), OptimConfig(optimizer="lisa").validate(), World(0, 2))

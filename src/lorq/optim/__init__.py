@@ -33,6 +33,13 @@ class OptimizerKind(str, Enum):
     LISA = "lisa"
 
 
+class StateFormat(str, Enum):
+    """How GaLore keeps Adam's moments."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
 FULL_PARAMETER = {OptimizerKind.GALORE, OptimizerKind.QGALORE, OptimizerKind.LISA}
 
 
@@ -46,6 +53,7 @@ class OptimConfig:
     galore_rank: int = opt(128, "galore: rank of the gradient projection")
     galore_gap: int = opt(200, "galore: steps between projection refreshes (T)")
     galore_scale: float = opt(0.25, "galore: scale of the projected-back update (α)")
+    galore_states: StateFormat = opt(StateFormat.FP32, "galore, qgalore: Adam's moments in fp32, or int8 (8-bit GaLore: block-wise 8-bit codes as in 8-bit AdamW)")
     galore_layerwise: bool = opt(True, "galore: update each parameter during backward and free its gradient (needs grad-accum 1; clips per parameter)")
     qgalore_similarity: float = opt(0.4, "qgalore: a layer's projection refresh interval doubles when its new projection is this similar to the last (mean |cos|)")
     lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
@@ -55,6 +63,7 @@ class OptimConfig:
     def validate(self) -> "OptimConfig":
         self.optimizer = OptimizerKind(self.optimizer)
         self.lisa_embeddings = LisaEmbeddings(self.lisa_embeddings)
+        self.galore_states = StateFormat(self.galore_states)
         if self.optimizer in FULL_PARAMETER:
             self.full = True
         if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:
@@ -167,7 +176,7 @@ def build_adamw8bit(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm,
 def build_galore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, world_size) -> Plan:
     named = trainable(model)
     optimizer = GaLoreAdamW(galore_groups(model, named, cfg, lr, wd), lr=lr, weight_decay=wd, update_gap=cfg.galore_gap,
-                            scale=cfg.galore_scale)
+                            scale=cfg.galore_scale, states=cfg.galore_states.value)
     plan = Plan(optimizer, named)
     if cfg.galore_layerwise:
         cfg.check_accumulation(grad_accum, world_size)
@@ -187,7 +196,7 @@ def build_qgalore(model, cfg: OptimConfig, lr, wd, seed, grad_accum, max_norm, w
     groups = [{"params": list(codes.values()), "rank": cfg.galore_rank, "int8": True, "lr": lr, "weight_decay": wd, "lr_scale": 1.0},
               {"params": list(named.values()), "rank": 0, "lr": lr, "weight_decay": wd, "lr_scale": 1.0}]
     optimizer = QGaLoreAdamW(groups, layers, similarity=cfg.qgalore_similarity, seed=seed, lr=lr, weight_decay=wd,
-                             update_gap=cfg.galore_gap, scale=cfg.galore_scale)
+                             update_gap=cfg.galore_gap, scale=cfg.galore_scale, states=cfg.galore_states.value)
     optimizer.clip = max_norm
     return Plan(optimizer, {**named, **codes, **scales}, layerwise=optimizer)
 
@@ -208,4 +217,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, weight_decay:
     return OPTIMIZERS[cfg.optimizer](model, cfg, lr, weight_decay, seed, grad_accum, max_norm, world_size)
 
 
-__all__ = ["OptimConfig", "OptimizerKind", "Plan", "build_optimizer", "AdamW8bit", "GaLoreAdamW", "LayerSampler", "FULL_PARAMETER"]
+__all__ = ["OptimConfig", "OptimizerKind", "StateFormat", "Plan", "build_optimizer", "AdamW8bit", "GaLoreAdamW", "LayerSampler", "FULL_PARAMETER"]

@@ -9,6 +9,10 @@ backward and its gradient freed at once (GaLore's per-layer updates), so the mod
 gradient is never held; the global norm cannot be clipped then, each parameter's gradient is
 clipped to max_grad_norm on its own.
 
+`states="int8"` is the paper's 8-bit GaLore: the Adam moments (projected ones and those of the
+unprojected embeddings) are kept as block-wise 8-bit codes, as 8-bit AdamW keeps them; tensors
+under 4096 values (norms) keep fp32 moments, as bitsandbytes does.
+
 Sharded (FSDP) weights: a projected matrix's gradient is gathered whole (the projection needs
 all of it), every rank computes the same update from it and applies its own rows; the
 projected states are small and held whole by every rank.
@@ -21,6 +25,7 @@ import math
 import torch
 
 from ..adapters.init import top_svd
+from .adamw8bit import adam_direction_8bit, restore_8bit_dtypes
 from ..train.distributed import full, place
 
 
@@ -39,10 +44,10 @@ def project_back(N: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
     return P @ N if left else N @ P.T  # (m, n)
 
 
-def adam_direction(st: dict, g: torch.Tensor, betas, eps: float) -> torch.Tensor:
+def adam_direction(st: dict, g: torch.Tensor, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """One Adam step's direction m̂ / (sqrt(v̂) + eps) for gradient g, updating st. Built in one
-    temporary the size of g: a chain of them for the full-size embedding state cost GaLore
-    ~0.2 GiB of peak memory on SmolLM2-135M."""
+    tensor the size of g, `out` if given (g itself may be it): a chain of temporaries for the
+    full-size embedding state cost GaLore ~0.2 GiB of peak memory on SmolLM2-135M."""
     b1, b2 = betas
     if "exp_avg" not in st:
         st["exp_avg"], st["exp_avg_sq"], st["adam_step"] = torch.zeros_like(g), torch.zeros_like(g), 0
@@ -50,20 +55,48 @@ def adam_direction(st: dict, g: torch.Tensor, betas, eps: float) -> torch.Tensor
     t = st["adam_step"]
     st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
     st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-    d = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v̂) + eps
+    d = torch.sqrt(st["exp_avg_sq"], out=out).div_(math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v̂) + eps
     return torch.div(st["exp_avg"], d, out=d).div_(1 - b1**t)
+
+
+MIN_8BIT_SIZE = 4096
+
+
+def fp32_moments(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    return adam_direction(st, g, group["betas"], group["eps"], out)
+
+
+def int8_moments(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    if g.numel() < MIN_8BIT_SIZE:
+        return fp32_moments(st, g, group, out)
+    st["adam_step"] = st.get("adam_step", 0) + 1
+    return adam_direction_8bit(st, g, st["adam_step"], group["betas"], group["eps"], out)
+
+
+# the group's `states` -> Adam's direction with its moments kept in that format
+MOMENTS = {"fp32": fp32_moments, "int8": int8_moments}
+
+
+def adam_direction_in(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    return MOMENTS[group["states"]](st, g, group, out)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW; parameter groups with `rank` > 0 get GaLore's projected states."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rank: int = 0, update_gap: int = 200, scale: float = 0.25, svd_iters: int = 2):
+                 rank: int = 0, update_gap: int = 200, scale: float = 0.25, svd_iters: int = 2, states: str = "fp32"):
+        if states not in MOMENTS:
+            raise ValueError(f"GaLore states are one of {sorted(MOMENTS)}, not {states!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap,
-                        scale=scale, svd_iters=svd_iters)
+                        scale=scale, svd_iters=svd_iters, states=states)
         super().__init__(params, defaults)
         self.hooked_norm_sq = 0.0
         self.clip = 0.0
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_8bit_dtypes(self.state)
 
     def refresh_projection(self, st: dict, G: torch.Tensor, group: dict) -> None:
         # a bool, not a string: Optimizer.load_state_dict would turn a string into a generator
@@ -82,24 +115,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self.refresh_projection(st, g, group)
         st["step"] += 1
         P = self.projector(st)
-        return group["scale"] * project_back(adam_direction(st, project(g, P, st["left"]), group["betas"], group["eps"]), P, st["left"])
+        return group["scale"] * project_back(adam_direction_in(st, project(g, P, st["left"]), group), P, st["left"])
 
     def clipped(self, g: torch.Tensor) -> torch.Tensor:
-        """A hooked matrix's gradient, its norm counted and clipped to `clip` on its own."""
+        """A hooked matrix's gradient, its norm counted and clipped to `clip` on its own (in
+        place: the hooks own the gradient, and a copy of the embeddings' is ~0.1 GiB)."""
         norm = float(g.norm())
         self.hooked_norm_sq += norm**2
-        return g * (self.clip / (norm + 1e-6)) if self.clip > 0 and norm > self.clip else g
+        return g.mul_(self.clip / (norm + 1e-6)) if self.clip > 0 and norm > self.clip else g
 
     @torch.no_grad()
-    def update(self, p: torch.Tensor, group: dict) -> None:
-        """One step of p from p.grad (projected if the group has a rank)."""
+    def update(self, p: torch.Tensor, group: dict, consume: bool = False) -> None:
+        """One step of p from p.grad (projected if the group has a rank). consume: p.grad is not
+        needed afterwards, so an unprojected direction is built in its buffer."""
         g = p.grad.float()
         st = self.state[p]
         wd, lr = group["weight_decay"], group["lr"]
         if group["rank"] and g.dim() == 2:
             direction = place(self.projected_direction(st, full(g), group), p)
         else:
-            direction = adam_direction(st, g, group["betas"], group["eps"])
+            direction = adam_direction_in(st, g, group, out=g if consume else None)
         if wd:
             p.mul_(1 - lr * wd)
         p.add_(direction.to(p.dtype), alpha=-lr)
@@ -127,8 +162,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def hook(self, p: torch.Tensor, group: dict) -> None:
-        p.grad = self.clipped(p.grad)
-        self.update(p, group)
+        self.clipped(p.grad)
+        self.update(p, group, consume=True)
         p.grad = None
 
     def take_hooked_norm(self) -> float:

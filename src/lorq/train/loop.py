@@ -23,7 +23,7 @@ from ..eval.perplexity import LOSS_CHUNK, next_token_nll, perplexity
 from ..eval.memory import lifetime_peak_mib, reset_peak
 from ..adapters.variants import Adapter
 from ..io import atomic_write_text
-from ..optim import OptimConfig, OptimizerKind, build_optimizer
+from ..optim import OptimConfig, OptimizerKind, StateFormat, build_optimizer
 from ..optim.lisa import decoder_layers
 from ..options import opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -167,6 +167,8 @@ def check_fsdp(cfg: TrainConfig, optim: OptimConfig, world: World) -> None:
     if not optim.full or optim.optimizer not in (OptimizerKind.ADAMW, OptimizerKind.GALORE, OptimizerKind.LISA):
         raise LorqError("--fsdp shards full-parameter training with AdamW (--full), GaLore or LISA; adapters are small enough "
                         "to replicate (drop --fsdp), and qgalore's int8 weights update inside their own backward, outside the shards")
+    if optim.optimizer is OptimizerKind.GALORE and optim.galore_states is not StateFormat.FP32:
+        raise LorqError("--fsdp shards galore's fp32 moments only; use --galore-states fp32 (or drop --fsdp)")
 
 
 def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out_dir: str | Path,
