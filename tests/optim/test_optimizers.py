@@ -190,6 +190,20 @@ def test_8bit_galore_follows_galore_with_a_quarter_of_the_state():
         GaLoreAdamW([nn.Parameter(torch.zeros(2, 2))], states="int4")
 
 
+def test_galore_state_saved_before_the_states_option_resumes_in_fp32():
+    w = nn.Parameter(torch.randn(32, 48))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=0.1)
+    w.grad = torch.randn(32, 48)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["states"]  # as a checkpoint written before --galore-states
+    fresh = GaLoreAdamW([{"params": [w], "rank": 4}], lr=0.1)
+    fresh.load_state_dict(saved)
+    fresh.step()
+    assert fresh.state[w]["exp_avg"].dtype == torch.float32 and fresh.state[w]["adam_step"] == 2
+
+
 @pytest.mark.parametrize("oc", [dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2),
                                 dict(optimizer=OptimizerKind.GALORE, galore_rank=8, galore_gap=2, galore_states="int8"),
                                 dict(optimizer=OptimizerKind.LISA, lisa_layers=1, lisa_period=3),  # resumes at a period boundary

@@ -25,8 +25,8 @@ import math
 import torch
 
 from ..adapters.init import top_svd
-from .adamw8bit import adam_direction_8bit, restore_8bit_dtypes
 from ..train.distributed import full, place
+from .adamw8bit import adam_direction_8bit, restore_8bit_dtypes
 
 
 def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
@@ -78,7 +78,8 @@ MOMENTS = {"fp32": fp32_moments, "int8": int8_moments}
 
 
 def adam_direction_in(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    return MOMENTS[group["states"]](st, g, group, out)
+    # a group restored from a checkpoint older than the option has no "states": it was fp32
+    return MOMENTS[group.get("states", "fp32")](st, g, group, out)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
