@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from quantization import bnb_model, machine  # noqa: E402
 
-from lorq.eval.memory import lifetime_peak_mib, reset_peak  # noqa: E402
+from lorq.eval.memory import lifetime_peak_mib, release_freed_memory, reset_peak  # noqa: E402
 from lorq.io import atomic_write_text, read_json, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -136,6 +136,7 @@ def peft_child(lr: float, args) -> dict:
     cfg = TrainConfig(steps=args.steps, lr=lr, warmup_steps=args.warmup)
     before = perplexity(model, val, args.batch)
     curve, seconds, peak = [(0, before["loss"])], [], 0.0
+    release_freed_memory()
     reset_peak()  # as lorq's loop does: the peak of training, not of loading
     for step in range(args.steps):
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from quantization import bnb_model, machine  # noqa: E402
 
-from lorq.eval.memory import lifetime_peak_mib, reset_peak  # noqa: E402
+from lorq.eval.memory import lifetime_peak_mib, release_freed_memory, reset_peak  # noqa: E402
 from lorq.io import atomic_write_text, read_json, save_figure, write_json  # noqa: E402
 from lorq.train.precision import BF16_MARGIN  # noqa: E402
 
@@ -96,6 +96,7 @@ def peft_child(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt, cfg = torch.optim.AdamW(params, lr=1e-3), TrainConfig(steps=args.steps)
     model.train()
+    release_freed_memory()
     reset_peak()  # as lorq's loop does: the peak of training, not of loading the model
     losses, seconds = [], []
     for step, b in enumerate(batches(train_blocks, args.steps)):

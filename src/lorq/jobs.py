@@ -275,7 +275,7 @@ def shaping(options: dict) -> dict:
 
 
 # options added with a default that changed what runs without them did: their value before
-PREVIOUS_BEHAVIOUR = {"packing": "stream"}
+PREVIOUS_BEHAVIOUR = {"packing": "stream", "galore_states": "fp32"}
 
 
 def recorded_options(saved: dict) -> dict:

@@ -328,6 +328,20 @@ def test_a_lisa_option_added_since_a_checkpoint_counts_at_its_default():
     assert recorded_options(older) == now
 
 
+def test_qgalore_keeps_8bit_moments_by_default_and_older_runs_resume_with_fp32_ones():
+    from lorq.jobs import FinetuneConfig, flat_options, recorded_options, run_options
+
+    assert OptimConfig(optimizer="qgalore").validate().galore_states == "int8"
+    assert OptimConfig(optimizer="galore").validate().galore_states == "fp32"
+    for kind, before in (("qgalore", "int8"), ("galore", "fp32")):
+        cfg = FinetuneConfig()
+        cfg.optim.optimizer = kind
+        older = {k: v for k, v in flat_options(cfg).items() if k != "galore_states"}  # written before the option
+        assert recorded_options(older)["galore_states"] == "fp32"
+        cfg.optim.validate()
+        assert run_options(cfg)["galore_states"] == before
+
+
 def test_a_run_from_before_document_packing_resumes_as_the_stream_it_was():
     from lorq.jobs import FinetuneConfig, flat_options, recorded_options, run_options
 

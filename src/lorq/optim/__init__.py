@@ -34,8 +34,9 @@ class OptimizerKind(str, Enum):
 
 
 class StateFormat(str, Enum):
-    """How GaLore keeps Adam's moments."""
+    """How GaLore keeps Adam's moments (auto: resolved by OptimConfig.validate)."""
 
+    AUTO = "auto"
     FP32 = "fp32"
     INT8 = "int8"
 
@@ -53,7 +54,7 @@ class OptimConfig:
     galore_rank: int = opt(128, "galore: rank of the gradient projection")
     galore_gap: int = opt(200, "galore: steps between projection refreshes (T)")
     galore_scale: float = opt(0.25, "galore: scale of the projected-back update (α)")
-    galore_states: StateFormat = opt(StateFormat.FP32, "galore, qgalore: Adam's moments in fp32, or int8 (8-bit GaLore: block-wise 8-bit codes as in 8-bit AdamW)")
+    galore_states: StateFormat = opt(StateFormat.AUTO, "galore, qgalore: Adam's moments in fp32, or int8 (8-bit GaLore: block-wise 8-bit codes as in 8-bit AdamW); auto: fp32 for galore, int8 for qgalore (its reference optimizer is an 8-bit AdamW)")
     galore_layerwise: bool = opt(True, "galore: update each parameter during backward and free its gradient (needs grad-accum 1; clips per parameter)")
     qgalore_similarity: float = opt(0.4, "qgalore: a layer's projection refresh interval doubles when its new projection is this similar to the last (mean |cos|)")
     lisa_layers: int = opt(2, "lisa: decoder layers trained at a time")
@@ -64,6 +65,8 @@ class OptimConfig:
         self.optimizer = OptimizerKind(self.optimizer)
         self.lisa_embeddings = LisaEmbeddings(self.lisa_embeddings)
         self.galore_states = StateFormat(self.galore_states)
+        if self.galore_states is StateFormat.AUTO:
+            self.galore_states = StateFormat.INT8 if self.optimizer is OptimizerKind.QGALORE else StateFormat.FP32
         if self.optimizer in FULL_PARAMETER:
             self.full = True
         if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:

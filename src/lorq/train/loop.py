@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LorqError
 from ..eval.perplexity import LOSS_CHUNK, next_token_nll, perplexity
-from ..eval.memory import lifetime_peak_mib, reset_peak
+from ..eval.memory import lifetime_peak_mib, release_freed_memory, reset_peak
 from ..adapters.variants import Adapter
 from ..io import atomic_write_text
 from ..optim import OptimConfig, OptimizerKind, StateFormat, build_optimizer
@@ -218,6 +218,7 @@ def train(model, train_blocks: Blocks, val_blocks: Blocks, cfg: TrainConfig, out
         metrics.write({"step": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
     per_step = cfg.batch_size * cfg.grad_accum
     model.train()
+    release_freed_memory()  # what loading and quantizing freed goes back to the OS, not counted as training's
     reset_peak()  # the high-water mark of training, not of loading and quantizing the model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
