@@ -104,8 +104,9 @@ def adam_direction_8bit(st: dict, g: torch.Tensor, t: int, betas, eps: float, ou
     flat, n = g.reshape(-1).float(), g.numel()
     if "m_codes" not in st:  # absmax 0: every code reads as 0
         n_blocks = -(-n // BLOCK)
-        st["m_codes"], st["v_codes"] = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
-        st["m_absmax"], st["v_absmax"] = torch.zeros(n_blocks), torch.zeros(n_blocks)
+        codes, absmax = dict(dtype=torch.uint8, device=g.device), dict(device=g.device)
+        st["m_codes"], st["v_codes"] = torch.zeros(n, **codes), torch.zeros(n, **codes)
+        st["m_absmax"], st["v_absmax"] = torch.zeros(n_blocks, **absmax), torch.zeros(n_blocks, **absmax)
     out = torch.empty_like(flat) if out is None else out.view(-1)
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
