@@ -239,7 +239,15 @@ def summarize(rows: list[dict], args) -> dict:
                 ratio = by[name]["best"][key] / full["best"][key]
                 by[name][f"{key}_vs_full"] = round(ratio, 3)
                 targets[f"{name.split(' (')[0]} {what} <= {bound}x full fine-tuning with AdamW"] = ratio <= bound
+        if "Q-GaLore (int8 weights)" in by:  # GaLore with int8 weights: reported beside the target, not judged by it
+            by["Q-GaLore (int8 weights)"]["peak_rss_mib_vs_full"] = round(by["Q-GaLore (int8 weights)"]["best"]["peak_rss_mib"] / full["best"]["peak_rss_mib"], 3)
     return targets
+
+
+def in_methods_order(rows: list[dict]) -> list[dict]:
+    """Rows as METHODS lists them (a row new to the results goes where METHODS has it)."""
+    order = {name: i for i, name in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: order.get(r["name"], len(order)))
 
 
 def next_lr(lr: float, up: bool) -> float:
@@ -275,6 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--extend", action="store_true", help="for each method whose best learning rate is the lowest or highest it tried, run the next one beyond it (1-3-10 series), keeping the row's other runs")
     p.add_argument("--reuse", action="store_true", help="reuse runs already measured with the same settings (an interrupted benchmark goes on)")
     p.add_argument("--collect", action="store_true", help="with --reuse: only gather the runs already made; the others are reported as not run")
+    p.add_argument("--render", action="store_true", help="only rewrite methods.md and methods.png from methods.json (nothing is run)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads torch threads)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -284,6 +293,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.render:
+        result = read_json(RESULTS / "methods.json")
+        result["rows"] = in_methods_order(result["rows"])
+        result["targets"] = summarize(result["rows"], argparse.Namespace(**result["settings"]))
+        write_json(RESULTS / "methods.json", result)
+        atomic_write_text(RESULTS / "methods.md", markdown(result))
+        plot(result["rows"], RESULTS / "methods.png")
+        return 0
     names = [n for n in METHODS if not args.only or n in args.only.split(";")]
     WORK.mkdir(parents=True, exist_ok=True)
     info, start, rows = machine(), time.perf_counter(), []
@@ -317,7 +334,7 @@ def main(argv=None) -> int:
         ok = [r for r in runs if "failed" not in r]
         best = min(ok, key=lambda r: r["final_val_loss"]) if ok else None
         old = next((r for r in (previous or {}).get("rows", []) if r["name"] == name), {})
-        mark = ({} if not previous else {"extended": info["date"]} if args.extend else
+        mark = ({} if not previous or not old else {"extended": info["date"]} if args.extend else  # a new row: first measured
                 {"filled_in": info["date"]} if args.grid_index is not None else {"remeasured": info["date"]})
         keep = {k: old[k] for k in ("remeasured", "filled_in", "extended", "renamed") if k in old and args.extend}
         if args.update and args.grid_index is None:  # every rate the row had, measured again
@@ -325,7 +342,7 @@ def main(argv=None) -> int:
         rows.append({"name": name, "options": options, "runs": runs, "best": best, **keep, **mark})
     if previous:  # the other rows as they were measured
         fresh = {r["name"]: r for r in rows}
-        rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
+        rows = in_methods_order([fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values()))
         info = previous["machine"]
     result = {"machine": info, "seconds": round(time.perf_counter() - start + (previous or {}).get("seconds", 0), 1),
               "settings": {k: getattr(args, k) for k in (*SETTINGS, "lrs", "jobs")}

@@ -92,6 +92,10 @@ def test_the_pre_tokenizer_name_follows_the_gguf_the_model_came_from(tiny_model_
     assert written(tmp_path / "auto.gguf") == "smollm"
     export_gguf(ExportConfig(model=str(tiny_model_dir), output=str(tmp_path / "given.gguf"), outtype="f32", tokenizer_pre="llama-bpe", verify=False), progress=False)
     assert written(tmp_path / "given.gguf") == "llama-bpe"
+    capsys.readouterr()
+    export_gguf(ExportConfig(model=str(tiny_model_dir), output=str(tmp_path / "typo.gguf"), outtype="f32", tokenizer_pre="smolm", verify=False), progress=False)
+    assert written(tmp_path / "typo.gguf") == "smolm"  # written as given: a newer llama.cpp may know names this list lacks
+    assert "did you mean 'smollm'?" in capsys.readouterr().out
     bare = tmp_path / "bare"  # a tokenizer that never came from a GGUF file
     shutil.copytree(tiny_model_dir, bare)
     config = json.loads((bare / "tokenizer_config.json").read_text())

@@ -11,6 +11,7 @@ The tokenizer goes in as llama.cpp's "gpt2" BPE: tokens by id, merges, token typ
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -161,6 +162,16 @@ def add_tokenizer(w, tok, vocab_size: int, pre: str) -> None:
 
 
 PRE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # llama.cpp's names: llama-bpe, gpt-2, deepseek-v3, a.x-4.0, ...
+# the BPE pre-tokenizer names llama.cpp's llama-vocab.cpp recognizes (late 2025); it reads any
+# other name as 'default' with a warning, and newer versions add names, so others get a note
+KNOWN_PRE = frozenset("""
+    default llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 deepseek-llm deepseek-coder deepseek-v3
+    falcon mpt starcoder gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum jina-v1-en
+    jina-v2-code roberta-bpe refact command-r qwen2 deepseek-r1-qwen kormo stablelm2 olmo dbrx smaug-bpe poro-chat
+    glm4 chatglm-bpe viking jais tekken smollm codeshell bloom gpt3-finnish exaone exaone4 chameleon minerva-7b megrez
+    gpt-4o llama4 superbpe trillion granite-docling bailingmoe bailingmoe2 llada-moe seed-coder hunyuan hunyuan-dense
+    kimi-k2 grok-2 afmoe minimax-m2
+""".split())
 
 
 def check_tokenizer_pre(name: str) -> str:
@@ -175,6 +186,10 @@ def tokenizer_pre(name: str, tok) -> str:
     model was converted from a GGUF file; else llama.cpp's default (with a note: llama.cpp may
     then split text otherwise than the model's tokenizer does)."""
     if name != "auto":
+        if name not in KNOWN_PRE:
+            close = difflib.get_close_matches(name, sorted(KNOWN_PRE), n=1)
+            print(f"lorq: note: --tokenizer-pre {name!r} is not a pre-tokenizer name llama.cpp knew in late 2025"
+                  + (f" (did you mean {close[0]!r}?)" if close else "") + "; a llama.cpp that does not know it splits text as 'default'", flush=True)
         return name
     recorded = tok.init_kwargs.get(GGUF_PRE)
     if isinstance(recorded, str) and PRE_NAME.fullmatch(recorded):
