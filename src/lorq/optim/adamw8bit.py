@@ -76,17 +76,23 @@ def nearest_codes(x: torch.Tensor, signed: bool) -> torch.Tensor:
     return codes.add_(x.reshape(-1) > midpoint.to(x.device).index_select(0, cell))
 
 
+def as_blocks(flat: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, BLOCK) fp32: a view when flat fills whole blocks, else a zero-padded copy."""
+    whole = flat.dtype == torch.float32 and flat.numel() % BLOCK == 0 and flat.is_contiguous()
+    return flat.view(-1, BLOCK) if whole else blocks(flat, BLOCK)
+
+
 def pack8(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (codes uint8 (numel,), absmax fp32 (n_blocks,)), nearest level per value."""
-    xb = blocks(x.reshape(-1), BLOCK)  # (n_blocks, 256)
+    xb = as_blocks(x.reshape(-1))  # (n_blocks, 256)
     absmax = xb.abs().amax(dim=1)
-    codes = nearest_codes(xb / absmax.clamp_min(1e-30)[:, None], signed)
+    codes = nearest_codes(xb * absmax.clamp_min(1e-30).reciprocal()[:, None], signed)
     return codes[: x.numel()], absmax
 
 
 def unpack8(codes: torch.Tensor, absmax: torch.Tensor, shape, signed: bool) -> torch.Tensor:
     code, _ = levels(signed)
-    values = blocks(code.to(codes.device)[codes.long()], BLOCK) * absmax[:, None]
+    values = as_blocks(code.to(codes.device).index_select(0, codes.int())).mul_(absmax[:, None])  # a fresh tensor either way
     return values.reshape(-1)[: codes.numel()].reshape(shape)
 
 
