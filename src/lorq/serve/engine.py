@@ -388,7 +388,14 @@ class Engine:
         end = safe_prefix(text, p.stop)
         if end > seq.sent:
             delta, seq.sent = text[seq.sent : end], end
-            self.emit(seq, delta, None, self.tokens_within(seq.generated, end) if end < len(text) else len(seq.generated))
+            self.emit(seq, delta, None, self.covered(seq, len(text), end))
+
+    def covered(self, seq: Sequence, text_len: int, end: int) -> int:
+        """The generated tokens whose text the first `end` characters complete. Only a request
+        that reports log-probabilities reads it: the others skip the prefix decodes."""
+        if end == text_len or seq.params.logprobs is None:
+            return len(seq.generated)
+        return self.tokens_within(seq.generated, end)
 
     def tokens_within(self, tokens: list[int], chars: int) -> int:
         """How many of the first tokens decode to at most `chars` characters (the text held back
