@@ -18,6 +18,7 @@ import torch
 from ..quant.nf import blocks, dynamic_map_8bit
 
 BLOCK = 256
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments, as in bitsandbytes
 
 
 @lru_cache(maxsize=None)
@@ -143,7 +144,7 @@ class AdamW8bit(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019) whose m and v are kept in 8 bits between steps."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 min_8bit_size: int = 4096):
+                 min_8bit_size: int = MIN_8BIT_SIZE):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
 

@@ -26,7 +26,7 @@ import torch
 
 from ..adapters.init import top_svd
 from ..train.distributed import full, place
-from .adamw8bit import adam_direction_8bit, restore_8bit_dtypes
+from .adamw8bit import MIN_8BIT_SIZE, adam_direction_8bit, restore_8bit_dtypes
 
 
 def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
@@ -57,9 +57,6 @@ def adam_direction(st: dict, g: torch.Tensor, betas, eps: float, out: torch.Tens
     st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
     d = torch.sqrt(st["exp_avg_sq"], out=out).div_(math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v̂) + eps
     return torch.div(st["exp_avg"], d, out=d).div_(1 - b1**t)
-
-
-MIN_8BIT_SIZE = 4096
 
 
 def fp32_moments(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
