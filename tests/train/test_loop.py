@@ -111,14 +111,18 @@ def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path, monkeypat
 
 
 def test_memory_savers_train_the_same_adapter(tmp_path):
-    """Chunked cross-entropy and activation checkpointing change what is stored, not the math."""
+    """Chunked cross-entropy, activation checkpointing and lean activations change what is
+    stored, not the math; the lean forms are gone after training."""
     results = {}
-    for name, kw in {"full": dict(loss_chunk=0), "chunked": dict(loss_chunk=5), "checkpointed": dict(loss_chunk=0, grad_checkpointing=True)}.items():
+    savers = {"full": dict(loss_chunk=0, lean_activations=False), "chunked": dict(loss_chunk=5), "lean": dict(loss_chunk=0),
+              "checkpointed": dict(loss_chunk=0, grad_checkpointing=True)}
+    for name, kw in savers.items():
         model = fresh_model()
         final = train(model, toy_blocks(), toy_blocks(8, seed=1), cfg(steps=3, eval_every=3, save_every=3, **kw), tmp_path / name, progress=False)
         results[name] = (final, adapter_tensors(model))
         assert final["peak_rss_mb"] > 0
-    for name in ("chunked", "checkpointed"):
+        assert not any("forward" in vars(m) for m in model.modules())
+    for name in ("chunked", "lean", "checkpointed"):
         assert results[name][0]["loss"] == pytest.approx(results["full"][0]["loss"], rel=1e-5), name
         for k, t in results["full"][1].items():
             assert torch.allclose(results[name][1][k], t, atol=1e-5), (name, k)
