@@ -160,3 +160,17 @@ def test_training_runs_each_block_with_its_document_positions(tmp_path):
     seen.clear()
     train(model, data, data, cfg(steps=2, grad_accum=1, save_every=10), tmp_path / "stream", progress=False)
     assert seen == [None, None]
+
+
+def test_tight_heap_is_set_before_the_peak_is_reset(tmp_path, monkeypatch):
+    """(The allocator itself: tests/eval/test_memory.py, in a process of its own, since the
+    setting lasts for the process.)"""
+    import importlib
+
+    loop = importlib.import_module("lorq.train.loop")
+    calls = []
+    monkeypatch.setattr(loop, "tight_heap", lambda: calls.append("tight") or True)
+    monkeypatch.setattr(loop, "reset_peak", lambda: calls.append("reset"))
+    for on in (False, True):
+        train(fresh_model(), toy_blocks(), toy_blocks(8, seed=1), cfg(steps=1, tight_heap=on), tmp_path / str(on), progress=False)
+    assert calls == ["reset", "tight", "reset"]
