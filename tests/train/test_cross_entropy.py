@@ -103,3 +103,27 @@ def test_the_outer_product_accumulates_into_the_fp32_buffer_itself(dtype):
     accumulate_outer(acc, g, h)
     assert acc.data_ptr() == where and acc.dtype == torch.float32  # no (V, H) copy replaces it
     torch.testing.assert_close(acc, want, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("tokens", [12, 100])  # under the hidden size 32: the (V, H) gradient waits for the lookup
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tied_lookup_gets_the_head_gradient_plus_its_rows(tokens, autocast):
+    from lorq.train.cross_entropy import TiedGradient, defers_weight_gradient, tied_lookup
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(80, 32)
+    head = nn.Linear(32, 80, bias=False)
+    head.weight = emb.weight
+    ids, t = torch.randint(0, 80, (tokens,)), torch.randint(0, 80, (tokens,))
+    mix = torch.randn(32, 32) / 32**0.5  # stands for the decoder between lookup and head
+    tied = TiedGradient()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the reference too: same rounding of the mix
+        ref = reference(emb(ids) @ mix, head, t)
+        out = linear_cross_entropy(tied_lookup(ids, emb, tied) @ mix, head, t, 5, tied)
+    (ref_grad,) = torch.autograd.grad(ref, emb.weight)
+    (grad,) = torch.autograd.grad(2 * out, emb.weight)
+    assert defers_weight_gradient(tokens, 32, torch.bfloat16 if autocast else torch.float32) == (tokens < (64 if autocast else 32))
+    tol = 2e-2 if autocast else 1e-5
+    assert out.item() == pytest.approx(ref.item(), rel=tol)
+    assert torch.allclose(grad, 2 * ref_grad, atol=tol * ref_grad.abs().max())
+    assert tied.grad is None and tied.logits_grad is None  # handed on, nothing left behind

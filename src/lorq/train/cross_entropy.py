@@ -11,6 +11,9 @@ An output layer tied to the input embedding would get two (V, H) gradients that 
 at the end of backward, both alive at once (113 MiB each on SmolLM2). With a `TiedGradient`
 the loss hands its gradient to the embedding lookup instead, which adds its rows into it with
 index_add_ and passes one tensor on: one (V, H) gradient, as if the weight were used once.
+For fewer tokens than the hidden size the loss hands over the smaller factors instead, its
+(tokens, V) gradient for the logits and the hidden states, and the (V, H) gradient is formed
+from them only there, at the end of backward, when the step's activations are gone.
 """
 
 from __future__ import annotations
@@ -26,9 +29,31 @@ from ..quant.linear import compute_dtype
 
 @dataclass
 class TiedGradient:
-    """The output layer's weight gradient on its way from the loss to the embedding lookup."""
+    """The output layer's weight gradient on its way from the loss to the embedding lookup:
+    formed (grad), or as its factors, the loss's gradient for the logits (tokens, V) and the
+    hidden states (tokens, H), when those are the smaller (logits_grad, hidden, scale)."""
 
     grad: torch.Tensor | None = None
+    logits_grad: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The (V, H) gradient, formed now if it was deferred (zeros if the loss left none)."""
+        grad, g, h, scale = self.grad, self.logits_grad, self.hidden, self.scale
+        self.grad = self.logits_grad = self.hidden = self.scale = None
+        if grad is not None:
+            return grad
+        if g is None:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return (g.t() @ h.to(g.dtype)).float().mul_(scale).to(dtype)  # Σ_i g_iᵀ h_i
+
+
+def defers_weight_gradient(tokens: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Keep the loss's (tokens, V) gradient for the logits until backward reaches the lookup,
+    instead of the fp32 (V, H) weight gradient formed from it, when it is the smaller: short
+    batches (on SmolLM2, under 576 tokens in fp32)."""
+    return tokens * dtype.itemsize < hidden * 4
 
 
 class _TiedLookup(torch.autograd.Function):
@@ -44,9 +69,7 @@ class _TiedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        grad, ctx.tied.grad = ctx.tied.grad, None
-        if grad is None:  # the loss did not run its backward through the head
-            grad = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+        grad = ctx.tied.take(ctx.weight_shape, ctx.weight_dtype, grad_out.device)
         rows, idx = grad_out.reshape(-1, grad_out.shape[-1]), ids.reshape(-1)
         if ctx.padding_idx is not None:
             keep = idx != ctx.padding_idx
@@ -79,11 +102,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             b = bias.to(torch.float32) if bias is not None else None
             nll = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            defer = tied is not None and need_w and defers_weight_gradient(len(target), weight.shape[1], dtype)
+            logits_grad = torch.empty(len(target), weight.shape[0], dtype=dtype, device=h.device) if defer else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w and not defer else None
             grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             for i in range(0, len(target), chunk):
                 hc, tc = h[i : i + chunk].to(dtype), target[i : i + chunk]
-                z = (hc @ w.t()).float()  # (c, V)
+                if logits_grad is not None and dtype == torch.float32:  # the logits become the kept gradient in place
+                    z = torch.mm(hc, w.t(), out=logits_grad[i : i + chunk])
+                else:
+                    z = (hc @ w.t()).float()  # (c, V)
                 if b is not None:
                     z += b
                 rows = torch.arange(len(tc), device=z.device)
@@ -99,12 +127,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[i : i + chunk] = (g @ w).to(h.dtype)
                 if grad_w is not None:
                     accumulate_outer(grad_w, g, hc)
+                elif logits_grad is not None and g.data_ptr() != logits_grad[i].data_ptr():
+                    logits_grad[i : i + chunk] = g
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
         # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                      grad_b.to(bias.dtype) if grad_b is not None else None)
         ctx.tied = tied
+        if logits_grad is not None:
+            ctx.factors = (logits_grad, h)
         return nll
 
     @staticmethod
@@ -116,6 +148,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = (g.mul_(grad_out) if g is not None else None for g in grads)
         if ctx.tied is not None and grad_w is not None:
             ctx.tied.grad, grad_w = grad_w, None  # the lookup's backward, later, adds its rows and passes it on
+        elif ctx.tied is not None and getattr(ctx, "factors", None) is not None:
+            (ctx.tied.logits_grad, ctx.tied.hidden), ctx.tied.scale, ctx.factors = ctx.factors, grad_out, None
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
