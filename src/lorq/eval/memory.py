@@ -74,7 +74,7 @@ def tight_heap() -> bool:
     By default glibc raises its mmap threshold after each large free (up to 32 MiB), so a
     training step's tensors then come from the heap, whose free gaps between live blocks stay
     resident: a run's peak RSS grows over its first steps and varies between runs (on SmolLM2
-    full-parameter runs 20-40% of it was free heap). Fixing the threshold makes RSS follow the
+    full-parameter runs 15-27% of it was free heap). Fixing the threshold makes RSS follow the
     live tensors, at the cost of the page faults of every fresh mapping (slower steps).
     """
     mallopt = getattr(LIBC, "mallopt", None)

@@ -62,12 +62,10 @@ class SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
+        # autograd's own steps for silu(gate) * up (its fused silu_backward), silu(gate) recomputed
         gate, up = ctx.saved_tensors
-        g = wide(gate)
-        s, grad = torch.sigmoid(g), wide(grad_h)
-        grad_up = (grad * g * s).to(up.dtype) if ctx.needs_input_grad[1] else None
-        # silu'(g) = s * (1 + g * (1 - s))
-        grad_gate = (grad * wide(up) * s * (1 + g * (1 - s))).to(gate.dtype) if ctx.needs_input_grad[0] else None
+        grad_up = grad_h * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up
 
 

@@ -51,8 +51,8 @@ class TrainConfig:
     precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where bf16 matmuls are faster: a bf16 GPU, AMX, or AVX512-BF16 when timed so), bf16 or fp32")
     loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
     grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
-    lean_activations: bool = opt(True, "RMSNorms keep only their input and SwiGLU MLPs only gate and up for backward, the rest recomputed elementwise (no matmul): about a third less activation memory, same results (Llama/Mistral/Qwen/... layers; off under --grad-checkpointing)")
-    tight_heap: bool = opt(False, "give every tensor over 128 KiB memory of its own, returned to the OS when freed (glibc's malloc): peak RSS then follows the live tensors instead of the heap with its free gaps (about 0.8x the default's peak on SmolLM2 full-parameter runs), but steps are slower (1.5-2x); for the rest of the process")
+    lean_activations: bool = opt(True, "RMSNorms keep only their input and SwiGLU MLPs only gate and up for backward, the rest recomputed elementwise (no matmul): about a third less activation memory, the same results up to rounding (Llama/Mistral/Qwen/... layers; off under --grad-checkpointing)")
+    tight_heap: bool = opt(False, "give every tensor over 128 KiB memory of its own, returned to the OS when freed (glibc's malloc): peak RSS then follows the live tensors instead of the heap with its free gaps (0.82-0.88x the default's peak on SmolLM2 full-parameter runs), but steps are 1.4-2x slower; for the rest of the process")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     fsdp: bool = opt(False, "under torchrun with --full (AdamW), galore or lisa: shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
 
