@@ -78,11 +78,7 @@ def tight_heap() -> bool:
     live tensors, at the cost of the page faults of every fresh mapping (slower steps).
     """
     mallopt = getattr(LIBC, "mallopt", None)
-    if mallopt is None or getattr(LIBC, "malloc_trim", None) is None:
-        return False
-    ok = bool(mallopt(M_MMAP_THRESHOLD, TIGHT_MMAP_THRESHOLD))
-    release_freed_memory()
-    return ok
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, TIGHT_MMAP_THRESHOLD))
 
 
 def file_mappings() -> list[tuple[int, int]]:

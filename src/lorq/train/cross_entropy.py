@@ -104,11 +104,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h) if need_h else None
             defer = tied is not None and need_w and defers_weight_gradient(len(target), weight.shape[1], dtype)
             logits_grad = torch.empty(len(target), weight.shape[0], dtype=dtype, device=h.device) if defer else None
+            in_place = defer and dtype == torch.float32  # the logits become the kept gradient where they are
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w and not defer else None
             grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             for i in range(0, len(target), chunk):
                 hc, tc = h[i : i + chunk].to(dtype), target[i : i + chunk]
-                if logits_grad is not None and dtype == torch.float32:  # the logits become the kept gradient in place
+                if in_place:
                     z = torch.mm(hc, w.t(), out=logits_grad[i : i + chunk])
                 else:
                     z = (hc @ w.t()).float()  # (c, V)
@@ -127,16 +128,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[i : i + chunk] = (g @ w).to(h.dtype)
                 if grad_w is not None:
                     accumulate_outer(grad_w, g, hc)
-                elif logits_grad is not None and g.data_ptr() != logits_grad[i].data_ptr():
+                elif defer and not in_place:
                     logits_grad[i : i + chunk] = g
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
         # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                      grad_b.to(bias.dtype) if grad_b is not None else None)
-        ctx.tied = tied
-        if logits_grad is not None:
-            ctx.factors = (logits_grad, h)
+        ctx.tied, ctx.factors = tied, (logits_grad, h) if defer else None
         return nll
 
     @staticmethod
@@ -148,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = (g.mul_(grad_out) if g is not None else None for g in grads)
         if ctx.tied is not None and grad_w is not None:
             ctx.tied.grad, grad_w = grad_w, None  # the lookup's backward, later, adds its rows and passes it on
-        elif ctx.tied is not None and getattr(ctx, "factors", None) is not None:
+        elif ctx.tied is not None and ctx.factors is not None:
             (ctx.tied.logits_grad, ctx.tied.hidden), ctx.tied.scale, ctx.factors = ctx.factors, grad_out, None
         return grad_h, grad_w, grad_b, None, None, None, None
 
