@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -195,6 +196,8 @@ def run_one(name: str, lr: float, args) -> dict | None:
     else:
         with open(log, "w") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        for weights in ("model", "checkpoints"):  # never read again: a full-parameter run writes ~2 GiB, a whole sweep ~40
+            shutil.rmtree(out / weights, ignore_errors=True)
         if code == 0:
             write_json(js, {**read_json(js), "settings": settings})
     took = time.perf_counter() - t0
