@@ -12,7 +12,7 @@ fp32 base and writes an INT4 model, whose perplexity is the one reported. The an
 bitsandbytes NF4 + double-quant base (fp32 compute, a plain loop over the same batches and
 schedule), runs in the same invocation. Each run is its own process (peak memory is per process;
 the loop resets the high-water mark when training starts). Rows marked --tight-heap repeat full
-fine-tuning and GaLore with glibc's heap kept tight (every tensor over 128 KiB mapped on its own),
+fine-tuning and the GaLores with glibc's heap kept tight (every tensor over 128 KiB mapped on its own),
 one learning rate each: their peak RSS is what the live tensors need, without the free heap gaps
 that make the default rows' peaks drift by up to 15% between runs.
 
@@ -82,7 +82,8 @@ GALORES = ("GaLore (fp32 base)", "8-bit GaLore (fp32 base)")
 TIGHT = ", --tight-heap"
 # the same training as the rows they name (same losses), the heap kept tight, so that peak RSS
 # is what the live tensors need; one learning rate each, their twin's best
-METHODS.update({name + TIGHT: ({**METHODS[name][0], "tight_heap": True}, [lr]) for name, lr in ((FULL, 1e-4), *((g, 3e-4) for g in GALORES))})
+QGALORE = "Q-GaLore (int8 weights)"
+METHODS.update({name + TIGHT: ({**METHODS[name][0], "tight_heap": True}, [lr]) for name, lr in ((FULL, 1e-4), *((g, 3e-4) for g in (*GALORES, QGALORE)))})
 PLAIN = "LoRA"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -221,7 +222,7 @@ def steps_to_reach(curve: list, target: float) -> int | None:
 
 def summarize(rows: list[dict], args) -> dict:
     by = {r["name"]: r for r in rows if r.get("best")}
-    plain, full = by.get(PLAIN), by.get(FULL)
+    plain = by.get(PLAIN)
     untrained_nf4 = plain["best"]["ppl_before"] if plain else None
     targets = {}
     for r in rows:
@@ -249,9 +250,9 @@ def summarize(rows: list[dict], args) -> dict:
             ratio = by[name]["best"][key] / by[base]["best"][key]
             by[name][f"{key}_vs_full"] = round(ratio, 3)
             targets[f"{name.split(' (')[0]} {what} <= {bound}x full fine-tuning with AdamW{how}"] = ratio <= bound
-    if full:
-        if "Q-GaLore (int8 weights)" in by:  # GaLore with int8 weights: reported beside the target, not judged by it
-            by["Q-GaLore (int8 weights)"]["peak_rss_mib_vs_full"] = round(by["Q-GaLore (int8 weights)"]["best"]["peak_rss_mib"] / full["best"]["peak_rss_mib"], 3)
+    for base, name in ((FULL, QGALORE), (FULL + TIGHT, QGALORE + TIGHT)):  # GaLore with int8 weights: reported beside the target, not judged by it
+        if name in by and base in by:
+            by[name]["peak_rss_mib_vs_full"] = round(by[name]["best"]["peak_rss_mib"] / by[base]["best"]["peak_rss_mib"], 3)
     return targets
 
 
