@@ -93,6 +93,80 @@ def test_dora_magnitude_starts_at_the_row_norms_of_a_quantized_base():
     assert torch.allclose(layer(x), q(x), atol=1e-5)
 
 
+def dora_reference(w, bias, ad, x_kept, x):
+    """base(x) + DoRA's update, the merged weight spelled out (PEFT's formula)."""
+    merged = w + ad.scaling * ad.B.detach() @ ad.A.detach()
+    scale = ad.magnitude.detach() / merged.norm(dim=1)
+    base = x @ w.T + (bias if bias is not None else 0)
+    return base + (scale - 1) * (x_kept @ w.T) + scale * (x_kept @ ad.A.T @ ad.B.T) * ad.scaling
+
+
+def test_dora_multiplies_by_a_quantized_weight_once_in_forward_and_once_in_backward(monkeypatch):
+    """x, its dropped copy and A share one pass through the quantized matmul: one dequantization
+    each way, as plain LoRA (the norm's ||W||² is computed once, before the counted step)."""
+    from lorq.quant import linear
+
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), FormatConfig(format="nf", bits=4))
+    layer = LoRALinear(q)
+    ad = layer.add("a", 4, 8.0, dropout=0.3, variant=Variant.DORA)
+    perturb(ad)
+    layer.train()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    layer(x)  # the base's ||W||² is cached here
+    calls = {"forward": 0, "backward": 0, "dequantize": 0}
+    for name in ("forward", "backward"):
+        original = getattr(linear._DequantMatmul, name)
+        monkeypatch.setattr(linear._DequantMatmul, name, staticmethod(lambda *a, _f=original, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _f(*a)))
+    dequantize = QuantizedLinear.dequantize
+    monkeypatch.setattr(QuantizedLinear, "dequantize", lambda self, *a: calls.__setitem__("dequantize", calls["dequantize"] + 1) or dequantize(self, *a))
+    y = layer(x)
+    y.square().sum().backward()
+    assert calls == {"forward": 1, "backward": 1, "dequantize": 0}
+    assert y.shape == (3, 5, 32)
+
+
+def test_dora_norm_follows_a_base_weight_changed_in_place():
+    layer, ad = layer_with("dora", bias=True)
+    perturb(ad)
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        layer(x)
+        layer.base.weight.mul_(1.5)  # as a merge of another adapter into a dense base does
+        y = layer(x)
+    torch.testing.assert_close(y, dora_reference(layer.base.weight, layer.base.bias, ad, x, x), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_beside_another_adapter_on_a_quantized_base():
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), FormatConfig(format="nf", bits=4))
+    layer = LoRALinear(q)
+    dora, lora = layer.add("d", 4, 8.0, variant=Variant.DORA), layer.add("l", 2, 4.0)
+    perturb(dora)
+    perturb(lora, seed=2)
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        ref = dora_reference(q.dequantize(), q.bias, dora, x, x) + x @ lora.A.T @ lora.B.T * lora.scaling
+        torch.testing.assert_close(layer(x), ref, atol=1e-4, rtol=1e-4)
+        layer.active = ["d"]  # alone, it shares the base's matmul: the same output
+        torch.testing.assert_close(layer(x), dora_reference(q.dequantize(), q.bias, dora, x, x), atol=1e-4, rtol=1e-4)
+
+
+def test_dora_under_bf16_autocast_stays_near_its_fp32_output():
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), FormatConfig(format="nf", bits=4))
+    layer = LoRALinear(q)
+    ad = layer.add("a", 4, 8.0, variant=Variant.DORA)
+    perturb(ad)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.03)
+
+
 def test_dora_with_dropout_on_a_quantized_base_keeps_no_float_weight_for_backward():
     """Dropout makes DoRA multiply the dropped input by the base weight again: through the
     quantized layer's own matmul, which dequantizes in forward and again in backward, not by a

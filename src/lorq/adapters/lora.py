@@ -119,8 +119,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_index: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(compute_dtype(x))  # under autocast: cast once for the base and every adapter
-        base_out = self.base(x)
         index = adapter_index if adapter_index is not None else self.adapter_index
+        if index is None:
+            live = [self.adapters[name] for name in self.active if name not in self.merged]
+            if len(live) == 1 and live[0].owns_base:  # it shares the base's matmul (DoRA)
+                return live[0].output(x, self)
+        base_out = self.base(x)
         out = base_out
         if index is None:
             for name in self.active:

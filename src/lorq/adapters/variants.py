@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LorqError
+from ..quant.linear import tensors_key
 
 
 class Variant(str, Enum):
@@ -138,6 +139,13 @@ class Adapter(nn.Module):
     def after_init(self, layer) -> None:
         """Called once the factors (and the base) are final."""
 
+    # True: `output(x, layer)` computes base(x) + the update itself (LoRALinear calls it when
+    # the adapter is the only one active), so it can share the base's matmul
+    owns_base = False
+
+    def output(self, x: torch.Tensor, layer) -> torch.Tensor:
+        raise NotImplementedError
+
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
         """out + delta(x): what LoRALinear adds per adapter (variants may fuse the addition)."""
         return out + self.delta(x, base_out, layer).to(out.dtype)
@@ -207,9 +215,15 @@ def base_bias(layer) -> torch.Tensor | None:
 
 @register(Variant.DORA)
 class DoRAAdapter(LowRankAdapter):
-    """W' = m ⊙ (W + s B A) / ||W + s B A||_row (norm detached); m starts at ||W||_row."""
+    """W' = m ⊙ (W + s B A) / ||W + s B A||_row (norm detached); m starts at ||W||_row.
+
+    The norm is expanded, ||W + s B A||² = ||W||² + 2s Σ_j B ⊙ (W Aᵀ) + s² Σ_j B ⊙ (B A Aᵀ) per
+    row: ||W||² is the frozen base's (computed once), and W Aᵀ comes from A's r rows pushed
+    through the base's own matmul beside the input, so a quantized weight is dequantized once
+    per forward (and once in backward), as for plain LoRA."""
 
     add_delta = Adapter.add_delta  # its delta is not the plain low-rank product
+    owns_base = True
 
     trainable_names = ("A", "B", "magnitude")
     no_decay_names = ("magnitude",)
@@ -217,6 +231,7 @@ class DoRAAdapter(LowRankAdapter):
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
         self.magnitude = nn.Parameter(torch.zeros(self.out_features))
+        self.base_norm = None  # (identity of the base's tensors, ||W||² per row)
         self.reset_magnitude(layer)
 
     @torch.no_grad()
@@ -225,24 +240,58 @@ class DoRAAdapter(LowRankAdapter):
         w = w + LowRankAdapter.delta_weight(self).float().to(w.device)
         self.magnitude.copy_(torch.linalg.vector_norm(w, dim=1))
 
-    def scale(self, layer, dtype) -> torch.Tensor:
-        with torch.no_grad():  # the norm is treated as a constant (DoRA §4.3): no graph holds W + sBA
-            w = base_weight(layer, dtype) + super().delta_weight().to(dtype)  # (out, in)
-            norm = torch.linalg.vector_norm(w, dim=1)
-        return self.magnitude.to(dtype) / norm  # (out,)
+    def base_norm_sq(self, layer) -> torch.Tensor:
+        """||W||² per row of the base weight, recomputed only when the base's tensors change
+        (a merge into a dense base bumps their version, a load or a move replaces them)."""
+        key = tensors_key([*layer.base.parameters(), *layer.base.buffers()])
+        if self.base_norm is None or self.base_norm[0] != key:
+            with torch.no_grad():
+                self.base_norm = (key, base_weight(layer).square().sum(1))
+        return self.base_norm[1]
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
-        dtype = compute_dtype_of(x, self.A)
-        scale = self.scale(layer, dtype)
+    @torch.no_grad()
+    def row_norm(self, layer, a_out: torch.Tensor) -> torch.Tensor:
+        """||W + s B A||_row (fp32) from base(A) (r, out), the base applied to A's rows."""
+        B, A, s = self.factors()
         bias = base_bias(layer)
-        if self.dropout.active:  # dropout applies to both terms, as PEFT does
-            x = self.dropout(x)
-            # through the base layer itself: a quantized one dequantizes inside its own matmul
-            # and keeps no float weight for backward
-            base_out = layer.base(x.to(dtype))
-        plain = base_out - bias.to(base_out.dtype) if bias is not None else base_out  # W x
+        wa = (a_out.float() - bias.float() if bias is not None else a_out.float()).T  # W Aᵀ (out, r)
+        B, A = B.float(), A.float()
+        sq = self.base_norm_sq(layer) + 2 * s * (B * wa).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    def update(self, dropped_out: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, layer) -> torch.Tensor:
+        """(m / norm - 1) W x + (m / norm) s B A x, for the (dropped) input x whose base output
+        is dropped_out: what DoRA adds to base(x)."""
+        dtype = compute_dtype_of(x, self.A)
+        scale = self.magnitude.to(dtype) / norm.to(dtype)
+        bias = base_bias(layer)
+        plain = dropped_out - bias.to(dropped_out.dtype) if bias is not None else dropped_out  # W x
         lora = F.linear(F.linear(x.to(dtype), self.A), self.B) * self.scaling
         return (scale - 1) * plain.to(dtype) + scale * lora
+
+    def output(self, x: torch.Tensor, layer) -> torch.Tensor:
+        """x, its dropped copy (dropout applies to both terms, as PEFT does) and A go through the
+        base as one batch of rows: one matmul with the base weight."""
+        n = x.shape[:-1].numel()
+        flat = x.reshape(n, x.shape[-1])
+        dropped = self.dropout(flat) if self.dropout.active else flat
+        rows = [flat, dropped] if dropped is not flat else [flat]
+        y = layer.base(torch.cat([*rows, self.A.detach().to(flat.dtype)]))
+        base_out, dropped_out = y[:n], y[n : 2 * n] if dropped is not flat else y[:n]
+        norm = self.row_norm(layer, y[len(rows) * n :])
+        out = base_out + self.update(dropped_out, dropped, norm, layer).to(base_out.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
+        """Beside other adapters (LoRALinear applies each to base(x)): the base runs again on A
+        and, in training, on the dropped input (through the base layer itself: a quantized one
+        dequantizes inside its own matmul and keeps no float weight for backward)."""
+        dtype = compute_dtype_of(x, self.A)
+        norm = self.row_norm(layer, layer.base(self.A.detach().to(dtype)))
+        if self.dropout.active:
+            x = self.dropout(x)
+            base_out = layer.base(x.to(dtype))
+        return self.update(base_out, x, norm, layer)
 
     def delta_weight(self, layer=None) -> torch.Tensor:
         if layer is None:

@@ -19,6 +19,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def tensors_key(tensors) -> tuple:
+    """Changes whenever one of the tensors is replaced (.to(), load) or modified in place (but not
+    through .data, which bypasses version counting; inference tensors have no counter)."""
+    return tuple((id(t), 0 if t.is_inference() else t._version) for t in tensors)
+
+
 class _DequantMatmul(torch.autograd.Function):
     """y = x @ W.T with W dequantized in forward and again in backward, never stored.
 
@@ -84,9 +90,7 @@ class QuantizedLinear(nn.Module):
     use_kernels = True  # class-wide switch; benchmarks and tests turn fast kernels off to compare
 
     def _buffers_key(self) -> tuple:
-        """Changes whenever a stored tensor is replaced (.to(), load) or modified in place (but not
-        through .data, which bypasses version counting; inference tensors have no counter)."""
-        return tuple((id(t), 0 if t.is_inference() else t._version) for t in (getattr(self, n) for n in self._names))
+        return tensors_key(getattr(self, n) for n in self._names)
 
     def qweight(self) -> QuantizedWeight:
         """The format's view over the buffers, cached while they are unchanged (formats may cache
