@@ -239,7 +239,7 @@ RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.p
 # options that may change on --resume: they do not change the trained result (more --steps
 # continue a finished run;
 # dylora_rank only picks the rank the trained nested adapter is evaluated and exported at)
-RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "lean_activations", "tight_heap", "fsdp", "output",
+RESUME_FREE = {"resume", "steps", "eval_every", "eval_blocks", "save_every", "loss_chunk", "grad_checkpointing", "lean_activations", "trim_heap", "tight_heap", "fsdp", "output",
                "dylora_rank", "device"}
 
 

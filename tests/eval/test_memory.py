@@ -62,7 +62,7 @@ def test_quantizing_a_loaded_model_lets_its_weights_file_go(tmp_path):
 
 HOLES = """
 import sys, torch
-from lorq.eval.memory import rss_mib, tight_heap
+from lorq.eval.memory import release_freed_memory, rss_mib, tight_heap
 if sys.argv[1] == "tight":
     assert tight_heap()
 big = torch.ones(16 * 2**18)
@@ -70,15 +70,18 @@ del big  # a 16 MiB free: glibc's default then serves blocks below 16 MiB from i
 blocks = [torch.ones(2**18) for _ in range(300)]  # 300 x 1 MiB, touched
 before = rss_mib()
 del blocks[::2]  # every other one: gaps between live blocks
+if sys.argv[1] == "trim":
+    release_freed_memory()
 print(before - rss_mib())
 """
 
 
-def test_a_tight_heap_returns_freed_tensors_that_the_default_heap_keeps():
+def test_a_tight_heap_or_a_trim_returns_freed_tensors_that_the_default_heap_keeps():
     import subprocess
     import sys
 
     freed = {mode: float(subprocess.run([sys.executable, "-c", HOLES, mode], capture_output=True, text=True, check=True).stdout)
-             for mode in ("default", "tight")}
+             for mode in ("default", "tight", "trim")}
     assert freed["tight"] >= 140  # 150 MiB freed: all of it left the process
     assert freed["default"] < 75  # the gaps stayed resident (what --tight-heap is for)
+    assert freed["trim"] >= 140  # a trim hands the gaps' pages back (what --trim-heap does after each forward)

@@ -174,3 +174,27 @@ def test_tight_heap_is_set_before_the_peak_is_reset(tmp_path, monkeypatch):
     for on in (False, True):
         train(fresh_model(), toy_blocks(), toy_blocks(8, seed=1), cfg(steps=1, tight_heap=on), tmp_path / str(on), progress=False)
     assert calls == ["reset", "tight", "reset"]
+
+
+def test_the_heap_is_trimmed_between_each_forward_and_its_backward(tmp_path, monkeypatch):
+    """(What a trim gives back: tests/eval/test_memory.py.)"""
+    import importlib
+
+    loop = importlib.import_module("lorq.train.loop")
+    for on in (True, False):
+        events = []
+        monkeypatch.setattr(loop, "release_freed_memory", lambda: events.append("trim"))
+        model = fresh_model()
+        decoder, forward = model.model, model.model.forward
+
+        def spy(*a, **kw):
+            out = forward(*a, **kw)
+            if decoder.training:  # not validation
+                events.append("forward")
+                out.last_hidden_state.register_hook(lambda g: events.append("backward"))  # the first gradient of backward
+            return out
+
+        decoder.forward = spy
+        train(model, toy_blocks(), toy_blocks(8, seed=1), cfg(steps=2, grad_accum=2, trim_heap=on), tmp_path / str(on), progress=False)
+        micro = ["forward", "trim", "backward"] if on else ["forward", "backward"]
+        assert events == ["trim"] + micro * 4  # the first: before training's peak is reset
