@@ -26,6 +26,7 @@ from ..errors import LorqError
 from ..models.loading import model_context
 from ..options import opt
 from ..quant.linear import DECODER_LINEARS
+from .detokenize import Detokenizer
 from .kv import ATTENTION, KVPool, PackedStep
 from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
 from .sampling import SamplingParams, TokenLogprob, next_token, token_logprobs
@@ -94,6 +95,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (the first has none), when params.prompt_logprobs
     marks: list[int] = field(default_factory=list)  # per event sent: the generated tokens whose text it has covered
+    detokenizer: Detokenizer = field(default_factory=Detokenizer)
 
     @property
     def cached(self) -> int:
@@ -377,7 +379,7 @@ class Engine:
         seq.generated.append(token)
         if token in self.eos and not p.ignore_eos:
             return self.finish(seq, "stop")
-        text = self.tok.decode(seq.generated, skip_special_tokens=True)
+        text = seq.detokenizer.text(self.tok, seq.generated)
         cut = stop_cut(text, p.stop) if p.stop and len(seq.generated) >= p.min_tokens else None  # no stop before min_tokens, as vLLM
         if cut is not None:
             seq.text = text[:cut]
