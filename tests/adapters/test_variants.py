@@ -101,16 +101,21 @@ def dora_reference(w, bias, ad, x_kept, x):
     return base + (scale - 1) * (x_kept @ w.T) + scale * (x_kept @ ad.A.T @ ad.B.T) * ad.scaling
 
 
+def dora_on_nf4(bias: bool, dropout: float = 0.0):
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=bias), FormatConfig(format="nf", bits=4))
+    layer = LoRALinear(q)
+    ad = layer.add("a", 4, 8.0, dropout=dropout, variant=Variant.DORA)
+    perturb(ad)
+    return q, layer, ad
+
+
 def test_dora_multiplies_by_a_quantized_weight_once_in_forward_and_once_in_backward(monkeypatch):
     """x, its dropped copy and A share one pass through the quantized matmul: one dequantization
     each way, as plain LoRA (the norm's ||W||² is computed once, before the counted step)."""
     from lorq.quant import linear
 
-    torch.manual_seed(0)
-    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), FormatConfig(format="nf", bits=4))
-    layer = LoRALinear(q)
-    ad = layer.add("a", 4, 8.0, dropout=0.3, variant=Variant.DORA)
-    perturb(ad)
+    q, layer, ad = dora_on_nf4(bias=True, dropout=0.3)
     layer.train()
     x = torch.randn(3, 5, 64, requires_grad=True)
     layer(x)  # the base's ||W||² is cached here
@@ -153,11 +158,7 @@ def test_dora_beside_another_adapter_on_a_quantized_base():
 
 
 def test_dora_under_bf16_autocast_stays_near_its_fp32_output():
-    torch.manual_seed(0)
-    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), FormatConfig(format="nf", bits=4))
-    layer = LoRALinear(q)
-    ad = layer.add("a", 4, 8.0, variant=Variant.DORA)
-    perturb(ad)
+    q, layer, ad = dora_on_nf4(bias=False)
     x = torch.randn(9, 64)
     with torch.no_grad():
         ref = layer(x)
@@ -168,14 +169,10 @@ def test_dora_under_bf16_autocast_stays_near_its_fp32_output():
 
 
 def test_dora_with_dropout_on_a_quantized_base_keeps_no_float_weight_for_backward():
-    """Dropout makes DoRA multiply the dropped input by the base weight again: through the
-    quantized layer's own matmul, which dequantizes in forward and again in backward, not by a
+    """Dropout makes DoRA multiply the dropped input by the base weight too: in the quantized
+    layer's own matmul (beside x), which dequantizes in forward and again in backward, not by a
     dequantized copy autograd would hold until backward. Same values and gradients either way."""
-    torch.manual_seed(0)
-    q = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=True), FormatConfig(format="nf", bits=4))
-    layer = LoRALinear(q)
-    ad = layer.add("a", 4, 8.0, dropout=0.3, variant=Variant.DORA)
-    perturb(ad)
+    q, layer, ad = dora_on_nf4(bias=True, dropout=0.3)
     layer.train()
     x = torch.randn(5, 64, requires_grad=True)
     saved = []
