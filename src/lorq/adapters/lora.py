@@ -124,13 +124,11 @@ class LoRALinear(nn.Module):
             live = [self.adapters[name] for name in self.active if name not in self.merged]
             if len(live) == 1 and live[0].owns_base:  # it shares the base's matmul (DoRA)
                 return live[0].output(x, self)
-        base_out = self.base(x)
-        out = base_out
-        if index is None:
-            for name in self.active:
-                if name not in self.merged:
-                    out = self.adapters[name].add_delta(out, x, base_out, self)
+            out = base_out = self.base(x)
+            for ad in live:
+                out = ad.add_delta(out, x, base_out, self)
             return out
+        out = base_out = self.base(x)
         index = index.reshape(index.shape + (1,) * (x.dim() - 1 - index.dim())).expand(x.shape[:-1])
         out = out.clone()
         for i, name in enumerate(self.adapters):

@@ -274,12 +274,12 @@ class DoRAAdapter(LowRankAdapter):
         base as one batch of rows: one matmul with the base weight."""
         n = x.shape[:-1].numel()
         flat = x.reshape(n, x.shape[-1])
-        dropped = self.dropout(flat) if self.dropout.active else flat
-        rows = [flat, dropped] if dropped is not flat else [flat]
+        rows = [flat, self.dropout(flat)] if self.dropout.active else [flat]
         y = layer.base(torch.cat([*rows, self.A.detach().to(flat.dtype)]))
-        base_out, dropped_out = y[:n], y[n : 2 * n] if dropped is not flat else y[:n]
-        norm = self.row_norm(layer, y[len(rows) * n :])
-        out = base_out + self.update(dropped_out, dropped, norm, layer).to(base_out.dtype)
+        k = len(rows) * n
+        base_out, dropped_out = y[:n], y[k - n : k]  # base(x), base(dropped x) (the same rows without dropout)
+        norm = self.row_norm(layer, y[k:])
+        out = base_out + self.update(dropped_out, rows[-1], norm, layer).to(base_out.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, layer) -> torch.Tensor:
