@@ -1,6 +1,6 @@
 """Multi-adapter serving on this machine: lorq's engine against PEFT, in one run.
 
-The embedded SmolLM2-135M (fp32), N = 1, 10, 100, 1000 PEFT-format adapters (random, ranks 4 / 8 /
+The embedded SmolLM2-135M (fp32; bf16 where this CPU's bf16 matmuls are faster, see --precision), N = 1, 10, 100, 1000 PEFT-format adapters (random, ranks 4 / 8 /
 16 in turn on q_proj and v_proj, stored fp16 on disk), one workload of `--requests` greedy
 completions (prompts of 16–128 tokens cut from CPython's documentation, 16–64 new tokens each),
 every request sent at t = 0, adapters drawn by a power law (Zipf, alpha 1) or uniformly:
@@ -39,7 +39,9 @@ from quantization import machine  # noqa: E402
 from lorq.eval.memory import rss_mib  # noqa: E402
 from lorq.io import atomic_write_text, save_figure, write_json  # noqa: E402
 from lorq.models.loading import load_model, resolve_model  # noqa: E402
+from lorq.quant import cast_unquantized  # noqa: E402
 from lorq.serve import AdapterStore, Engine, EngineConfig, SamplingParams  # noqa: E402
+from lorq.train.precision import Precision, weights_dtype  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORK = RESULTS / ".serving_adapters"
@@ -119,11 +121,11 @@ def run_lorq(engine: Engine, store: AdapterStore, names, jobs, which) -> dict:
     return row, [s.generated for s in seqs]
 
 
-def peft_model(path, names, root):
+def peft_model(path, names, root, dtype: torch.dtype):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     start = time.perf_counter()
     model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
     for name in names[1:]:
@@ -184,7 +186,7 @@ def table(res: dict) -> str:
         "# Multi-adapter serving: lorq's engine vs PEFT",
         "",
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, peft {res['peft']}; {m['date']}.",
-        f"SmolLM2-135M fp32; {res['requests']} greedy requests sent at once (prompts 16–128 tokens, 16–64 new tokens each), "
+        f"SmolLM2-135M {res.get('dtype', 'float32')} weights and compute for every system; {res['requests']} greedy requests sent at once (prompts 16–128 tokens, 16–64 new tokens each), "
         f"batch {res['batch']}; adapters ranks {'/'.join(map(str, RANKS))} on {' + '.join(TARGETS)}. "
         "Ratios are against lorq with every request on one adapter (single) and against PEFT's mixed batch at the same N, same run.",
         "",
@@ -238,12 +240,15 @@ def main() -> None:
     ap.add_argument("--peft-max", type=int, default=100, help="largest N PEFT is run at (loading 1000 adapters into PEFT takes long)")
     ap.add_argument("--out", default=str(RESULTS / "serving"))
     ap.add_argument("--no-nf4", dest="nf4", action="store_false", help="skip the row on an NF4 base")
+    ap.add_argument("--precision", choices=[p.value for p in Precision], default="auto",
+                    help="weights and compute of every system (auto: as `lorq serve` picks, bf16 where this CPU's bf16 matmuls are faster)")
     args = ap.parse_args()
     import peft
 
     torch.manual_seed(0)
     path = resolve_model(None)
-    model, tok, _ = load_model(None)
+    dtype = weights_dtype(Precision(args.precision), torch.device("cpu"))
+    model, tok, _ = load_model(None, dtype=dtype)
     jobs = workload(tok, args.requests)
     all_names = write_adapters(model, max(args.adapters), WORK)
     engine = Engine(model, tok, EngineConfig(max_batch=args.batch, max_batch_tokens=4096))
@@ -254,7 +259,7 @@ def main() -> None:
     print(rows[-1], flush=True)
     for n in sorted(args.adapters):
         names = all_names[:n]
-        store = AdapterStore(WORK, engine.layers, 16 * 2**30)
+        store = AdapterStore(WORK, engine.layers, 16 * 2**30, engine.dtype)
         start = time.perf_counter()
         for name in names:
             store.register(name) if name not in store.names else None
@@ -262,7 +267,7 @@ def main() -> None:
         kinds = ["single"] if n == 1 else ["power-law", "uniform"]
         peft_rows, peft_outs = {}, None
         if n <= args.peft_max:
-            pmodel, load_s = peft_model(path, names, WORK)
+            pmodel, load_s = peft_model(path, names, WORK, dtype)
             notes[f"PEFT, {n} adapter{'s' * (n > 1)}"] = f"loaded in {load_s:.1f} s"
             which = popularity(n, len(jobs), kinds[0])
             peft_row, peft_outs = run_peft_mixed(pmodel, tok, names, jobs, which, args.batch)
@@ -289,15 +294,15 @@ def main() -> None:
 
         n = 100 if 100 in args.adapters else max(args.adapters)
         qbase = prepare_base(None, FormatConfig(format="nf4"))
-        qengine = Engine(qbase.model, qbase.tok, EngineConfig(max_batch=args.batch, max_batch_tokens=4096))
+        qengine = Engine(cast_unquantized(qbase.model, dtype), qbase.tok, EngineConfig(max_batch=args.batch, max_batch_tokens=4096))
         qengine.generate([(jobs[0][0], None, SamplingParams(max_tokens=4, temperature=0.0))])  # warm-up
-        qstore = AdapterStore(WORK, qengine.layers, 16 * 2**30)
+        qstore = AdapterStore(WORK, qengine.layers, 16 * 2**30, qengine.dtype)
         for name in all_names[:n]:
             qstore.register(name)
         row, _ = run_lorq(qengine, qstore, all_names[:n], jobs, popularity(n, len(jobs), "power-law"))
         rows.append({"adapters": n, "popularity": "power-law", "system": "lorq, NF4 base", **row})
         print(rows[-1], flush=True)
-    res = {"machine": machine(), "peft": peft.__version__, "requests": len(jobs), "batch": args.batch, "rows": rows, "notes": notes}
+    res = {"machine": machine(), "peft": peft.__version__, "dtype": str(dtype).removeprefix("torch."), "requests": len(jobs), "batch": args.batch, "rows": rows, "notes": notes}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), table(res))

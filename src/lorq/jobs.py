@@ -30,12 +30,12 @@ from .optim import OptimConfig, OptimizerKind
 from .optim.lisa import check_active_layers
 from .optim.qgalore import dequantize_weights
 from .quant import (
-    DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, load_rules,
-    quantize_model, save_quantized,
+    DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantReport, Rule, cast_unquantized,
+    load_rules, quantize_model, save_quantized,
 )
 from .quant.base import no_quant
 from .serve.engine import check_max_model_len
-from .serve.server import ServeConfig, build_server, check_address, serve
+from .serve.server import Server, ServeConfig, build_server, check_address, serve
 from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate, candidates
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
@@ -45,7 +45,7 @@ from .train.distributed import check_divisible, finish, gathered, init_world, is
 from .train.checkpoint import check_same_options, latest_checkpoint
 from .train.loop import NextTokenLoss, TrainConfig, check_fsdp, train
 from .train.plot import plot_loss
-from .train.precision import Precision, resolve
+from .train.precision import INFERENCE_PRECISION_HELP, Precision, resolve, weights_dtype
 
 @dataclass
 class QuantizeConfig:
@@ -101,6 +101,7 @@ class GenerateConfig:
     seed: int = opt(0, "sampling seed")
     chat: bool = opt(True, "wrap the prompt in the tokenizer's chat template")
     device: Device = opt(Device.AUTO, DEVICE_HELP)
+    precision: Precision = opt(Precision.AUTO, INFERENCE_PRECISION_HELP)
     quant: FormatConfig = field(default_factory=no_quant)
 
 
@@ -541,16 +542,23 @@ def run_generate(cfg: GenerateConfig) -> str:
     except UnicodeEncodeError:
         raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens), cfg.device)
+    cast_unquantized(model, weights_dtype(cfg.precision, next(model.parameters()).device))
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat,
                          top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
     print(text)
     return text
 
 
-def run_serve(cfg: ServeConfig) -> None:
-    cfg.validate()
-    check_address(cfg.host, cfg.port)
+def serving_server(cfg: ServeConfig) -> Server:
+    """The model on its device in its precision, its engine and adapter store, as `lorq serve` runs them."""
     device = resolve_device(cfg.device)
     base = inference_base(cfg.model, cfg.quant, lambda config: check_max_model_len(config, cfg.engine.max_model_len))
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
-    serve(build_server(base.model.to(device), base.tok, name, cfg), cfg)
+    model = cast_unquantized(base.model.to(device), weights_dtype(cfg.precision, device))
+    return build_server(model, base.tok, name, cfg)
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    cfg.validate()
+    check_address(cfg.host, cfg.port)
+    serve(serving_server(cfg), cfg)

@@ -106,7 +106,7 @@ def test_quantized_base_equals_generate(tiny_model_dir, many_adapters):
         assert seq.text == generate_text(model, tok, p, 8)
 
 
-def test_bad_requests_and_a_full_queue(tiny_model_dir):
+def test_bad_requests_and_a_full_queue(tiny_model_dir, many_adapters):
     engine, _, tok = engine_for(tiny_model_dir, None, max_queue=2)
     prompt = encode_prompt(tok, "hi")
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])):
@@ -120,6 +120,10 @@ def test_bad_requests_and_a_full_queue(tiny_model_dir):
         short.submit(prompt, None, greedy(4), lambda d, r: None)
     with pytest.raises(LorqError, match="empty"):
         engine.submit([], None, greedy(4), lambda d, r: None)
+    halves = AdapterStore(many_adapters, engine.layers, 1 << 30, torch.bfloat16)  # not the engine's fp32
+    halves.discover()
+    with pytest.raises(LorqError, match="holds bfloat16 weights, the engine runs float32"):
+        engine.submit(prompt, halves.acquire("ad0"), greedy(2), lambda d, r: None)
     for _ in range(2):
         engine.submit(prompt, None, greedy(2), lambda d, r: None)
     with pytest.raises(QueueFull):
@@ -252,3 +256,30 @@ def test_the_kv_cache_admits_within_its_budget_and_is_given_back(tiny_model_dir)
     engine.kv_budget = engine.pool.bytes_for(1, 64)
     with pytest.raises(LorqError, match="needs .* MiB of KV cache, more than the server's budget"):
         engine.submit(shorts[0], None, greedy(100), lambda d, r: None)
+
+
+@pytest.mark.parametrize("fmt", ["none", "nf"])
+def test_bf16_serving_equals_bf16_generate(tiny_model_dir, many_adapters, fmt, capsys, monkeypatch):
+    """--precision bf16: `lorq serve` holds its weights and KV cache in bf16 (quantized codes and
+    scales stay as stored) and answers greedily as `lorq generate --precision bf16` does."""
+    from lorq import jobs as job
+    from lorq.cli import main
+    from lorq.jobs import serving_server
+    from lorq.quant import FormatConfig, QuantizedLinear
+    from lorq.serve.server import ServeConfig
+
+    server = serving_server(ServeConfig(model=str(tiny_model_dir), adapters=str(many_adapters), precision="bf16", quant=FormatConfig(format=fmt)))
+    engine, store = server.engine, server.store
+    assert engine.dtype == engine.pool.k[0].dtype == torch.bfloat16
+    quantized = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized) == (fmt == "nf")
+    assert all(b.dtype != torch.bfloat16 for m in quantized for b in m.buffers())  # codes, scales as stored
+    jobs = [("ad0", PROMPTS[0]), ("ad3", PROMPTS[1]), (None, PROMPTS[3])]
+    seqs = engine.generate([(encode_prompt(engine.tok, p), store.acquire(a) if a else None, greedy(8)) for a, p in jobs])
+    seen, real = [], job.generate_text
+    monkeypatch.setattr(job, "generate_text", lambda model, *a, **k: seen.append({p.dtype for p in model.parameters()}) or real(model, *a, **k))
+    for (a, p), seq in zip(jobs, seqs):
+        adapter = ["--adapter", str(many_adapters / a)] if a else []
+        assert main(["generate", "--model", str(tiny_model_dir), "--prompt", p, "--max-new-tokens", "8", "--precision", "bf16", "--format", fmt] + adapter) == 0
+        assert capsys.readouterr().out == seq.text + "\n"
+    assert seen == [{torch.bfloat16}] * len(jobs)  # adapters included

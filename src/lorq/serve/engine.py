@@ -195,6 +195,9 @@ class Engine:
             raise LorqError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_length:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
+        if adapter is not None and adapter.dtype not in (None, self.dtype):  # an AdapterStore built for another engine
+            raise LorqError(f"adapter {adapter.name!r} holds {str(adapter.dtype).removeprefix('torch.')} weights, the engine runs "
+                            f"{str(self.dtype).removeprefix('torch.')}: read it with AdapterStore(..., dtype=engine.dtype)")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise LorqError(f"logit_bias keys must be token IDs in 0..{vocab - 1}")

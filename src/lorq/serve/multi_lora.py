@@ -38,6 +38,10 @@ class AdapterWeights:
         return sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B, _ in self.modules.values())
 
     @property
+    def dtype(self) -> torch.dtype | None:
+        return next((A.dtype for A, _, _ in self.modules.values()), None)
+
+    @property
     def ranks(self) -> list[int]:
         return sorted({A.shape[0] for A, _, _ in self.modules.values()})
 

@@ -29,6 +29,7 @@ from ..models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, Device
 from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
+from ..train.precision import INFERENCE_PRECISION_HELP, Precision
 from .adapter_cache import NAME, AdapterNotFound, AdapterStore
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
@@ -49,6 +50,7 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port to listen on")
     device: Device = opt(Device.AUTO, DEVICE_HELP)
+    precision: Precision = opt(Precision.AUTO, INFERENCE_PRECISION_HELP)
     adapter_cache_mb: float = opt(2048.0, "memory budget of the adapter weight cache (LRU; adapters in use are kept)")
     shutdown_timeout: float = opt(60.0, "seconds in-flight requests get to finish after SIGINT/SIGTERM; unfinished ones then get a 503 (an error event in a stream)")
     engine: EngineConfig = field(default_factory=EngineConfig)

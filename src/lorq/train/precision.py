@@ -17,6 +17,8 @@ class Precision(str, Enum):
     FP32 = "fp32"
 
 
+INFERENCE_PRECISION_HELP = ("weights and compute: fp32, bf16 (quantized weights stay as stored) or auto: bf16 on a bf16 GPU "
+                            "and on a CPU whose bf16 matmuls are faster than fp32 (AMX; timed once without it), else fp32")
 BF16_MARGIN = 0.8  # bf16 must beat fp32 by this much: it also pays casts and a coarser result
 
 
@@ -87,6 +89,12 @@ def resolve(precision: Precision, device: torch.device) -> Precision:
     if device.type == "cuda":
         return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP32
     return Precision.BF16 if bf16_gemm_is_faster() else Precision.FP32
+
+
+def weights_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """The dtype inference (generate, serve) holds its weights and runs in: casting them once
+    spares the per-step casts autocast would redo on frozen weights."""
+    return torch.bfloat16 if resolve(precision, device) is Precision.BF16 else torch.float32
 
 
 def autocast(precision: Precision, device: torch.device):
