@@ -486,7 +486,8 @@ def check_address(host: str, port: int) -> None:
 def serve(server: Server, cfg: ServeConfig) -> None:
     import uvicorn
 
-    print(f"lorq: serving {server.base_name} + {len(server.store.names)} adapters on http://{cfg.host}:{cfg.port}/v1 "
+    dtype = str(server.engine.dtype).removeprefix("torch.")
+    print(f"lorq: serving {server.base_name} ({dtype}) + {len(server.store.names)} adapters on http://{cfg.host}:{cfg.port}/v1 "
           f"(OpenAI-compatible; {'API key required' if server.api_key else 'no API key'})", flush=True)
     deadline = threading.Timer(cfg.shutdown_timeout, server.engine.expire)
     deadline.daemon = True
