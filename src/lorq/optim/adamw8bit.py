@@ -11,6 +11,7 @@ smaller than `min_8bit_size` keep fp32 states, as bitsandbytes does.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -102,12 +103,26 @@ def unpack8(codes: torch.Tensor, absmax: torch.Tensor, shape, signed: bool) -> t
 CHUNK = 4096 * BLOCK
 
 
+def adam_moments(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, betas) -> None:
+    """Fold gradient g into Adam's fp32 moments, in place: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g²."""
+    b1, b2 = betas
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+
+
+def adam_direction(m: torch.Tensor, v: torch.Tensor, t: int, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adam's direction m̂ / (sqrt(v̂) + eps) at step t, built in one tensor the size of m (`out`
+    if given, which may be the gradient the moments were just updated with)."""
+    b1, b2 = betas
+    d = torch.sqrt(v, out=out).div_(math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v̂) + eps
+    return torch.div(m, d, out=d).div_(1 - b1**t)
+
+
 def adam_direction_8bit(st: dict, g: torch.Tensor, t: int, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Adam's direction m̂ / (sqrt(v̂) + eps) at step t for gradient g, with m and v kept in st as
     8-bit codes and block absmaxes; updated chunk by chunk, the direction from the fp32 moments
     before they are rounded (as bitsandbytes' kernel does). Written into `out` if given (g
     itself may be it: each chunk of g is read before its direction is written)."""
-    b1, b2 = betas
     flat, n = g.reshape(-1).float(), g.numel()
     if "m_codes" not in st:  # absmax 0: every code reads as 0
         n_blocks = -(-n // BLOCK)
@@ -119,9 +134,10 @@ def adam_direction_8bit(st: dict, g: torch.Tensor, t: int, betas, eps: float, ou
         b = min(a + CHUNK, n)
         ba, bb = a // BLOCK, -(-b // BLOCK)
         gc = flat[a:b]
-        m = unpack8(st["m_codes"][a:b], st["m_absmax"][ba:bb], (b - a,), signed=True).mul_(b1).add_(gc, alpha=1 - b1)
-        v = unpack8(st["v_codes"][a:b], st["v_absmax"][ba:bb], (b - a,), signed=False).mul_(b2).addcmul_(gc, gc, value=1 - b2)
-        torch.div(m, 1 - b1**t, out=out[a:b]).div_(v.div(1 - b2**t).sqrt_().add_(eps))
+        m = unpack8(st["m_codes"][a:b], st["m_absmax"][ba:bb], (b - a,), signed=True)
+        v = unpack8(st["v_codes"][a:b], st["v_absmax"][ba:bb], (b - a,), signed=False)
+        adam_moments(m, v, gc, betas)
+        adam_direction(m, v, t, betas, eps, out[a:b])
         for key, x, signed in (("m", m, True), ("v", v, False)):
             codes, absmax = pack8(x, signed)
             st[f"{key}_codes"][a:b], st[f"{key}_absmax"][ba:bb] = codes, absmax
@@ -156,7 +172,6 @@ class AdamW8bit(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -166,9 +181,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 t = float(st["step"])
                 if p.numel() < self.min_8bit_size:
                     m, v = st.setdefault("m", torch.zeros_like(g)), st.setdefault("v", torch.zeros_like(g))
-                    m.mul_(b1).add_(g, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    direction = m / (1 - b1**t) / (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                    adam_moments(m, v, g, group["betas"])
+                    direction = adam_direction(m, v, t, group["betas"], group["eps"])
                 else:
                     direction = adam_direction_8bit(st, g, t, group["betas"], group["eps"])
                 if group["weight_decay"]:

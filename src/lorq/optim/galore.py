@@ -26,7 +26,7 @@ import torch
 
 from ..adapters.init import top_svd
 from ..train.distributed import full, place
-from .adamw8bit import MIN_8BIT_SIZE, adam_direction_8bit, restore_8bit_dtypes
+from .adamw8bit import MIN_8BIT_SIZE, adam_direction, adam_direction_8bit, adam_moments, restore_8bit_dtypes
 
 
 def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
@@ -44,23 +44,19 @@ def project_back(N: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
     return P @ N if left else N @ P.T  # (m, n)
 
 
-def adam_direction(st: dict, g: torch.Tensor, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One Adam step's direction m̂ / (sqrt(v̂) + eps) for gradient g, updating st. Built in one
-    tensor the size of g, `out` if given (g itself may be it): a chain of temporaries for the
+def adam_state_direction(st: dict, g: torch.Tensor, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One Adam step's direction for gradient g with fp32 moments kept in st, built in one tensor
+    the size of g, `out` if given (g itself may be it): a chain of temporaries for the
     full-size embedding state cost GaLore ~0.2 GiB of peak memory on SmolLM2-135M."""
-    b1, b2 = betas
     if "exp_avg" not in st:
         st["exp_avg"], st["exp_avg_sq"], st["adam_step"] = torch.zeros_like(g), torch.zeros_like(g), 0
     st["adam_step"] += 1
-    t = st["adam_step"]
-    st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-    st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-    d = torch.sqrt(st["exp_avg_sq"], out=out).div_(math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v̂) + eps
-    return torch.div(st["exp_avg"], d, out=d).div_(1 - b1**t)
+    adam_moments(st["exp_avg"], st["exp_avg_sq"], g, betas)
+    return adam_direction(st["exp_avg"], st["exp_avg_sq"], st["adam_step"], betas, eps, out)
 
 
 def fp32_moments(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    return adam_direction(st, g, group["betas"], group["eps"], out)
+    return adam_state_direction(st, g, group["betas"], group["eps"], out)
 
 
 def int8_moments(st: dict, g: torch.Tensor, group: dict, out: torch.Tensor | None = None) -> torch.Tensor:
