@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from lorq.adapters import LoRAConfig, add_adapters
 from lorq.quant import DECODER_LINEARS, FormatConfig, quantize_model
-from lorq.train.lean import RMS_NORMS, SWIGLU_MLPS, RMSNormFn, SwiGLUFn, make_lean, recomputed, restore_stock, swiglu
+from lorq.train.lean import GQA_SDPA, RMS_NORMS, SWIGLU_MLPS, RMSNormFn, SwiGLUFn, make_lean, recomputed, restore_stock, swiglu
 from tests_helpers import randomize_B
 from conftest import tiny_llama_config
 
@@ -54,7 +54,7 @@ def test_recomputed_view_gives_the_same_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def saved_bytes(model, ids) -> tuple[torch.Tensor, int]:
+def saved_bytes(model, ids, **kw) -> tuple[torch.Tensor, int]:
     """(loss, bytes of the distinct non-parameter tensors autograd keeps for backward)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -66,14 +66,14 @@ def saved_bytes(model, ids) -> tuple[torch.Tensor, int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, labels=ids).loss
+        loss = model(ids, labels=ids, **kw).loss
     return loss, sum(seen.values())
 
 
-def loss_and_grads(model, ids, autocast: bool = False):
+def loss_and_grads(model, ids, autocast: bool = False, **kw):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(ids, labels=ids).loss
+        loss = model(ids, labels=ids, **kw).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -97,11 +97,11 @@ def test_lean_model_trains_as_the_stock_one_and_keeps_less(kind, autocast):
     _, stock_bytes = saved_bytes(model, ids)
     lean = make_lean(model)
     cfg = model.config
-    assert len(lean) == cfg.num_hidden_layers * (3 + 2 * (kind == "qwen3")) + 1
+    assert len(lean) == cfg.num_hidden_layers * (3 + 2 * (kind == "qwen3")) + 2  # + the final norm, an attention (its config)
     loss, grads = loss_and_grads(model, ids, autocast)
     _, lean_bytes = saved_bytes(model, ids)
     restore_stock(lean)
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules()) and cfg._attn_implementation == "sdpa"
     assert loss == pytest.approx(ref_loss, rel=1e-6 if not autocast else 1e-3)
     assert grads.keys() == ref.keys()
     tol = 1e-4 if not autocast else 3e-2
@@ -110,6 +110,31 @@ def test_lean_model_trains_as_the_stock_one_and_keeps_less(kind, autocast):
     if kind == "llama" and not autocast:  # per token and layer: two norms' outputs (2H) and silu(gate), silu(gate) * up (2I)
         tokens, H, I = ids.numel(), cfg.hidden_size, cfg.intermediate_size
         assert stock_bytes - lean_bytes == 4 * tokens * (cfg.num_hidden_layers * (2 * H + 2 * I) + H)  # + the final norm's
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_query_attention_under_a_mask_reads_the_shared_heads_in_place(autocast):
+    """Two documents per row (a block-diagonal mask from the restarting positions): transformers
+    repeats each key/value head per query head, the lean attention does not; same loss and
+    gradients, and exactly those copies fewer kept for backward."""
+    model = tiny("llama")
+    cfg = model.config
+    ids = torch.randint(0, 128, (2, 24))
+    doc = dict(position_ids=torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1), use_cache=False)
+    ref_loss, ref = loss_and_grads(model, ids, autocast, **doc)
+    assert ref_loss != pytest.approx(loss_and_grads(model, ids, autocast)[0], rel=1e-4)  # the documents are kept apart
+    _, stock_bytes = saved_bytes(model, ids, **doc)
+    lean = make_lean(model)
+    loss, grads = loss_and_grads(model, ids, autocast, **doc)
+    _, lean_bytes = saved_bytes(model, ids, **doc)
+    restore_stock(lean)
+    assert loss == pytest.approx(ref_loss, rel=1e-6 if not autocast else 1e-3)
+    for n in ref:
+        assert (grads[n] - ref[n]).norm() <= (1e-5 if not autocast else 3e-2) * ref[n].norm() + 1e-7, n
+    tokens, H, I, L = ids.numel(), cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    repeated = 2 * (cfg.num_attention_heads - cfg.num_key_value_heads) * (H // cfg.num_attention_heads)  # k and v
+    if not autocast:
+        assert stock_bytes - lean_bytes == 4 * tokens * (L * (2 * H + 2 * I + repeated) + H)
 
 
 def test_lora_on_a_quantized_base_gets_the_same_adapter_gradients():
@@ -131,7 +156,9 @@ def test_other_forms_are_left_alone():
     torch.manual_seed(0)
     gemma = GemmaForCausalLM(GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    assert make_lean(gemma) == []  # (1 + weight) norms, a GELU MLP
+    lean = make_lean(gemma)  # (1 + weight) norms, a GELU MLP: only its attention
+    assert [type(m).__name__ for m in lean] == ["GemmaAttention"] and gemma.config._attn_implementation == GQA_SDPA
+    restore_stock(lean)
     silu_mlp = tiny("llama").model.layers[0].mlp
     silu_mlp.act_fn = nn.GELU()
     assert make_lean(silu_mlp) == []
