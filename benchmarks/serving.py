@@ -127,9 +127,10 @@ def peft_model(path, names, root, dtype: torch.dtype):
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     start = time.perf_counter()
-    model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
+    # adapters in the run's dtype, as lorq holds them (PEFT would upcast bf16 ones to fp32)
+    model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0], autocast_adapter_dtype=False)
     for name in names[1:]:
-        model.load_adapter(str(root / name), adapter_name=name)
+        model.load_adapter(str(root / name), adapter_name=name, autocast_adapter_dtype=False)
     return model.eval(), time.perf_counter() - start
 
 

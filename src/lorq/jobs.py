@@ -504,7 +504,10 @@ def inference_base(model_name: str, quant: FormatConfig, check_config=None) -> B
     return base
 
 
-def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None, check_config=None, device: Device = Device.CPU):
+def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None, check_config=None, device: Device = Device.CPU,
+                       precision: Precision | None = None):
+    """(model, tokenizer, path) on the device; with a precision, its weights held in that
+    precision's dtype (cast before the move: a GPU never holds the fp32 copy)."""
     device = resolve_device(device)  # before anything is read: --device cuda without a GPU fails at once
     if adapter is not None and not Path(adapter).is_dir():  # before the model is loaded
         raise LorqError(f"adapter directory {adapter} not found" + (" (it is a file)" if Path(adapter).is_file() else ""))
@@ -512,6 +515,8 @@ def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None
     model, tok, path = base.model, base.tok, base.path
     if adapter:
         load_peft(model, adapter)
+    if precision is not None:
+        cast_unquantized(model, weights_dtype(precision, device))
     return model.to(device), tok, path
 
 
@@ -541,8 +546,8 @@ def run_generate(cfg: GenerateConfig) -> str:
         cfg.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise LorqError("the prompt is not valid Unicode text (it holds an unpaired surrogate)")
-    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens), cfg.device)
-    cast_unquantized(model, weights_dtype(cfg.precision, next(model.parameters()).device))
+    model, tok, _ = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_new_tokens(config, cfg.max_new_tokens), cfg.device,
+                                       cfg.precision)
     text = generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.chat,
                          top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
     print(text)
@@ -554,7 +559,7 @@ def serving_server(cfg: ServeConfig) -> Server:
     device = resolve_device(cfg.device)
     base = inference_base(cfg.model, cfg.quant, lambda config: check_max_model_len(config, cfg.engine.max_model_len))
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
-    model = cast_unquantized(base.model.to(device), weights_dtype(cfg.precision, device))
+    model = cast_unquantized(base.model, weights_dtype(cfg.precision, device)).to(device)
     return build_server(model, base.tok, name, cfg)
 
 

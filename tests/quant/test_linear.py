@@ -175,3 +175,18 @@ def test_cast_unquantized_keeps_the_stored_tensors(tiny_llama):
         assert v.dtype == before[k].dtype and torch.equal(v, before[k])
     assert q.kernel(torch.zeros(1, 64, dtype=torch.bfloat16)) is not None  # bf16 activations take the int4 kernel
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_cast_unquantized_is_transformers_bf16_model(tiny_model_dir):
+    """A dense model cast to bf16 equals the one transformers loads in bf16, logits bit for bit
+    at positions far apart (its rotary frequencies stay fp32 there too)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorq.quant import cast_unquantized
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    cast = cast_unquantized(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), torch.bfloat16)
+    assert cast.model.rotary_emb.inv_freq.dtype == ref.model.rotary_emb.inv_freq.dtype == torch.float32
+    x = torch.randint(0, 1000, (1, 256))
+    with torch.no_grad():
+        assert torch.equal(cast(x).logits, ref(x).logits)

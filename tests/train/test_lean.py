@@ -97,7 +97,7 @@ def test_lean_model_trains_as_the_stock_one_and_keeps_less(kind, autocast):
     _, stock_bytes = saved_bytes(model, ids)
     lean = make_lean(model)
     cfg = model.config
-    assert len(lean) == cfg.num_hidden_layers * (3 + 2 * (kind == "qwen3")) + 2  # + the final norm, an attention (its config)
+    assert len(lean) == cfg.num_hidden_layers * (3 + 2 * (kind == "qwen3")) + 2  # + the final norm, the attention's config
     loss, grads = loss_and_grads(model, ids, autocast)
     _, lean_bytes = saved_bytes(model, ids)
     restore_stock(lean)
@@ -157,8 +157,9 @@ def test_other_forms_are_left_alone():
     gemma = GemmaForCausalLM(GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
     lean = make_lean(gemma)  # (1 + weight) norms, a GELU MLP: only its attention
-    assert [type(m).__name__ for m in lean] == ["GemmaAttention"] and gemma.config._attn_implementation == GQA_SDPA
+    assert lean == [gemma.config] and gemma.config._attn_implementation == GQA_SDPA
     restore_stock(lean)
+    assert gemma.config._attn_implementation == "sdpa"
     silu_mlp = tiny("llama").model.layers[0].mlp
     silu_mlp.act_fn = nn.GELU()
     assert make_lean(silu_mlp) == []

@@ -34,6 +34,16 @@ def test_auto_is_bf16_with_amx_without_timing(cpu_with):
     assert resolve(Precision.AUTO, torch.device("cpu")) is Precision.BF16
 
 
+@pytest.mark.parametrize("capability, want", [((7, 0), Precision.FP32), ((7, 5), Precision.FP32), ((8, 0), Precision.BF16), ((9, 0), Precision.BF16)])
+def test_auto_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability, want):
+    """V100 / T4 only emulate bf16 (torch.cuda.is_bf16_supported() says yes to them by default)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    gpu = torch.device("cuda", 1)
+    assert resolve(Precision.AUTO, gpu) is want and asked == [gpu]
+    assert resolve(Precision.FP32, gpu) is Precision.FP32
+
+
 def test_auto_times_avx512_bf16_without_amx(cpu_with):
     cpu, auto = torch.device("cpu"), Precision.AUTO
     cpu_with(NO_AMX, bf16_s=0.4, fp32_s=1.0)  # bf16 2.5x faster (a Xeon measured so)

@@ -167,13 +167,15 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every float parameter and buffer to dtype, except the stored quantized tensors.
 
     model.to(dtype) would also cast QuantizedLinear's fp16/fp32 scales and change the codes'
-    meaning; this leaves them (and the fp16 low-rank factors) exactly as stored.
+    meaning; this leaves them (and the fp16 low-rank factors) exactly as stored. Rotary
+    embeddings' frequencies stay fp32, as transformers keeps them in a bf16 model (rounded to
+    bf16 they would turn positions a few hundred tokens apart by radians).
     """
     for mod in model.modules():
         keep = set(mod._names) | set(LOWRANK) if isinstance(mod, QuantizedLinear) else set()
         for name, p in mod.named_parameters(recurse=False):
             p.data = p.data.to(dtype)
         for name, b in mod.named_buffers(recurse=False):
-            if b.is_floating_point() and name not in keep:
+            if b.is_floating_point() and name not in keep and not name.endswith("inv_freq"):
                 mod._buffers[name] = b.to(dtype)
     return model

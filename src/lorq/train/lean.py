@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -116,6 +116,7 @@ def lean_swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
 
 
 GQA_SDPA = "lorq_gqa_sdpa"
+SDPA_TAKES_GQA = torch.__version__ >= "2.5"  # SDPA's enable_gqa
 
 
 def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -125,7 +126,7 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     and value heads of grouped-query attention read in place under a mask on the CPU; anything
     else (another device, a cache, a single query, a bias, soft-capping) is transformers' own."""
     grouped = getattr(module, "num_key_value_groups", 1) > 1
-    if (not grouped or attention_mask is None or query.device.type != "cpu" or query.shape[2] == 1
+    if (not grouped or not SDPA_TAKES_GQA or attention_mask is None or query.device.type != "cpu" or query.shape[2] == 1
             or key.shape[2] != query.shape[2] or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
@@ -150,28 +151,28 @@ LEAN_FORWARDS: dict[str, tuple[Callable, Callable[[nn.Module], bool]]] = {
 }
 
 
-def make_lean(model: nn.Module) -> list[nn.Module]:
+def make_lean(model: nn.Module) -> list[nn.Module | PretrainedConfig]:
     """Switch the model's known RMSNorms and SwiGLU MLPs to their lean forms (this instance
-    only; the class stays as it is) and its SDPA attention to gqa_sdpa_attention; returns what
-    changed, for restore_stock. Not meant under activation checkpointing, which keeps nothing
-    inside a layer anyway."""
-    swapped = []
+    only; the class stays as it is) and the configs its SDPA attention layers read to
+    gqa_sdpa_attention; returns what changed, for restore_stock. Not meant under activation
+    checkpointing, which keeps nothing inside a layer anyway."""
+    swapped: list[nn.Module | PretrainedConfig] = []
     for m in model.modules():
         lean, applies = LEAN_FORWARDS.get(type(m).__name__, (None, None))
         if lean is not None and "forward" not in vars(m) and applies(m):
             m.forward = lean.__get__(m)
             swapped.append(m)
-    attention = next((m for m in model.modules() if hasattr(m, "num_key_value_groups")
-                      and getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"), None)
-    if attention is not None:  # its config is the one every layer reads
-        attention.config._attn_implementation = GQA_SDPA
-        swapped.append(attention)
+    for m in model.modules():  # attention layers (of each sub-model: one config each)
+        config = getattr(m, "config", None)
+        if hasattr(m, "num_key_value_groups") and getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = GQA_SDPA
+            swapped.append(config)
     return swapped
 
 
-def restore_stock(modules: list[nn.Module]) -> None:
-    for m in modules:
-        vars(m).pop("forward", None)
-        config = getattr(m, "config", None)
-        if getattr(config, "_attn_implementation", None) == GQA_SDPA:
-            config._attn_implementation = "sdpa"
+def restore_stock(swapped: list[nn.Module | PretrainedConfig]) -> None:
+    for m in swapped:
+        if isinstance(m, nn.Module):
+            vars(m).pop("forward", None)
+        elif m._attn_implementation == GQA_SDPA:
+            m._attn_implementation = "sdpa"

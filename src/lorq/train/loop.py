@@ -48,7 +48,7 @@ class TrainConfig:
     eval_every: int = opt(10, "validate every N steps (and at the end)")
     eval_blocks: int = opt(16, "validation blocks used for perplexity (0 = all)")
     save_every: int = opt(10, "checkpoint every N steps (and at the end)")
-    precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where bf16 matmuls are faster: a bf16 GPU, AMX, or AVX512-BF16 when timed so), bf16 or fp32")
+    precision: Precision = opt(Precision.AUTO, "compute precision: auto (bf16 where bf16 matmuls are faster: an Ampere or newer GPU, AMX, or AVX512-BF16 when timed so), bf16 or fp32")
     loss_chunk: int = opt(LOSS_CHUNK, "tokens per chunk of output layer + cross-entropy, so the full logits tensor is never held (0 = full logits)")
     grad_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% more compute)")
     lean_activations: bool = opt(True, "RMSNorms keep only their input and SwiGLU MLPs only gate and up for backward, the rest recomputed elementwise (no matmul), and on the CPU grouped-query attention under a mask keeps its shared key/value heads unrepeated: about a third less activation memory, the same results up to rounding (Llama/Mistral/Qwen/... layers; off under --grad-checkpointing)")

@@ -17,7 +17,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
 
 
-INFERENCE_PRECISION_HELP = ("weights and compute: fp32, bf16 (quantized weights stay as stored) or auto: bf16 on a bf16 GPU "
+INFERENCE_PRECISION_HELP = ("weights and compute: fp32, bf16 (quantized weights stay as stored) or auto: bf16 on an Ampere or newer GPU "
                             "and on a CPU whose bf16 matmuls are faster than fp32 (AMX; timed once without it), else fp32")
 BF16_MARGIN = 0.8  # bf16 must beat fp32 by this much: it also pays casts and a coarser result
 
@@ -86,8 +86,8 @@ def resolve(precision: Precision, device: torch.device) -> Precision:
     precision = Precision(precision)
     if precision is not Precision.AUTO:
         return precision
-    if device.type == "cuda":
-        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP32
+    if device.type == "cuda":  # native bf16 from Ampere (8.x) on; older GPUs only emulate it, slowly
+        return Precision.BF16 if torch.cuda.get_device_capability(device)[0] >= 8 else Precision.FP32
     return Precision.BF16 if bf16_gemm_is_faster() else Precision.FP32
 
 
