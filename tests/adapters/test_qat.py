@@ -75,3 +75,60 @@ def test_fold_quantized_replaces_the_wrapped_layers(tiny_llama):
     add_adapters(tiny_llama, LoRAConfig(rank=2, targets=["q_proj"], variant=Variant.L4Q, qat_group_size=32))
     done = fold_quantized(tiny_llama, "default")
     assert len(done) == 2 and all(isinstance(tiny_llama.get_submodule(n), QuantizedLinear) for n in done)
+
+
+def l4q_layer(in_features=100, bias=True, seed=0):
+    """An L4Q layer (group 32: the last of 4 groups short) trained away from its start, some
+    weights past the clamp (α shrunk), so every branch of the gradients is taken."""
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, 40, bias=bias))
+    ad = layer.add("a", 4, 8.0, variant=Variant.L4Q, qat_bits=4, qat_group_size=32)
+    with torch.no_grad():
+        ad.B.normal_(0, 0.05)
+        ad.step.mul_(0.6)
+    return layer, ad
+
+
+@pytest.mark.parametrize("in_features, bias", [(100, True), (96, False)])
+def test_l4q_one_matmul_equals_autograd_through_the_quantizer(in_features, bias):
+    """The fused L4QLinear (one matmul, W_q rebuilt in backward) against autograd through
+    base(x) + x (W_q - W)ᵀ, W_q = α · clamp(RoundSTE((W + s B A) / α)): same outputs and
+    gradients for x, A, B and α."""
+    layer, ad = l4q_layer(in_features, bias)
+    x = torch.randn(2, 5, in_features, requires_grad=True)
+    params = (x, ad.A, ad.B, ad.step)
+    ref = layer.base(x) + ad.delta(x, None, layer)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), params)
+    with torch.no_grad():
+        v = (layer.base.weight + ad.scaling * ad.B @ ad.A) / ad.step.repeat_interleave(32, 1)[:, :in_features]
+    clamped = (v.round() < -8) | (v.round() > 7)
+    assert 0 < clamped.float().mean() < 0.5  # both sides of the clamp are exercised
+    out = layer(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), params)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_l4q_keeps_no_weight_sized_tensor_for_backward():
+    layer, ad = l4q_layer()
+    kept = []
+    x = torch.randn(3, 100)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = layer(x)
+    own = [t for t in kept if t.untyped_storage().data_ptr() not in weights]
+    assert own and max(t.numel() for t in own) <= x.numel()  # only the input; the rest are parameters
+    out.sum().backward()
+    assert all(getattr(ad, n).grad is not None for n in ("A", "B", "step"))
+
+
+def test_l4q_under_bf16_autocast_quantizes_in_fp32():
+    layer, ad = l4q_layer()
+    x = torch.randn(4, 100)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.05, rtol=0.02)
+    assert ad.A.grad.dtype == ad.step.grad.dtype == torch.float32
