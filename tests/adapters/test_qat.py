@@ -13,9 +13,9 @@ from lorq.quant import FormatConfig, QuantizedLinear
 from lorq.quant.affine import AffineWeight
 
 
-def int_layer(symmetric=False):
+def int_layer(symmetric=False, in_features=96):
     torch.manual_seed(0)
-    lin = nn.Linear(96, 40, bias=True)
+    lin = nn.Linear(in_features, 40, bias=True)
     return QuantizedLinear.from_linear(lin, FormatConfig(format="int", bits=4, group_size=32, symmetric=symmetric).validate())
 
 
@@ -37,6 +37,28 @@ def test_peqa_trains_the_scales_and_folds_into_the_same_codes(symmetric):
     loss = layer(x).pow(2).sum()
     loss.backward()
     assert ad.scale_delta.grad is not None and ad.scale_delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("in_features, symmetric", [(96, False), (100, True)])
+def test_peqa_one_matmul_equals_autograd_and_keeps_only_its_input(in_features, symmetric):
+    """PEQALinear (one dequantization and matmul, the base dequantized again in backward)
+    against autograd through base(x) + x ((Δs/s) ⊙ W_q)ᵀ: same outputs and gradients; of what
+    it keeps for backward nothing is weight-sized but the input."""
+    layer = LoRALinear(int_layer(symmetric, in_features))
+    ad = layer.add("a", 1, 1.0, variant=Variant.PEQA)
+    with torch.no_grad():
+        ad.scale_delta.copy_(ad.scale0 * 0.1 * torch.randn(ad.scale0.shape, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 5, in_features, requires_grad=True)
+    ref = layer.base(x) + ad.delta(x, None, layer)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (x, ad.scale_delta))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = layer(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), (x, ad.scale_delta))
+    assert torch.allclose(out, ref, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert max(t.numel() for t in kept) == x.numel()  # x; Δs and s are (out, groups)
 
 
 def test_peqa_needs_an_int_base():

@@ -34,11 +34,43 @@ def expand_groups(g: torch.Tensor, in_features: int, group: int) -> torch.Tensor
     return g.repeat_interleave(group, dim=1)[:, :in_features]
 
 
+def peqa_factors(base: QuantizedLinear, scale_delta, scale0, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s'/s per weight, W_q), both (out, in) fp32: W' = (s'/s) ⊙ W_q. No gradients."""
+    with torch.no_grad(), torch.autocast(scale0.device.type, enabled=False):
+        w = base.dequantize(torch.float32)
+        return expand_groups(1 + scale_delta.float() / scale0, w.shape[1], group), w
+
+
+class PEQALinear(torch.autograd.Function):
+    """y = x ((s'/s) ⊙ W_q)ᵀ in one matmul with one dequantization of the INT-k base. Keeps x
+    (and the small Δs, s) for backward, which dequantizes the base again rather than keeping
+    weight-sized tensors for every layer; Δs's gradient is (∂L/∂W') ⊙ W_q / s, summed per group."""
+
+    @staticmethod
+    def forward(ctx, x, base: QuantizedLinear, scale_delta, scale0, group: int):
+        ctx.base, ctx.group = base, group
+        ctx.save_for_backward(x, scale_delta, scale0)
+        ratio, w = peqa_factors(base, scale_delta, scale0, group)
+        return F.linear(x, (ratio * w).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale_delta, scale0 = ctx.saved_tensors
+        ratio, w = peqa_factors(ctx.base, scale_delta, scale0, ctx.group)
+        grad_x = grad_y @ (ratio * w).to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_delta = None
+        if ctx.needs_input_grad[2]:
+            g = (grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)).float()  # ∂L/∂W'
+            grad_delta = group_sums(g * w, ctx.group) / scale0
+        return grad_x, None, grad_delta, None, None
+
+
 @register(Variant.PEQA)
 class PEQAAdapter(Adapter):
     """Trainable Δs (out, groups) on the scales of an INT-k base; no low-rank factors."""
 
     trainable_names = ("scale_delta",)
+    owns_base = True  # alone on a layer, its scaled weight replaces the base's matmul (PEQALinear)
 
     def __init__(self, layer, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **kw):
         super().__init__(layer, rank, alpha, rslora, dropout, **kw)
@@ -52,6 +84,10 @@ class PEQAAdapter(Adapter):
         self.group = qw.group
         self.register_buffer("scale0", qw.scale.float(), persistent=False)  # (out, groups)
         self.scale_delta = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def output(self, x: torch.Tensor, layer) -> torch.Tensor:
+        y = PEQALinear.apply(x, layer.base, self.scale_delta, self.scale0, self.group)
+        return y + layer.base.bias.to(y.dtype) if layer.base.bias is not None else y
 
     def delta_weight(self, layer=None) -> torch.Tensor:
         ratio = expand_groups(self.scale_delta / self.scale0, self.in_features, self.group)  # (out, in)
