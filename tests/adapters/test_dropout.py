@@ -1,4 +1,4 @@
-"""The adapters' input dropout (16-bit masks) and the fused LoRA addition."""
+"""The adapters' input dropout (only the dropped positions drawn) and the fused LoRA addition."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from lorq.adapters import LoRAConfig, add_adapters
 from lorq.adapters.lora import LoRALinear, lora_layers
-from lorq.adapters.variants import Dropout
+from lorq.adapters import variants
+from lorq.adapters.variants import Dropout, dropped_positions
 
 from tests_helpers import randomize_B
 
@@ -21,14 +22,43 @@ def test_eval_mode_and_p0_are_the_identity():
 def test_drop_rate_and_expectation(p):
     torch.manual_seed(0)
     d = Dropout(p).train()
-    x = torch.ones(1_000_003)  # not a multiple of 4: the last 64-bit draw is cut
+    x = torch.ones(1_000_003)
     y = d(x)
-    scale = 65536 / (65536 - round(p * 65536))
+    scale = 1 / (1 - p)
     values = y.unique().tolist()
     assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(scale)
     dropped = (y == 0).float().mean().item()
     assert dropped == pytest.approx(p, abs=5 * (p * (1 - p) / x.numel()) ** 0.5 + 1e-5)  # 5 sigma
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps E[y] = x
+
+
+@pytest.mark.parametrize("margin", [6, -3])  # -3: short first draws, so the drawing goes on
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.95])
+def test_dropped_positions_are_bernoulli_trials(monkeypatch, margin, p):
+    """Geometric gaps give i.i.d. Bernoulli(p) drops: the right count, every position as likely
+    (first and second halves, even and odd), neighbours independent, none twice, none past n."""
+    monkeypatch.setattr(variants, "GAP_MARGIN", margin)
+    torch.manual_seed(0)
+    n, runs = 20_001, 20
+    pos = [dropped_positions(n, p) for _ in range(runs)]
+    for q in pos:
+        assert q.numel() == 0 or (q.min() >= 0 and q.max() < n and bool((q.diff() > 0).all()))
+    hits = torch.zeros(n)
+    for q in pos:
+        hits[q] += 1
+    if p >= 0.5:  # both ends can be dropped (missed in all runs with probability <= 0.5^20)
+        assert hits[0] > 0 and hits[-1] > 0
+    trials, sigma = n * runs, (n * runs * p * (1 - p)) ** 0.5
+    assert abs(hits.sum().item() - p * trials) < 5 * sigma
+    for part in (hits[: n // 2], hits[n // 2 :], hits[::2], hits[1::2]):
+        m = part.numel() * runs
+        assert abs(part.sum().item() - p * m) < 5 * (m * p * (1 - p)) ** 0.5
+    pairs = 0  # neighbours both dropped: as often as p² if they are independent
+    for q in pos:
+        dropped = torch.zeros(n, dtype=torch.bool).index_fill_(0, q, True)
+        pairs += (dropped[1:] & dropped[:-1]).sum().item()
+    m = (n - 1) * runs
+    assert abs(pairs - p * p * m) < 5 * (m * p * p * (1 - p * p)) ** 0.5
 
 
 def test_masks_follow_the_seed_and_gradients_follow_the_mask():
@@ -42,7 +72,7 @@ def test_masks_follow_the_seed_and_gradients_follow_the_mask():
     assert torch.equal(a, b) and not torch.equal(b, c)
     a.sum().backward()
     kept = a != 0
-    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 65536 / (65536 - round(0.2 * 65536))))
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.8))
     assert torch.all(x.grad[~kept] == 0)
 
 

@@ -73,25 +73,43 @@ def random_basis(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) / math.sqrt(shape[-1])
 
 
-class Dropout(nn.Module):
-    """Inverted dropout whose mask comes from 16 random bits per element, four elements per 64-bit
-    draw: on CPU several times cheaper than `bernoulli_`, which drew one random number per element
-    and was the adapters' largest cost in a training step. p is used rounded to a multiple of
-    2⁻¹⁶, and kept values are scaled by 1 / (1 - that p), so the expectation is exact.
+GAP_MARGIN = 6  # standard deviations of extra gaps drawn: a second draw is needed ~1e-9 of the time
 
-    `share` = (rank, ranks) under data parallelism: every rank draws the mask of the whole
+
+def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sorted positions in [0, n) that Bernoulli(p) trials drop, drawn as the gaps between
+    them: geometric(p) (trials up to and including a success), so about p·n draws, not n."""
+    parts, end = [], -1  # end: the last position drawn so far
+    while end < n - 1:
+        mean = p * (n - 1 - end)  # drops expected in what is left: draw a few sigma more, then go on if short
+        k = max(int(mean + GAP_MARGIN * math.sqrt(mean) + 16), 1)
+        pos = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).long().cumsum_(0).add_(end)
+        parts.append(pos)
+        end = int(pos[-1])
+    pos = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return pos[pos < n]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout that draws only the dropped positions (dropped_positions). At PEFT's
+    p = 0.05: p·n draws instead of n/4 64-bit ones for 16-bit masks (themselves several times
+    cheaper than `bernoulli_`, once the adapters' largest cost in a training step), 10-30% less
+    time per dropped input forward and backward on SmolLM2's widths, and backward keeps the
+    positions (8 bytes per dropped element, 0.4 per element) instead of a 1-byte mask. Kept
+    values are scaled by 1 / (1 - p), p exactly.
+
+    `share` = (rank, ranks) under data parallelism: every rank draws the positions of the whole
     micro-batch (their generators are seeded alike) and keeps its own contiguous rows, so the
     masks are those of one process training on the same global batch."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.dropped = round(p * 65536)  # of the 65536 values of an int16
         self.share = (0, 1)
 
     @property
     def active(self) -> bool:
-        return self.training and self.dropped > 0
+        return self.training and self.p > 0
 
     def kept(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(x with dropped elements zeroed, not yet rescaled; the factor 1 / (1 - p) to apply):
@@ -99,9 +117,10 @@ class Dropout(nn.Module):
         if not self.active:
             return x, 1.0
         n, (rank, ranks) = x.numel(), self.share
-        bits = torch.randint(-2**63, 2**63 - 1, ((n * ranks + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int16)[rank * n : (rank + 1) * n].view(x.shape) >= -32768 + self.dropped
-        return torch.where(keep, x, 0), 65536 / (65536 - self.dropped)
+        pos = dropped_positions(n * ranks, self.p, x.device)
+        if ranks > 1:
+            pos = pos[(pos >= rank * n) & (pos < (rank + 1) * n)] - rank * n
+        return x.reshape(-1).index_fill(0, pos, 0).view(x.shape), 1 / (1 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept, rescale = self.kept(x)
