@@ -16,6 +16,7 @@ def test_eval_mode_and_p0_are_the_identity():
     x = torch.randn(5, 7)
     assert Dropout(0.3).eval()(x) is x
     assert Dropout(0.0).train()(x) is x
+    assert Dropout(0.3).train()(torch.randn(0, 7)).shape == (0, 7)  # no tokens: nothing to draw
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

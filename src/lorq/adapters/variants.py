@@ -79,14 +79,14 @@ GAP_MARGIN = 6  # standard deviations of extra gaps drawn: a second draw is need
 def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The sorted positions in [0, n) that Bernoulli(p) trials drop, drawn as the gaps between
     them: geometric(p) (trials up to and including a success), so about p·n draws, not n."""
-    parts, end = [], -1  # end: the last position drawn so far
+    parts, end = [torch.empty(0, dtype=torch.long, device=device)], -1  # end: the last position drawn so far
     while end < n - 1:
         mean = p * (n - 1 - end)  # drops expected in what is left: draw a few sigma more, then go on if short
         k = max(int(mean + GAP_MARGIN * math.sqrt(mean) + 16), 1)
         pos = torch.empty(k, dtype=torch.float64, device=device).geometric_(p).long().cumsum_(0).add_(end)
         parts.append(pos)
         end = int(pos[-1])
-    pos = torch.cat(parts) if len(parts) > 1 else parts[0]
+    pos = torch.cat(parts) if len(parts) > 2 else parts[-1]
     return pos[pos < n]
 
 
