@@ -556,11 +556,10 @@ def run_generate(cfg: GenerateConfig) -> str:
 
 def serving_server(cfg: ServeConfig) -> Server:
     """The model on its device in its precision, its engine and adapter store, as `lorq serve` runs them."""
-    device = resolve_device(cfg.device)
-    base = inference_base(cfg.model, cfg.quant, lambda config: check_max_model_len(config, cfg.engine.max_model_len))
+    model, tok, _ = load_for_inference(cfg.model, cfg.quant, None, lambda config: check_max_model_len(config, cfg.engine.max_model_len),
+                                       cfg.device, cfg.precision)
     name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
-    model = cast_unquantized(base.model, weights_dtype(cfg.precision, device)).to(device)
-    return build_server(model, base.tok, name, cfg)
+    return build_server(model, tok, name, cfg)
 
 
 def run_serve(cfg: ServeConfig) -> None:
