@@ -26,12 +26,22 @@ from ..errors import LorqError
 from ..quant.affine import AffineWeight, as_groups, from_groups
 from ..quant.base import FormatConfig, QuantFormat
 from ..quant.linear import QuantizedLinear, set_module
-from .variants import Adapter, LowRankAdapter, Variant, compute_dtype_of, register
+from .variants import Adapter, LowRankAdapter, Variant, base_bias, compute_dtype_of, register
 
 
 def expand_groups(g: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
     """(out, groups) -> (out, in): each group's value repeated over its columns."""
     return g.repeat_interleave(group, dim=1)[:, :in_features]
+
+
+def weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """∂L/∂W (out, in) fp32 of y = x Wᵀ, over every token."""
+    return (grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)).float()
+
+
+def plus_base_bias(y: torch.Tensor, layer) -> torch.Tensor:
+    bias = base_bias(layer)
+    return y + bias.to(y.dtype) if bias is not None else y
 
 
 def peqa_factors(base: QuantizedLinear, scale_delta, scale0, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +70,7 @@ class PEQALinear(torch.autograd.Function):
         grad_x = grad_y @ (ratio * w).to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         grad_delta = None
         if ctx.needs_input_grad[2]:
-            g = (grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)).float()  # ∂L/∂W'
-            grad_delta = group_sums(g * w, ctx.group) / scale0
+            grad_delta = group_sums(weight_grad(grad_y, x) * w, ctx.group) / scale0  # ∂L/∂W' ⊙ W_q / s
         return grad_x, None, grad_delta, None, None
 
 
@@ -86,8 +95,7 @@ class PEQAAdapter(Adapter):
         self.scale_delta = nn.Parameter(torch.zeros_like(self.scale0))
 
     def output(self, x: torch.Tensor, layer) -> torch.Tensor:
-        y = PEQALinear.apply(x, layer.base, self.scale_delta, self.scale0, self.group)
-        return y + layer.base.bias.to(y.dtype) if layer.base.bias is not None else y
+        return plus_base_bias(PEQALinear.apply(x, layer.base, self.scale_delta, self.scale0, self.group), layer)
 
     def delta_weight(self, layer=None) -> torch.Tensor:
         ratio = expand_groups(self.scale_delta / self.scale0, self.in_features, self.group)  # (out, in)
@@ -156,7 +164,7 @@ class L4QLinear(torch.autograd.Function):
         grad_x = grad_y @ w_q.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         grad_A = grad_B = grad_step = None
         if any(ctx.needs_input_grad[2:5]):
-            g_wq = (grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)).float()  # (out, in)
+            g_wq = weight_grad(grad_y, x)
             inside = (r >= lo) & (r <= hi)
             g_w = torch.where(inside, g_wq, 0)  # straight through ⌊·⌉, stopped by the clamp
             grad_A = scaling * (B.float().T @ g_w) if ctx.needs_input_grad[2] else None
@@ -192,17 +200,19 @@ class L4QAdapter(LowRankAdapter):
     def options(self) -> dict:
         return {"qat_bits": self.bits, "qat_group_size": self.group}
 
+    @property
+    def clamp_range(self) -> tuple[int, int]:
+        """The signed k-bit integers (lo, hi) that W / α is rounded into."""
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
     def quantized_weight(self, layer, dtype=torch.float32) -> torch.Tensor:
         """α · clamp(⌊(W + s B A) / α⌉), differentiable in A, B (STE) and α (LSQ)."""
         w = layer.base.weight.to(dtype) + LowRankAdapter.delta_weight(self).to(dtype)  # (out, in)
         alpha = expand_groups(self.step.to(dtype), self.in_features, self.group)
-        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return alpha * torch.clamp(RoundSTE.apply(w / alpha), lo, hi)
+        return alpha * torch.clamp(RoundSTE.apply(w / alpha), *self.clamp_range)
 
     def output(self, x: torch.Tensor, layer) -> torch.Tensor:
-        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        y = L4QLinear.apply(x, layer.base.weight, self.A, self.B, self.step, self.scaling, self.group, lo, hi)
-        return y + layer.base.bias.to(y.dtype) if layer.base.bias is not None else y
+        return plus_base_bias(L4QLinear.apply(x, layer.base.weight, self.A, self.B, self.step, self.scaling, self.group, *self.clamp_range), layer)
 
     def delta_weight(self, layer=None) -> torch.Tensor:
         if layer is None:
