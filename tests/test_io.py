@@ -1,11 +1,16 @@
-"""Output guards: nothing lorq writes may replace or delete files that are not its own output."""
+"""Output guards: nothing lorq writes may replace or delete files that are not its own output;
+safetensors reads that are checked and do not depend on the file staying as it was."""
 
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from lorq.errors import LorqError
-from lorq.io import atomic_dir, check_output_dir, check_output_file
+from lorq.io import atomic_dir, check_output_dir, check_output_file, load_safetensors
 
 
 def test_a_non_empty_foreign_directory_is_refused_and_kept(tmp_path):
@@ -109,3 +114,53 @@ def test_atomic_dir_outputs_get_the_umask_mode_and_long_names_fit(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(old)
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    floats = {d: torch.randn(3, 5, generator=g).to(d) for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                                 torch.float8_e4m3fn, torch.float8_e5m2)}
+    ints = {d: torch.randint(0, 100, (4, 2), generator=g).to(d) for d in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                                          torch.uint8, torch.uint16, torch.uint32, torch.uint64)}
+    named = {f"t.{str(d).removeprefix('torch.')}": t for d, t in {**floats, **ints}.items()}
+    return {**named, "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 7)}
+
+
+def test_load_safetensors_reads_what_safetensors_reads(tmp_path):
+    tensors = every_dtype()
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    ours, theirs = load_safetensors(tmp_path / "x.safetensors"), load_file(tmp_path / "x.safetensors")
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and ours[name].shape == t.shape
+        assert torch.equal(ours[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+def test_loaded_tensors_survive_their_file_being_overwritten(tmp_path):
+    """A server's cached adapter kept pointing into the file (a memory map): truncating the
+    file killed the process with SIGBUS."""
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(1 << 16, dtype=torch.float32)}, path)
+    script = (f"import torch; from lorq.io import load_safetensors\n"
+              f"w = load_safetensors({str(path)!r})['w']\n"
+              f"open({str(path)!r}, 'r+b').truncate(100)  # overwritten in place, shorter\n"
+              f"assert float(w.sum()) == float(torch.arange(1 << 16, dtype=torch.float32).sum()), 'weights changed under the process'")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[: len(b) - 10], "lies outside the file"),
+    (lambda b: (2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+    (lambda b: b[:5], "header length"),
+    (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header length"),
+    (lambda b: b.replace(b'"F32"', b'"F99"'), "bad header entry for w"),
+])
+def test_damaged_safetensors_files_are_one_line_errors(tmp_path, damage, message):
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(4, 4)}, path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(LorqError, match=message):
+        load_safetensors(path)
+    with pytest.raises(LorqError, match="missing file"):
+        load_safetensors(tmp_path / "nothing.safetensors")

@@ -7,13 +7,13 @@ import math
 import os
 import secrets
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .errors import LorqError
 
@@ -202,12 +202,98 @@ def read_json(path: str | Path) -> dict:
         raise LorqError(f"{path} is not valid JSON: {e}")
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPE_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+class SafetensorsFile:
+    """One safetensors file read with plain file reads, one tensor at a time (a safetensors file:
+    an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and
+    byte range, then the tensors' bytes).
+
+    Not through a memory map (safetensors' safe_open): pages of a mapped file that a merge has
+    touched stay in the process's resident set until the file is closed, so streaming a
+    540 MB checkpoint that way ends with the whole file counted in its peak memory.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 0 < n <= min(MAX_HEADER, size - 8):
+                    raise ValueError("header length out of range")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise LorqError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})")
+        if not isinstance(header, dict):
+            raise LorqError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+        self.start, self.entries = 8 + n, {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                spec = TensorSpec(name, DTYPE_OF[e["dtype"]], tuple(int(d) for d in e["shape"]))
+                a, b = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise LorqError(f"{path} is not a readable safetensors file (bad header entry for {name})")
+            if b - a != spec.nbytes or a < 0 or self.start + b > size:
+                raise LorqError(f"{path} is not a readable safetensors file ({name} lies outside the file or has the wrong size)")
+            self.entries[name] = (spec, a)
+
+    def get(self, name: str) -> torch.Tensor:
+        with self.opened() as f:
+            return self.read(f, name)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        with self.opened() as f:
+            return {name: self.read(f, name) for name in self.entries}
+
+    @contextmanager
+    def opened(self):
+        try:
+            with open(self.path, "rb") as f:
+                yield f
+        except OSError as e:
+            raise LorqError(f"cannot read {self.path} ({e})")
+
+    def read(self, f, name: str) -> torch.Tensor:
+        spec, offset = self.entries[name]
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        buf = bytearray(spec.nbytes)
+        f.seek(self.start + offset)
+        if f.readinto(buf) != spec.nbytes:
+            raise LorqError(f"cannot read tensor {name} of {self.path} (the file ends early: changed while read?)")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
+
+
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning a missing or corrupt file into a one-line error."""
+    """Load a safetensors file into process memory, turning a missing or corrupt file into a
+    one-line error. Read, not memory-mapped as safetensors' load_file does: a mapped file that
+    is truncated or replaced while its tensors are in use (an adapter overwritten under a
+    running server) kills the process with SIGBUS, or changes its weights underneath it."""
     path = Path(path)
     if not path.is_file():
         raise LorqError(f"missing file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LorqError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})")
+    return SafetensorsFile(path).tensors()

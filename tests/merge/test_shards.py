@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from lorq.errors import LorqError
-from lorq.merge.shards import CheckpointReader, TensorSpec, plan_shards, write_safetensors, write_sharded
+from lorq.io import TensorSpec
+from lorq.merge.shards import CheckpointReader, plan_shards, write_safetensors, write_sharded
 
 
 def specs_of(tensors):

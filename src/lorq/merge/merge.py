@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LorqError
 from ..eval.memory import release_freed_memory
+from ..io import TensorSpec
 from ..models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, check_causal_lm, load_tokenizer, resolve_model
 from ..options import opt
 from ..quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, QuantReport, Rule
@@ -41,7 +42,7 @@ from ..quant.checkpoint import layer_from_tensors, module_spec, read_meta
 from ..quant.lowrank import FACTOR_DTYPE, LowRankMethod
 from ..quant.quantize import plan_modules, quantize_weight
 from .delta import AdapterUpdate
-from .shards import CheckpointReader, TensorSpec, write_safetensors, write_sharded
+from .shards import CheckpointReader, write_safetensors, write_sharded
 
 
 class Requant(str, Enum):

@@ -11,86 +11,17 @@ written first and each tensor is computed, written and dropped in turn. Shards p
 from __future__ import annotations
 
 import json
-import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import LorqError
-from ..io import read_json, write_json
+from ..io import SAFETENSORS_DTYPES, SafetensorsFile, TensorSpec, read_json, write_json
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-DTYPE_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
-
-class SafetensorsFile:
-    """One safetensors file read with plain file reads, one tensor at a time.
-
-    Not through a memory map (safetensors' safe_open): pages of a mapped file that a merge has
-    touched stay in the process's resident set until the file is closed, so streaming a
-    540 MB checkpoint that way ends with the whole file counted in its peak memory.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-                if not 0 < n <= min(MAX_HEADER, size - 8):
-                    raise ValueError("header length out of range")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise LorqError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})")
-        self.start, self.entries = 8 + n, {}
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                spec = TensorSpec(name, DTYPE_OF[e["dtype"]], tuple(int(d) for d in e["shape"]))
-                a, b = (int(x) for x in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise LorqError(f"{path} is not a readable safetensors file (bad header entry for {name})")
-            if b - a != spec.nbytes or a < 0 or self.start + b > size:
-                raise LorqError(f"{path} is not a readable safetensors file ({name} lies outside the file or has the wrong size)")
-            self.entries[name] = (spec, a)
-
-    def get(self, name: str) -> torch.Tensor:
-        spec, offset = self.entries[name]
-        if spec.nbytes == 0:
-            return torch.empty(spec.shape, dtype=spec.dtype)
-        buf = bytearray(spec.nbytes)
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.start + offset)
-                if f.readinto(buf) != spec.nbytes:
-                    raise OSError("file ends early")
-        except OSError as e:
-            raise LorqError(f"cannot read tensor {name} of {self.path} ({e})")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
 
 
 class CheckpointReader:
