@@ -327,6 +327,20 @@ def test_every_command_has_help(capsys):
         assert exit_.value.code == 0 and "--model" in capsys.readouterr().out, command
 
 
+def test_every_option_shows_its_default():
+    """README: `--help` lists every option with its default (an explanation that mentions the
+    word "default" hid it once)."""
+    import argparse
+
+    from lorq.cli import make_parser
+
+    commands = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.dest != "help":
+                assert "default:" in (action.help or ""), f"lorq {name} {action.option_strings[0]}: {action.help}"
+
+
 def test_merge_and_export_via_cli(tiny_model_dir, adapters, tmp_path, capsys):
     out = tmp_path / "merged"
     code, stdout, err = run(capsys, "merge", "--model", tiny_model_dir, "--adapter", *adapters, "--weights", "1", "0.5",

@@ -81,8 +81,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         base = _base_type(tp)
         shown = default.value if isinstance(default, Enum) else default
-        # a help text that explains its own default (None meaning "4, or 8 for ...") keeps only that
-        default_note = "" if "default" in help_text else f" (default: {str(shown).replace('%', '%%')})"
+        # a help text that states its own default ("default: 4, or 8 for ...") keeps only that
+        default_note = "" if "default:" in help_text else f" (default: {str(shown).replace('%', '%%')})"
         kw = dict(dest=name, default=argparse.SUPPRESS, help=help_text + default_note)
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
@@ -211,7 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (cfg_name, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", metavar="FILE.yaml", help="load options from a YAML file (command-line options win)")
+        p.add_argument("--config", metavar="FILE.yaml", help="load options from a YAML file (command-line options win; default: none)")
         add_options(p, getattr(jobs, cfg_name))
     return parser
 
