@@ -250,6 +250,8 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
         (["generate", "--prompt", "\ud800"], "unpaired surrogate"), (["eval", "--adapter", "/nonexistent"], "not found"),
         (["eval", "--data-file", "/nonexistent.txt"], "not found"), (["finetune", "--train-file", "/nonexistent.txt"], "not found"),
         (["quantize", "--calib-file", "/nonexistent.txt"], "not found"),
+        (["quantize", "--format", "int4", "--bits", "8"], "format int4 is 4-bit, not 8"),
+        (["quantize", "--format", "nf4", "--bits", "3"], "use format nf with bits 3"),
     ]
     for args, match in cases:
         one_line_error(capsys, *args, "--model", tiny_model_dir, "--output", tmp_path / "out", match=match) if args[0] in ("finetune", "quantize") \
@@ -259,7 +261,7 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
                         ("lr: true\n", "invalid value True for lr"), ("steps: null\n", "steps cannot be null"),
                         ("output: [a, b]\n", "for output (expected str"), ("targets: [1, true]\n", "for targets"),
                         ("budget_choices: [2.7]\n", "budget-choices"), ("5: 5\n", "option names are text"),
-                        ("seed: 99999999999999999999\n", "for seed"),
+                        ("seed: 99999999999999999999\n", "for seed"), ("format: nf4\nbits: 3\n", "format nf4 is 4-bit, not 3"),
                         ("lisa_embeddings: false\n", "for lisa-embeddings (expected one of auto, train, freeze)"),
                         ("lora: null\n", "lora is a section: give it a mapping"), ("lora: {rank: 2}\nrank: 3\n", "option rank is given twice"),
                         ("quant: {group: 32, group_size: 64}\n", "option group_size is given twice")):

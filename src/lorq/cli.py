@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from .errors import LorqError
+from .quant.base import check_release1_bits
 
 COMMANDS = {
     "quantize": ("QuantizeConfig", "run_quantize", "quantize a model's decoder linear layers and write a quantized checkpoint"),
@@ -58,15 +59,26 @@ def leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, type
     return out
 
 
+class Spelled(str):
+    """An option's canonical value that remembers how it was written: a release-1 format name
+    such as `nf4` also says its bit width, which --bits must not contradict."""
+
+    def __new__(cls, canonical: str, written: str):
+        s = super().__new__(cls, canonical)
+        s.written = written
+        return s
+
+
 def _canonical(enum: type[Enum]):
     """Option value -> the enum's canonical value, so names the enum also accepts (e.g. the
     release-1 format `nf4`) pass argparse's choices; anything else is left for it to reject."""
 
     def convert(value: str) -> str:
         try:
-            return enum(value).value
+            canonical = enum(value).value
         except ValueError:
             return value
+        return canonical if canonical == value else Spelled(canonical, value)
 
     return convert
 
@@ -242,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         yaml_path = args.pop("config", None)
         options = load_yaml(yaml_path, cls) if yaml_path else {}
         options.update(args)
+        check_release1_bits(options.get("format"), options.get("bits"))  # the spelling is gone once coerced
         cfg = build_config(cls, options)
         writes = "also_reads" in inspect.signature(getattr(jobs, fn_name)).parameters
         # an output must not replace the YAML file it was configured from

@@ -153,7 +153,8 @@ def test_rules_file(tmp_path):
                       ("- {pattern: x, bits: 5}", "unsupported bits 5"), ("- {pattern: x, colour: red}", "unknown quantization setting"),
                       ("- {pattern: x, format: nf5}", "unknown quantization format"), ("- {pattern: x, format: [nf]}", "unknown quantization format"),
                       ("- {pattern: x, group_size: '64'}", "group-size must be a number"), ("- {pattern: x, bits: 4.0}", "bits must be a number"),
-                      ("- {pattern: x, symmetric: 'yes'}", "symmetric must be true or false")]:
+                      ("- {pattern: x, symmetric: 'yes'}", "symmetric must be true or false"),
+                      ("- {pattern: x, format: int4, bits: 8}", "format int4 is 4-bit, not 8")]:
         f.write_text(text)
         with pytest.raises(LorqError, match=msg):
             load_rules(f, FormatConfig().validate(), QuantMethod.RTN)

@@ -36,6 +36,18 @@ class QuantFormat(str, Enum):
         return {"nf4": cls.NF, "int4": cls.INT}.get(value)
 
 
+RELEASE1_BITS = {"nf4": 4, "int4": 4}  # release-1 format names also fix the bit width
+
+
+def check_release1_bits(written, bits) -> None:
+    """A release-1 format name (nf4, int4) with a bit width it contradicts is a mistake, not a
+    request for another width. `written` may carry the spelling as `.written` (the CLI's)."""
+    written = getattr(written, "written", written)
+    if isinstance(written, str) and written in RELEASE1_BITS and bits not in (None, RELEASE1_BITS[written]):
+        raise LorqError(f"format {written} is {RELEASE1_BITS[written]}-bit, not {bits}: for {bits} bits use "
+                        f"format {QuantFormat(written).value} with bits {bits}")
+
+
 PER_CHANNEL = 0  # group_size value meaning one group per output row
 MAX_GROUP = 2**16  # longer than any linear layer's rows
 
@@ -53,6 +65,7 @@ class FormatConfig:
     clip_search: bool = opt(False, "search each group's range, shrunk by up to 30%, for the least squared error instead of taking min/max or absmax (GPTQ's mse option; nf4 then no longer equals bitsandbytes)")
 
     def validate(self) -> "FormatConfig":
+        check_release1_bits(self.format, self.bits)
         try:
             self.format = QuantFormat(self.format)
         except (ValueError, TypeError):
