@@ -58,6 +58,17 @@ def test_adapter_on_quantized_base_matches_peft_on_dequantized_weights(tiny_llam
     assert (logits(pm, x) - logits(tiny_llama, x)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["self_attn.o_proj", "down_proj"], r"model\.layers\.1\.mlp\.(up|down)_proj", "all-linear"])
+def test_target_modules_pick_what_peft_picks(tiny_llama, targets):
+    peft = pytest.importorskip("peft")
+    from lorq.adapters.peft_format import targeted
+
+    wrapped = peft.get_peft_model(copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=targets))
+    theirs = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    ours = {n for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear) and targeted(n, targets)}
+    assert ours == theirs and theirs
+
+
 def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -88,6 +99,9 @@ def test_mismatched_adapter_is_rejected(tiny_llama, tmp_path):
     (lambda c: {**c, "lora_dropout": "x"}, "lora_dropout must be"), (lambda c: {**c, "lora_dropout": None}, "lora_dropout must be"),
     (lambda c: {**c, "lora_dropout": 2.0}, "lora_dropout must be"),
     (lambda c: {**c, "rank_pattern": [1]}, "rank_pattern must map"), (lambda c: {**c, "rank_pattern": {"q_proj": 0}}, "rank_pattern must map"),
+    (lambda c: {**c, "target_modules": ["nothing_here"]}, "lie outside adapter_config.json's target_modules"),
+    (lambda c: {**c, "target_modules": r"model\.layers\.0\..*"}, "weights for model.layers.1.* lie outside"),
+    (lambda c: {**c, "target_modules": 5}, "target_modules must be a list"), (lambda c: {**c, "target_modules": "("}, "not a valid regex"),
 ])
 def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, message):
     """Every reader of PEFT adapters (eval, generate, merge, export, serve) gets a LorqError, not
@@ -100,13 +114,14 @@ def test_a_malformed_adapter_config_is_one_error(tiny_llama, tmp_path, change, m
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")
 
 
-def poison_first(tensors: dict, width: int) -> str:
+def poison_first(tensors: dict, width: int, config: dict) -> str:
     key = sorted(tensors)[0]
     tensors[key][0, 0] = float("inf")
     return f"{key} holds NaN or infinite values"
 
 
-def target_the_norm(tensors: dict, width: int) -> str:
+def target_the_norm(tensors: dict, width: int, config: dict) -> str:
+    config["target_modules"].append("norm")
     tensors["base_model.model.model.norm.lora_A.weight"] = torch.zeros(4, width)
     tensors["base_model.model.model.norm.lora_B.weight"] = torch.zeros(width, 4)
     return "targets model.norm, which is a .*RMSNorm, not a linear layer"
@@ -121,8 +136,9 @@ def test_bad_adapter_tensors_are_refused(tiny_llama, tmp_path, edit):
     add_adapters(tiny_llama, LoRAConfig(rank=4))
     save_peft(tiny_llama, tmp_path / "ad")
     file = tmp_path / "ad" / "adapter_model.safetensors"
-    tensors = load_file(file)
-    message = edit(tensors, tiny_llama.config.hidden_size)
+    tensors, config = load_file(file), json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    message = edit(tensors, tiny_llama.config.hidden_size, config)
     save_file(tensors, file)
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(LorqError, match=message):
         load_peft(copy.deepcopy(tiny_llama), tmp_path / "ad")

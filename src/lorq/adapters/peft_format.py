@@ -156,6 +156,36 @@ def _check_supported(config: dict, path: Path, dora: bool = False) -> None:
         raise LorqError(f"{path} uses PEFT options this command does not support: {', '.join(bad)}{hint}")
 
 
+def targeted(module: str, targets: list[str] | str) -> bool:
+    """Whether PEFT's target_modules picks `module`: a string is a regex the whole name must
+    match ("all-linear": every linear layer but the output head), a list names modules by
+    their last dotted parts."""
+    if targets == "all-linear":
+        return module != "lm_head"
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def check_targets(config: dict, modules, path: Path) -> None:
+    """PEFT builds LoRA layers only where target_modules points and ignores weights for any
+    other module: an adapter whose weights lie outside its own targets is refused."""
+    targets = config.get("target_modules")
+    if targets is None:  # PEFT then takes its per-architecture defaults; files it writes always say
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise LorqError(f"{path / CONFIG_FILE}: target_modules {targets!r} is not a valid regex ({e})")
+    elif not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise LorqError(f"{path / CONFIG_FILE}: target_modules must be a list of module names or a regex, got {targets!r}")
+    outside = [m for m in modules if not targeted(m, targets)]
+    if outside:
+        raise LorqError(f"{path}: weights for {outside[0]}{f' and {len(outside) - 1} more' if len(outside) > 1 else ''} "
+                        f"lie outside adapter_config.json's target_modules {targets!r} (PEFT would ignore them)")
+
+
 def _alpha_for(module: str, config: dict) -> float:
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.search(rf"(^|\.){pattern}$", module):
@@ -188,6 +218,7 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     if not pairs:
         raise LorqError(f"{path / WEIGHTS_FILE} holds no LoRA weights")
+    check_targets(config, pairs, path)
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise LorqError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
