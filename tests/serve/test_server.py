@@ -138,6 +138,13 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
         status, body = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [user], **kw})
         assert status == 400 and body["error"]["message"], kw
     assert body["error"]["param"] == "messages"
+    for kw in (dict(echo=True), dict(tool_choice="required"), dict(tool_choice={"type": "function", "function": {"name": "f"}}),
+               dict(functions=[{"name": "f"}]), dict(function_call={"name": "f"})):  # refused, not ignored
+        status, body = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [user], **kw})
+        assert status == 400 and body["error"]["message"] == f"{next(iter(kw))} is not supported by this server", kw
+    status, _ = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [user], "max_tokens": 1, "tool_choice": "none",
+                                                         "function_call": "auto", "functions": [], "echo": False})
+    assert status == 200
     status, body = post_json(live, "/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     for path, method, code in [("/v1/models/ad0", "GET", 404), ("/v1/completions", "GET", 405)]:

@@ -61,10 +61,15 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     response_format: dict | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None  # OpenAI's older names for tools
+    function_call: str | dict | None = None
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     def check_supported(self) -> None:
-        unsupported = {"response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools)}
+        unsupported = {"response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools),
+                       "functions": bool(self.functions), **self.unsupported_extras(),
+                       **{name: getattr(self, name) not in (None, "none", "auto") for name in ("tool_choice", "function_call")}}
         for name, used in unsupported.items():
             if used:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
@@ -72,6 +77,10 @@ class SamplingFields(BaseModel):
     def logprob_count(self) -> int | None:
         """Alternatives reported with each token (None: no log-probabilities)."""
         return None
+
+    def unsupported_extras(self) -> dict[str, bool]:
+        """This endpoint's own fields that are set but not implemented."""
+        return {}
 
     def sampling(self, max_tokens: int, prompt_logprobs: bool = False) -> SamplingParams:
         if self.stream_options is not None and not self.stream:  # as OpenAI answers
@@ -153,6 +162,10 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False  # vLLM's: the last message repeated before the reply (not implemented)
+
+    def unsupported_extras(self) -> dict[str, bool]:
+        return {"echo": bool(self.echo)}
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
