@@ -79,7 +79,7 @@ class FinetuneConfig:
 class EvalConfig:
     model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     adapter: str | None = opt(None, "PEFT-format adapter directory to apply")
-    data_file: str | None = opt(None, "evaluate on this file (all of it) instead of the validation split")
+    data_file: str | None = opt(None, "evaluate on this file instead of the validation split: all of it, the last block padded (every token but each block's first is scored)")
     eval_blocks: int = opt(16, "validation blocks used (0 = all); ignored with --data-file")
     block_size: int = opt(256, "tokens per block")
     batch_size: int = opt(4, "blocks per forward pass")

@@ -99,6 +99,24 @@ def test_bad_data_files(tmp_path, content, message):
         read_records(p)
 
 
+def test_an_evaluated_file_is_scored_to_its_last_token(tiny_llama):
+    """`lorq eval --data-file` scores all of the file: the padded tail block adds the tail's
+    tokens and nothing else (the oracle: the tail run alone)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (70,), generator=g).tolist()  # two blocks of 32 and a tail of 6
+    cut = pack(ids, list(ids), [0], 32, "f").as_stream()
+    padded = pack(ids, list(ids), [0], 32, "f", pad_tail=True).as_stream()
+    assert len(cut) == 2 and len(padded) == 3 and torch.equal(padded.input_ids[:2], cut.input_ids)
+    with torch.no_grad():
+        whole, n = next_token_nll(tiny_llama, padded.input_ids, padded.labels, chunk=0)
+        blocks, m = next_token_nll(tiny_llama, cut.input_ids, cut.labels, chunk=0)
+        tail, k = next_token_nll(tiny_llama, torch.tensor([ids[64:]]), torch.tensor([ids[64:]]), chunk=0)
+    assert (n, m, k) == (70 - 3, 62, 5)
+    torch.testing.assert_close(whole, blocks + tail, rtol=1e-5, atol=1e-4)
+    short = pack(ids[:5], ids[:5], [0], 32, "f", pad_tail=True)  # shorter than a block: still evaluated
+    assert len(short) == 1 and (short.labels[0, 5:] == IGNORE).all()
+
+
 def test_too_little_data(tmp_path, tok):
     p = tmp_path / "d.txt"
     p.write_text("short")

@@ -183,8 +183,12 @@ def document_positions(length: int, starts: list[int], block_size: int) -> torch
     return index - last_restart
 
 
-def pack(ids: list[int], labels: list[int], starts: list[int], block_size: int, what: str) -> Blocks:
-    """Concatenate and cut into full blocks (the incomplete tail is dropped)."""
+def pack(ids: list[int], labels: list[int], starts: list[int], block_size: int, what: str, pad_tail: bool = False) -> Blocks:
+    """Concatenate and cut into full blocks; the incomplete tail is dropped, or with pad_tail
+    completed with unscored padding (a causal model's earlier positions never see it)."""
+    if pad_tail and len(ids) % block_size:
+        pad = block_size - len(ids) % block_size
+        ids, labels = ids + [0] * pad, labels + [IGNORE] * pad
     n = len(ids) // block_size
     if n == 0:
         raise LorqError(f"{what} has {len(ids)} tokens, fewer than one block of {block_size}")
@@ -225,7 +229,8 @@ def stream_blocks(tok, cfg: DataConfig) -> tuple[Blocks, Blocks]:
 
 
 def eval_blocks(tok, cfg: DataConfig, data_file: str | None = None) -> Blocks:
-    """Validation blocks, or all blocks of `data_file` when one is given (for `lorq eval`)."""
+    """Validation blocks, or all of `data_file` when one is given (for `lorq eval`): its last
+    block padded, so every token but each block's first is scored."""
     if data_file is not None:
-        return pack(*tokenize_records(tok, read_records(data_file)), cfg.block_size, data_file).as_stream()
+        return pack(*tokenize_records(tok, read_records(data_file)), cfg.block_size, data_file, pad_tail=True).as_stream()
     return load_blocks(tok, cfg)[1]
