@@ -494,3 +494,21 @@ def test_device_choice(tiny_model_dir, tmp_path, capsys, monkeypatch):
         one_line_error(capsys, *command, "--model", tiny_model_dir, "--device", "cuda", match="sees no CUDA GPU")
     code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", "3")
     assert code == 0, err
+
+
+def test_bad_data_files_are_reported_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import lorq.jobs
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(lorq.jobs, "load_model", never)
+    empty, bad = tmp_path / "empty.txt", tmp_path / "bad.jsonl"
+    empty.write_text("  \n")
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    for args, match in [(["finetune", "--train-file", bad], "bad.jsonl:2: not valid JSON"),
+                        (["finetune", "--validation-file", empty], "empty.txt is empty"),
+                        (["eval", "--data-file", bad], "bad.jsonl:2: not valid JSON"),
+                        (["quantize", "--method", "gptq", "--calib-file", empty], "empty.txt is empty")]:
+        out = ["--output", tmp_path / "out"] if args[0] != "eval" else []
+        one_line_error(capsys, *args, "--model", tiny_model_dir, *out, match=match)

@@ -17,7 +17,7 @@ from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
-from .io import atomic_dir, check_file, check_output_dir, write_json
+from .io import atomic_dir, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
 from .models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, resolve_device
 from .options import opt
@@ -40,7 +40,7 @@ from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, 
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
-from .train.data import DataConfig, eval_blocks, load_blocks, pack, read_records, tokenize_records
+from .train.data import DataConfig, check_records, eval_blocks, load_blocks, pack, read_records, tokenize_records
 from .train.distributed import check_divisible, finish, gathered, init_world, is_sharded
 from .train.checkpoint import check_same_options, latest_checkpoint
 from .train.loop import NextTokenLoss, TrainConfig, check_fsdp, train
@@ -171,6 +171,7 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     tok): runs on the loaded model first (adapter inits that change the dense weights).
     check_config(config): see load_model."""
     mcfg, budget = mcfg or MethodConfig(), (budget or BudgetConfig()).validate()
+    check_records(mcfg.calib_file)
     rules = quant_rules(quant, mcfg, rules_file, rank)
     if budget.budget_bits is not None and quant.validate().format is not QuantFormat.NONE:
         candidates(quant, budget, [0])  # impossible choices are refused before the model is loaded
@@ -371,6 +372,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     cfg.lora.validate()
     cfg.train.validate()
     cfg.data.validate()
+    check_records(cfg.data.train_file, cfg.data.validation_file)
     cfg.start.validate()
     cfg.optim.validate()
     device = resolve_device(cfg.device)
@@ -524,7 +526,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.eval_blocks < 0 or cfg.batch_size <= 0:
         raise LorqError("eval-blocks must be >= 0 and batch-size positive")
     DataConfig(block_size=cfg.block_size).validate()
-    check_file(cfg.data_file, "data file")
+    check_records(cfg.data_file)
     model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_block_size(config, cfg.block_size), cfg.device)
     data = DataConfig(block_size=cfg.block_size)
     blocks = eval_blocks(tok, data, cfg.data_file)

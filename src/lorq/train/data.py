@@ -120,6 +120,14 @@ def read_records(path: str | Path) -> list[str | list[dict]]:
     return records
 
 
+def check_records(*paths: str | Path | None) -> None:
+    """Data files that parse, checked before any model is loaded: a bad line is reported at
+    once, not after the model has loaded and been quantized (read again when used)."""
+    for path in paths:
+        if path is not None:
+            read_records(path)
+
+
 def _record(obj, where: str) -> str | list[dict]:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         return obj["text"]
