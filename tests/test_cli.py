@@ -269,6 +269,7 @@ def test_nonsense_values_are_refused_up_front(tiny_model_dir, tmp_path, capsys):
         one_line_error(capsys, "finetune", "--config", config, match=match)
     config.write_bytes(b"steps: \xff\xfe\n")
     one_line_error(capsys, "finetune", "--config", config, match="not valid YAML")
+    one_line_error(capsys, "finetune", "--config", tmp_path, match="not found (it is a directory)")
 
 
 def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):

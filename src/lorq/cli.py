@@ -146,7 +146,7 @@ def load_yaml(path: str, cls) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise LorqError(f"config file {p} not found")
+        raise LorqError(f"config file {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:

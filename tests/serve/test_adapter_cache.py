@@ -71,6 +71,8 @@ def test_register_unregister_and_bad_adapters(layers, many_adapters):
         store.unregister("second")
     with pytest.raises(LorqError, match="invalid adapter name"):
         store.register("../ad1")
+    with pytest.raises(LorqError, match="the first a letter or digit"):  # only allowed characters, but "..": a parent
+        store.register("...")
     with pytest.raises(LorqError, match="more than the whole adapter cache"):
         AdapterStore(many_adapters, layers, 16).register("x", "ad2")
     other = wrap_for_serving(LlamaForCausalLM(tiny_llama_config(hidden_size=96)), [r"layers\.\d+\."])[1]

@@ -112,11 +112,11 @@ def test_bad_requests_and_a_full_queue(tiny_model_dir, many_adapters):
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])):
         with pytest.raises(LorqError):
             engine.submit(prompt, None, SamplingParams(**bad), lambda d, r: None)
-    with pytest.raises(LorqError, match="context"):
+    with pytest.raises(LorqError, match="exceeds the model's context of 256 tokens"):
         engine.submit(prompt, None, greedy(1000), lambda d, r: None)
     short, _, _ = engine_for(tiny_model_dir, None, max_model_len=len(prompt) + 3)
     short.submit(prompt, None, greedy(3), lambda d, r: None)
-    with pytest.raises(LorqError, match="context"):
+    with pytest.raises(LorqError, match=f"exceeds --max-model-len of {len(prompt) + 3} tokens"):
         short.submit(prompt, None, greedy(4), lambda d, r: None)
     with pytest.raises(LorqError, match="empty"):
         engine.submit([], None, greedy(4), lambda d, r: None)

@@ -21,6 +21,7 @@ from ..errors import LorqError
 from .multi_lora import AdapterWeights, read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let a final newline in
+NAME_RULE = "1 to 128 letters, digits, '.', '_' and '-', the first a letter or digit"
 
 
 class AdapterNotFound(LorqError):
@@ -99,7 +100,7 @@ class AdapterStore:
         if self.root is None:
             raise LorqError("no adapter root is configured (start the server with --adapters DIR)")
         if not NAME.fullmatch(name):
-            raise LorqError(f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only")
+            raise LorqError(f"invalid adapter name {name!r}: {NAME_RULE}")
         path = resolve_under(self.root, relative or name)
         with self.lock:
             if name in self.paths:

@@ -194,7 +194,8 @@ class Engine:
         if not prompt:
             raise LorqError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_length:
-            raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_length} tokens")
+            limit = "--max-model-len" if self.cfg.max_model_len else "the model's context"
+            raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds {limit} of {self.max_length} tokens")
         if adapter is not None and adapter.dtype not in (None, self.dtype):  # an AdapterStore built for another engine
             raise LorqError(f"adapter {adapter.name!r} holds {str(adapter.dtype).removeprefix('torch.')} weights, the engine runs "
                             f"{str(self.dtype).removeprefix('torch.')}: read it with AdapterStore(..., dtype=engine.dtype)")

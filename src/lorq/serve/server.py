@@ -30,7 +30,7 @@ from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
 from ..train.precision import INFERENCE_PRECISION_HELP, Precision
-from .adapter_cache import NAME, AdapterNotFound, AdapterStore
+from .adapter_cache import NAME, NAME_RULE, AdapterNotFound, AdapterStore
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
@@ -385,7 +385,7 @@ def create_app(server: Server) -> FastAPI:
         if req.lora_name == server.base_name:
             raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
         if not NAME.fullmatch(req.lora_name):
-            raise APIError(400, f"invalid adapter name {req.lora_name!r}: letters, digits, '.', '_' and '-' only", param="lora_name")
+            raise APIError(400, f"invalid adapter name {req.lora_name!r}: {NAME_RULE}", param="lora_name")
         if req.lora_path is not None and not req.lora_path.strip():
             raise APIError(400, "lora_path is empty (leave it out to load the directory named lora_name)", param="lora_path")
         try:
