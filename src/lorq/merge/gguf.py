@@ -24,7 +24,7 @@ import torch
 
 from ..errors import LorqError
 from ..io import check_output_file, temp_sibling
-from ..models.loading import DEFAULT_MODEL, GGUF_PRE, MODEL_HELP, load_tokenizer
+from ..models.loading import DEFAULT_MODEL, GGUF_PRE, MODEL_HELP, load_tokenizer, model_label
 from ..options import opt
 from .delta import AdapterUpdate
 from .merge import OutDtype, check_targets, dense_specs, dense_tensor, no_quant, open_source
@@ -222,7 +222,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads or config.num_attention_heads}
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(src.path.name)
+        w.add_name(model_label(cfg.model, src.path))
         add_hparams(w, config, cfg.outtype)
         tok = load_tokenizer(src.path)
         pre = tokenizer_pre(cfg.tokenizer_pre, tok)
@@ -249,7 +249,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     if cfg.verify:
         summary["max_abs_logit_diff"] = diff
     check = f", max |Δlogit| vs the source {summary['max_abs_logit_diff']:.2e} (read back by transformers)" if cfg.verify else ""
-    print(f"exported {src.path.name}{' + ' + str(len(update.paths)) + ' adapter(s)' if update.paths else ''} as GGUF {cfg.outtype.value}: "
+    print(f"exported {model_label(cfg.model, src.path)}{' + ' + str(len(update.paths)) + ' adapter(s)' if update.paths else ''} as GGUF {cfg.outtype.value}: "
           f"{summary['size_mib']:.1f} MiB in {summary['seconds']:.1f} s{check} -> {out}")
     return summary
 

@@ -149,6 +149,14 @@ def resolve_model(name: str | None) -> Path:
     )
 
 
+def model_label(name: str | None, path: Path) -> str:
+    """What a model is called in messages and files: the name given (the embedded model's, a
+    .gguf file's stem), not the cache directory it was converted into."""
+    if name in (None, DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    return Path(name).stem if Path(name).suffix == ".gguf" else path.name
+
+
 def model_context(config) -> int | None:
     """The positions the model was trained on (None when its config does not say)."""
     context = getattr(config, "max_position_embeddings", None)
