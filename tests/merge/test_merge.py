@@ -147,11 +147,15 @@ def test_report_compares_unmerged_and_merged(tiny_model_dir, adapters, tmp_path)
     assert on_disk["ppl_merged"] == summary["ppl_merged"] and on_disk["size_on_disk_mib"] > 0
 
 
-def test_quantized_merge_options_on_a_dense_base_are_said_to_be_ignored(tiny_model_dir, adapters, tmp_path, capsys):
+def test_options_a_merge_cannot_use_are_said_to_be_ignored(tiny_model_dir, adapters, tmp_path, capsys):
     merge(tiny_model_dir, adapters[:1], tmp_path / "m", requant=Requant.NAIVE, dequantize=True)
     assert "--requant, --dequantize apply to a quantized base; this base is dense" in capsys.readouterr().out
-    merge(tiny_model_dir, adapters[:1], tmp_path / "m")
-    assert "apply to a quantized base" not in capsys.readouterr().out
+    merge(tiny_model_dir, adapters[:1], tmp_path / "m", merge_rank=2)
+    assert "--merge-rank applies to a quantized base; this base is dense, so it is ignored" in capsys.readouterr().out
+    merge(tiny_model_dir, adapters[:1], tmp_path / "m", dtype="bf16")
+    assert "lorq: note" not in capsys.readouterr().out
+    merge(tiny_model_dir, adapters[:1], tmp_path / "q", quant=nf4(), dtype="fp16")
+    assert "--dtype applies to a dense output; this merge writes a quantized model" in capsys.readouterr().out
 
 
 def test_a_merge_whose_model_diverges_is_an_error(tiny_model_dir, adapters, tmp_path):

@@ -22,7 +22,7 @@ from ..quant.linear import set_module
 from ..train.data import DataConfig, eval_blocks
 from .delta import AdapterUpdate, apply_unmerged
 from .merge import (
-    MergeConfig, Requant, Source, check_targets, merge_dense, merge_quantized, open_source, requantize,
+    MergeConfig, OutDtype, Requant, Source, check_targets, merge_dense, merge_quantized, open_source, requantize,
     rules_of, write_side_files,
 )
 
@@ -80,12 +80,17 @@ def file_mib(paths) -> list[float]:
 QUANTIZED_ONLY = ("requant", "requant_method", "merge_rank", "merge_iters", "dequantize", "compare_naive")
 
 
-def note_ignored(cfg: MergeConfig) -> None:
-    """Options of a quantized merge, set on a dense one: said, not silently dropped."""
+def note_ignored(cfg: MergeConfig, quantized: bool, dense: bool) -> None:
+    """Options of a quantized merge set on a dense one, or a dense output's dtype set on a
+    quantized one: said, not silently dropped."""
     default = MergeConfig()
     set_ = [f"--{n.replace('_', '-')}" for n in QUANTIZED_ONLY if getattr(cfg, n) != getattr(default, n)]
-    if set_:
-        print(f"lorq: note: {', '.join(set_)} apply to a quantized base; this base is dense, so they are ignored", flush=True)
+    if set_ and not quantized:
+        verb, them = ("applies", "it is") if len(set_) == 1 else ("apply", "they are")
+        print(f"lorq: note: {', '.join(set_)} {verb} to a quantized base; this base is dense, so {them} ignored", flush=True)
+    if not dense and cfg.dtype is not OutDtype.AUTO:
+        print(f"lorq: note: --dtype applies to a dense output; this merge writes a quantized model, so it is ignored "
+              "(--dequantize writes a dense one)", flush=True)
 
 
 def write_merge(cfg: MergeConfig, src: Source, progress: bool, finish, also_reads=()) -> tuple[AdapterUpdate, bool, dict, PeakRSS]:
@@ -97,8 +102,7 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool, finish, also_read
     update = AdapterUpdate.read(cfg.adapter, cfg.weights)
     check_targets(src, update)
     dense = not src.quantized or cfg.dequantize
-    if not src.quantized:
-        note_ignored(cfg)
+    note_ignored(cfg, src.quantized, dense)
     # never over (or into) the base or an adapter being read, nor over anything but an earlier merge
     out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[cfg.model, src.path, *update.paths, *also_reads])
     details = {}
