@@ -89,7 +89,7 @@ def note_ignored(cfg: MergeConfig, quantized: bool, dense: bool) -> None:
         verb, them = ("applies", "it is") if len(set_) == 1 else ("apply", "they are")
         print(f"lorq: note: {', '.join(set_)} {verb} to a quantized base; this base is dense, so {them} ignored", flush=True)
     if not dense and cfg.dtype is not OutDtype.AUTO:
-        print(f"lorq: note: --dtype applies to a dense output; this merge writes a quantized model, so it is ignored "
+        print("lorq: note: --dtype applies to a dense output; this merge writes a quantized model, so it is ignored "
               "(--dequantize writes a dense one)", flush=True)
 
 
