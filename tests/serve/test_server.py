@@ -447,6 +447,12 @@ def test_chunked_bodies_are_held_to_the_size_limit(live):
     response = conn.getresponse()
     assert response.status == 413 and "larger than" in json.loads(response.read())["error"]["message"]
     conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)  # refused on its Content-Length, before routing
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)})
+    assert conn.getresponse().status == 413
+    conn.close()
+    metrics = urllib.request.urlopen(live.url + "/metrics").read().decode()
+    assert 'lorq_requests_total{endpoint="/v1/completions",status="413"}' in metrics
     assert client(live).completions.create(model="ad0", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 

@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import LorqError
 from ..eval.generate import chat_text, encode_prompt
@@ -256,6 +257,8 @@ def unfinished_error(reasons) -> APIError | None:
 def endpoint(request: Request) -> str:
     """The route's path template (a bounded label set), or "unmatched"."""
     route = request.scope.get("route")
+    if route is None:  # answered by a middleware, before routing ran
+        route = next((r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL), None)
     return getattr(route, "path", "unmatched")
 
 
