@@ -447,12 +447,17 @@ def test_chunked_bodies_are_held_to_the_size_limit(live):
     response = conn.getresponse()
     assert response.status == 413 and "larger than" in json.loads(response.read())["error"]["message"]
     conn.close()
+    def refused() -> float:
+        metrics = urllib.request.urlopen(live.url + "/metrics").read().decode()
+        label = 'lorq_requests_total{endpoint="/v1/completions",status="413"} '
+        return next((float(line.removeprefix(label)) for line in metrics.splitlines() if line.startswith(label)), 0.0)
+
+    before = refused()
     conn = http.client.HTTPConnection(host, int(port), timeout=60)  # refused on its Content-Length, before routing
     conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json", "Content-Length": str(MAX_BODY_BYTES + 1)})
     assert conn.getresponse().status == 413
     conn.close()
-    metrics = urllib.request.urlopen(live.url + "/metrics").read().decode()
-    assert 'lorq_requests_total{endpoint="/v1/completions",status="413"}' in metrics
+    assert refused() == before + 1  # counted under its endpoint, not "unmatched"
     assert client(live).completions.create(model="ad0", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
