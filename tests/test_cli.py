@@ -147,7 +147,7 @@ def test_finetune_over_a_frozen_compensation(tiny_model_dir, tmp_path, capsys):
     assert all(m["rank"] == 4 and m["lowrank"] == "lorc" for m in modules.values())  # the branch stays in the base
 
 
-def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
+def test_resume_via_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     args = ["finetune", "--model", tiny_model_dir, "--output", out, *FAST]
     assert run(capsys, *args)[0] == 0
@@ -170,6 +170,14 @@ def test_resume_via_cli(tiny_model_dir, tmp_path, capsys):
     code, _, err = run(capsys, *args, "--resume", "--steps", "5")
     assert code == 0, err
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == 5
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    for name, match in (("state.pt", "state.pt is missing or unreadable"), ("trainable.safetensors", "not a readable safetensors file")):
+        whole = (latest / name).read_bytes()
+        (latest / name).write_bytes(whole[: len(whole) // 2])  # cut short: reported before the model loads
+        with monkeypatch.context() as m:
+            m.setattr("lorq.jobs.load_model", lambda *a, **k: pytest.fail("the model was loaded before the checkpoint was checked"))
+            one_line_error(capsys, *args, "--resume", "--steps", "6", match=match)
+        (latest / name).write_bytes(whole)
     (out / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
     one_line_error(capsys, *args, "--resume", "--steps", "6", match="latest is damaged")
 

@@ -42,7 +42,7 @@ from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
 from .train.data import DataConfig, check_records, eval_blocks, load_blocks, pack, read_records, tokenize_records
 from .train.distributed import check_divisible, finish, gathered, init_world, is_sharded
-from .train.checkpoint import check_same_options, latest_checkpoint
+from .train.checkpoint import check_readable, check_same_options, latest_checkpoint
 from .train.loop import NextTokenLoss, TrainConfig, check_fsdp, train
 from .train.plot import plot_loss
 from .train.precision import INFERENCE_PRECISION_HELP, Precision, resolve, weights_dtype
@@ -397,6 +397,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         if ckpt is None:
             raise LorqError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         check_same_options(ckpt, options, recorded_options)
+        check_readable(ckpt)
         done = int(ckpt.name.removeprefix("step-"))  # latest_checkpoint accepts only step-<digits>
         if cfg.train.steps < done:
             raise LorqError(f"--resume: the run is at step {done}, past --steps {cfg.train.steps}")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, atomic_write_text, load_safetensors, read_json, write_json
+from ..io import SafetensorsFile, atomic_dir, atomic_write_text, load_safetensors, read_json, write_json
 from .distributed import place, place_optimizer_state
 
 TRAINABLE = "trainable.safetensors"
@@ -76,6 +77,14 @@ def latest_checkpoint(out_dir) -> Path | None:
         raise LorqError(f"{pointer} is damaged (it should name a step-NNNNNN checkpoint); use a new --output")
     path = checkpoint_root(out_dir) / name
     return path if path.is_dir() else None
+
+
+def check_readable(path: Path) -> None:
+    """The checkpoint's files are whole (the tensors' header and sizes, the state's zip
+    directory), checked before the model is loaded; their contents are checked on load."""
+    SafetensorsFile(path / TRAINABLE)
+    if not zipfile.is_zipfile(path / STATE):
+        raise LorqError(f"checkpoint {path / STATE} is missing or unreadable; use a new --output")
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, at_step=lambda step: None, kind: str = "") -> int:
