@@ -164,3 +164,12 @@ def test_damaged_safetensors_files_are_one_line_errors(tmp_path, damage, message
         load_safetensors(path)
     with pytest.raises(LorqError, match="missing file"):
         load_safetensors(tmp_path / "nothing.safetensors")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_the_system_refuses_is_refused_before_the_work():
+    """access() lets root through where creating a file still fails (/proc): a probe file says so."""
+    with pytest.raises(LorqError, match="cannot create output /proc/lorq-out: /proc refuses new files"):
+        check_output_dir("/proc/lorq-out", "quantized checkpoint", ("lorq_quant.json",))
+    with pytest.raises(LorqError, match="refuses new files"):
+        check_output_file("/proc/lorq.gguf", b"GGUF", "GGUF file")

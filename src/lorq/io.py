@@ -85,6 +85,12 @@ def check_creatable(out: Path) -> None:
         raise LorqError(f"cannot create output {out}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LorqError(f"cannot create output {out}: no permission to write in {parent}")
+    try:  # a real file, before the work: root passes access() where the system still refuses (/proc, /sys)
+        fd, probe = tempfile.mkstemp(prefix=".lorq-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LorqError(f"cannot create output {out}: {parent} refuses new files ({e.strerror})")
 
 
 def check_output_name(out: str | Path) -> Path:
