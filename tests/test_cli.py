@@ -119,7 +119,8 @@ def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys):
     assert code == 0, err
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "lorc", "--rank", "0", match="needs --rank >= 1")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "svd", match="invalid choice")
-    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "1.5", "--budget-weighting", "none", match="below the cheapest")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "2.01", "--budget-weighting", "none", match="below the cheapest")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "1.5", match="below the 2 bits of the smallest code")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "40", match="budget-bits must be")
 
 

@@ -96,8 +96,10 @@ def test_a_bigger_budget_never_costs_accuracy(tiny_llama):
 
 def test_budget_errors(tiny_llama):
     rules = [Rule(DECODER_LINEARS, NF)]
-    with pytest.raises(LorqError, match="below the cheapest"):
-        allocate(tiny_llama, rules, BudgetConfig(budget_bits=1.5, budget_weighting="none"), 0, None, progress=False)
+    with pytest.raises(LorqError, match="below the cheapest"):  # 2-bit codes, but their scales on top
+        allocate(tiny_llama, rules, BudgetConfig(budget_bits=2.01, budget_weighting="none"), 0, None, progress=False)
+    with pytest.raises(LorqError, match="below the 2 bits of the smallest code"):  # known from the options alone
+        candidates(NF, BudgetConfig(budget_bits=1.5), [0])
     with pytest.raises(LorqError, match="needs calibration"):
         allocate(tiny_llama, rules, BudgetConfig(budget_bits=3.0, budget_weighting="activation"), 0, None, progress=False)
     with pytest.raises(LorqError, match="Fisher weights"):

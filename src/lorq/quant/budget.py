@@ -92,6 +92,10 @@ def candidates(base: FormatConfig, bcfg: BudgetConfig, ranks: list[int]) -> list
             out.extend(Candidate(cfg, r) for r in sorted(set(ranks)))
     if not out:
         raise LorqError(f"no valid budget choice ({why}); format {base.format.value} supports bits {FORMATS.get(base.format).supported_bits}")
+    fewest = min(c.quant.bits for c in out)
+    if bcfg.budget_bits is not None and bcfg.budget_bits < fewest:  # said before any model is loaded or measured
+        raise LorqError(f"--budget-bits {bcfg.budget_bits:g} is below the {fewest} bits of the smallest code it may choose "
+                        f"(--budget-choices), before any scale or zero point: allow fewer bits or a larger budget")
     return out
 
 
