@@ -123,10 +123,12 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     if n:
         K[step.rows, :, step.positions] = key[0, :, :n].transpose(0, 1)  # (n, kv_heads, dim)
         V[step.rows, :, step.positions] = value[0, :, :n].transpose(0, 1)
-        q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # (n, heads, 1, dim)
-        o = F.scaled_dot_product_attention(q, K[:n, :, : step.width], V[:n, :, : step.width], attn_mask=step.mask,
-                                           scale=scaling, enable_gqa=q.shape[1] != K.shape[1])
-        outs.append(o.squeeze(2).unsqueeze(0))  # (1, n, heads, dim)
+        q = query[0, :, :n].transpose(0, 1)  # (n, heads, dim)
+        # the query heads sharing a key/value head (head h reads kv head h // groups) as the rows of
+        # one query: each sequence's K and V are read once, not repeated per head (enable_gqa's copy)
+        q = q.reshape(n, K.shape[1], q.shape[1] // K.shape[1], q.shape[2])  # (n, kv_heads, groups, dim)
+        o = F.scaled_dot_product_attention(q, K[:n, :, : step.width], V[:n, :, : step.width], attn_mask=step.mask, scale=scaling)
+        outs.append(o.reshape(1, n, -1, o.shape[-1]))  # (1, n, heads, dim)
     start = n
     for slot, length in step.prompts:
         k, v = key[:, :, start : start + length], value[:, :, start : start + length]
