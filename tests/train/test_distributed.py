@@ -2,6 +2,7 @@
 on the same global batch: the same losses step by step and the same adapter."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,15 @@ ARGS = ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--eval-block
 ADAPTER = ["--rank", "4"]  # and the default dropout 0.05: two ranks draw the masks one process would
 
 
+def in_tmp(path) -> dict:
+    """The environment with TMPDIR in the test's own directory: torchrun leaves a
+    torchelastic_* directory behind in the temporary directory per launch."""
+    return {**os.environ, "TMPDIR": str(path)}
+
+
 def finetune(launcher, model_dir, out, *extra):
     cmd = [sys.executable, *launcher, "-m", "lorq", "finetune", "--model", str(model_dir), "--output", str(out), *ARGS, *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=in_tmp(out.parent))
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -47,7 +54,7 @@ def test_two_processes_follow_the_single_process_trajectory(tiny_model_dir, tmp_
 def test_a_batch_that_does_not_split_is_an_error(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lorq", "finetune",
            "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"), *ARGS[:2], "--batch-size", "3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=in_tmp(tmp_path))
     assert done.returncode != 0 and "does not split over 2 processes" in done.stderr
 
 
