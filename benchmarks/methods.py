@@ -418,7 +418,7 @@ def markdown(result) -> str:
                      "compare them with each other, not with the unmarked ones")
     if any(r.get("remeasured") for r in result["rows"]):
         extra.append("- rows marked \"re-measured\": every learning rate of their grid measured again on that date with the code of "
-                     "that date (`--update`), after a change to the method")
+                     "that date (`--update`), after a change to the method or to bring the row to the current code and machine")
     if any(r.get("filled_in") for r in result["rows"]):
         extra.append("- rows marked \"learning rates added\": the learning rates missing from the first run were measured on that date "
                      "with the code of that date (`--update --grid-index`); the row's other runs are the original ones")
