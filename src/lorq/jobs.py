@@ -19,7 +19,7 @@ from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
 from .io import atomic_dir, check_output_dir, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, resolve_device
+from .models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, model_label, resolve_device
 from .options import opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
@@ -561,7 +561,7 @@ def serving_server(cfg: ServeConfig) -> Server:
     """The model on its device in its precision, its engine and adapter store, as `lorq serve` runs them."""
     model, tok, _ = load_for_inference(cfg.model, cfg.quant, None, lambda config: check_max_model_len(config, cfg.engine.max_model_len),
                                        cfg.device, cfg.precision)
-    name = cfg.served_name or (DEFAULT_MODEL if cfg.model == DEFAULT_MODEL else Path(cfg.model).name)
+    name = cfg.served_name or model_label(cfg.model)
     return build_server(model, tok, name, cfg)
 
 

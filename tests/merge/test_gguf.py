@@ -80,7 +80,7 @@ def test_tokenizer_and_metadata_survive(tiny_model_dir, tmp_path):
     assert fields["general.name"].contents() == tiny_model_dir.name
 
 
-def test_a_gguf_exported_from_a_gguf_keeps_its_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_gguf_exported_or_served_from_a_gguf_keeps_its_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Not the name of the cache directory the source GGUF was converted into."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     export(tiny_model_dir, tmp_path / "tiny-f32.gguf", "f32")
@@ -88,6 +88,9 @@ def test_a_gguf_exported_from_a_gguf_keeps_its_name(tiny_model_dir, tmp_path, mo
     export(tmp_path / "tiny-f32.gguf", tmp_path / "again.gguf", "f32")
     assert gguf.GGUFReader(str(tmp_path / "again.gguf")).fields["general.name"].contents() == "tiny-f32"
     assert "\nexported tiny-f32 as GGUF f32" in capsys.readouterr().out
+    from lorq.jobs import serving_server
+    from lorq.serve.server import ServeConfig
+    assert serving_server(ServeConfig(model=str(tmp_path / "tiny-f32.gguf"))).base_name == "tiny-f32"
 
 
 def test_the_pre_tokenizer_name_follows_the_gguf_the_model_came_from(tiny_model_dir, tmp_path, capsys):

@@ -222,7 +222,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads or config.num_attention_heads}
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(model_label(cfg.model, src.path))
+        w.add_name(model_label(cfg.model))
         add_hparams(w, config, cfg.outtype)
         tok = load_tokenizer(src.path)
         pre = tokenizer_pre(cfg.tokenizer_pre, tok)
@@ -249,7 +249,7 @@ def export_gguf(cfg: ExportConfig, progress: bool = True, also_reads=()) -> dict
     if cfg.verify:
         summary["max_abs_logit_diff"] = diff
     check = f", max |Δlogit| vs the source {summary['max_abs_logit_diff']:.2e} (read back by transformers)" if cfg.verify else ""
-    print(f"exported {model_label(cfg.model, src.path)}{' + ' + str(len(update.paths)) + ' adapter(s)' if update.paths else ''} as GGUF {cfg.outtype.value}: "
+    print(f"exported {model_label(cfg.model)}{' + ' + str(len(update.paths)) + ' adapter(s)' if update.paths else ''} as GGUF {cfg.outtype.value}: "
           f"{summary['size_mib']:.1f} MiB in {summary['seconds']:.1f} s{check} -> {out}")
     return summary
 

@@ -149,12 +149,14 @@ def resolve_model(name: str | None) -> Path:
     )
 
 
-def model_label(name: str | None, path: Path) -> str:
-    """What a model is called in messages and files: the name given (the embedded model's, a
-    .gguf file's stem), not the cache directory it was converted into."""
+def model_label(name: str | None) -> str:
+    """What a model is called in messages, files and the serving API: the embedded model's name, a
+    .gguf file's stem (not the cache directory it was converted into), a directory's own name
+    (also when given as `.` or with a trailing slash)."""
     if name in (None, DEFAULT_MODEL):
         return DEFAULT_MODEL
-    return Path(name).stem if Path(name).suffix == ".gguf" else path.name
+    path = Path(name).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def model_context(config) -> int | None:

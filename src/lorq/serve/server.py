@@ -46,7 +46,7 @@ class ServeConfig:
     model: str = opt(DEFAULT_MODEL, MODEL_HELP)
     quant: FormatConfig = field(default_factory=no_quant)
     adapters: str | None = opt(None, "adapter root: each subdirectory with an adapter_config.json is served under its name; load_lora_adapter loads only from here")
-    served_name: str | None = opt(None, "the base model's id in the API; unset: the model's directory name")
+    served_name: str | None = opt(None, "the base model's id in the API; unset: the model directory's name (a .gguf file's without .gguf)")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1; unset: $LORQ_API_KEY if set, else no key")
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port to listen on")
