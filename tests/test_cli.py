@@ -99,7 +99,7 @@ def test_quantize_methods_rules_and_report(tiny_model_dir, tmp_path, capsys):
     assert f"perplexity {report['val_ppl']:.3f}" in stdout
 
 
-def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys):
+def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys, monkeypatch):
     q = tmp_path / "lr"
     code, stdout, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, "--lowrank", "lq-lora", "--rank", "4",
                             "--group", "32", "--budget-bits", "5.9", "--budget-ranks", "4", "--budget-weighting", "none", "--eval-blocks", "2")
@@ -120,6 +120,9 @@ def test_quantize_lowrank_with_a_bit_budget(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "lorc", "--rank", "0", match="needs --rank >= 1")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--lowrank", "svd", match="invalid choice")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "2.01", "--budget-weighting", "none", match="below the cheapest")
+    import lorq.jobs as jobs
+    monkeypatch.setattr(jobs, "fisher_weights", lambda *a, **k: pytest.fail("an unreachable budget is refused before Fisher calibration"))
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "2.01", match="below the cheapest plan, 2.")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "1.5", match="below the 2 bits of the smallest code")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--budget-bits", "40", match="budget-bits must be")
 

@@ -10,8 +10,8 @@ import torch
 from lorq.errors import LorqError
 from lorq.quant import DECODER_LINEARS, FORMATS, FormatConfig, Rule, quantize_model
 from lorq.quant.budget import (
-    BudgetConfig, Candidate, allocate, candidates, layer_index, matrix_costs, solve_ilp, solve_layerwise,
-    weighted_error_by_rank,
+    BudgetConfig, Candidate, allocate, candidates, cheapest_plan_bits, layer_index, matrix_costs, solve_ilp, solve_layerwise,
+    storage_bits, weighted_error_by_rank,
 )
 from lorq.quant.lowrank import factor_nbytes
 
@@ -56,6 +56,26 @@ def test_costs_are_the_formats_own_storage():
         if c.rank == 0:
             assert e == pytest.approx((w - qw.dequantize(torch.float32)).pow(2).sum().item(), rel=1e-5)
     assert errs[0] > errs[2] > errs[4] and errs[1] < errs[0]
+
+
+@pytest.mark.parametrize("cfg", [FormatConfig(f, bits=b, group_size=g, double_quant=d, symmetric=sym) for f, b in
+                                 (("nf", 2), ("nf", 4), ("int", 3), ("int", 8), ("fp8", 8), ("fp4", 4), ("int8-outlier", 8))
+                                 for g, d, sym in ((64, True, False), (0, False, True), (32, False, False))])
+def test_storage_follows_from_the_shape_alone(cfg):
+    """What the early budget check assumes: any weights of a shape, zero rows and outliers
+    included, store in the bits a random matrix of that shape does."""
+    cfg.validate()
+    w = torch.randn(48, 320) * torch.logspace(-3, 1, 320)
+    w[3] = 0
+    w[5, 7] = 1e4
+    assert storage_bits((48, 320), cfg) == 8 * FORMATS.get(cfg.format).from_float(w, cfg).nbytes
+
+
+def test_the_cheapest_plan_is_the_ilps_least_total():
+    shapes = [(32, 64), (64, 32), (32, 64), (48, 64)]
+    cands = candidates(NF, BudgetConfig(budget_choices=[2, 3], budget_groups=[32, 64]), [0, 2])
+    least = sum(min(matrix_costs(torch.randn(shape), cands, None)[1]) for shape in shapes)
+    assert cheapest_plan_bits(shapes, cands) == least
 
 
 def test_layerwise_raises_the_most_important_layers_first():

@@ -232,16 +232,10 @@ class BudgetPlan:
         return "\n".join(lines)
 
 
-def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int, calibration: torch.Tensor | None,
-             fisher: dict | None = None, progress: bool = True, adapter_rank: int = 0) -> BudgetPlan:
-    """Per-matrix rules that spend bcfg.budget_bits on the linears the rules select.
-
-    Each matrix keeps its rule's method and low-rank method; bits, group and rank come from
-    the budget. calibration: token ids for activation weighting and layer-wise importance.
-    adapter_rank: factors of this rank go to every matrix outside the budget, because they
-    become the trainable adapter (LQ-LoRA's fine-tuning setting, like QLoRA's uncounted LoRA).
-    """
-    start = time.perf_counter()
+def budget_candidates(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
+                      adapter_rank: int = 0) -> tuple[dict, list[Candidate]]:
+    """(the matrices the rules select, the candidates each may take); refuses a budget that even
+    the cheapest plan exceeds, from the shapes alone, before any error is measured."""
     bcfg.validate()
     plan = plan_modules(model, rules)
     if not plan:
@@ -254,6 +248,42 @@ def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
         raise LorqError("--budget-ranks picks ranks of --lowrank factors: it needs --lowrank and --rank (and no trained adapter in their place)")
     ranks = (bcfg.budget_ranks or [0, rank]) if lowrank and rank and not adapter_rank else [0]
     cands = candidates(base.quant, bcfg, ranks)
+    shapes = [tuple(layer.weight.shape) for layer, _ in plan.values()]
+    fewest = cheapest_plan_bits(shapes, cands) / sum(o * i for o, i in shapes)
+    if fewest > bcfg.budget_bits:
+        raise LorqError(f"--budget-bits {bcfg.budget_bits:g} is below the cheapest plan, {fewest:.4f} bits/weight with scales, zeros and "
+                        f"factors counted: allow fewer bits, larger groups or smaller ranks, or a larger budget")
+    return plan, cands
+
+
+def storage_bits(shape: tuple[int, int], quant: FormatConfig) -> int:
+    """Bits an (out, in) matrix takes in a format, codes and metadata as stored. Every format's
+    storage follows from the shape alone, so a random matrix of that shape tells it."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    return 8 * FORMATS.get(quant.format).from_float(w, quant).nbytes
+
+
+def cheapest_plan_bits(shapes: list[tuple[int, int]], cands: list[Candidate]) -> int:
+    """Σ over the matrices of the fewest bits any candidate (factors included) stores it in."""
+    formats = {str(c.quant.to_json()): c.quant for c in cands}
+    fewest = {}
+    for shape in set(shapes):
+        quant_bits = {key: storage_bits(shape, q) for key, q in formats.items()}
+        fewest[shape] = min(quant_bits[str(c.quant.to_json())] + 8 * factor_nbytes(*shape, c.rank) for c in cands)
+    return sum(fewest[s] for s in shapes)
+
+
+def allocate(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int, calibration: torch.Tensor | None,
+             fisher: dict | None = None, progress: bool = True, adapter_rank: int = 0) -> BudgetPlan:
+    """Per-matrix rules that spend bcfg.budget_bits on the linears the rules select.
+
+    Each matrix keeps its rule's method and low-rank method; bits, group and rank come from
+    the budget. calibration: token ids for activation weighting and layer-wise importance.
+    adapter_rank: factors of this rank go to every matrix outside the budget, because they
+    become the trainable adapter (LQ-LoRA's fine-tuning setting, like QLoRA's uncounted LoRA).
+    """
+    start = time.perf_counter()
+    plan, cands = budget_candidates(model, rules, bcfg, rank, adapter_rank)
     needs_stats = bcfg.allocation is Allocation.LAYERWISE or bcfg.budget_weighting is ErrorWeighting.ACTIVATION
     if needs_stats and calibration is None:
         raise LorqError(f"{bcfg.allocation.value} allocation with {bcfg.budget_weighting.value} weighting needs calibration data")
