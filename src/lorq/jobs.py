@@ -36,7 +36,7 @@ from .quant import (
 from .quant.base import no_quant
 from .serve.engine import check_max_model_len
 from .serve.server import Server, ServeConfig, build_server, check_address, serve
-from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate, budget_candidates, candidates
+from .quant.budget import Allocation, BudgetConfig, BudgetPlan, ErrorWeighting, allocate, budget_candidates, candidates, check_reachable
 from .quant.fisher import fisher_weights
 from .quant.lowrank import LowRankMethod
 from .quant.quantize import needs_calibration, plan_modules
@@ -194,7 +194,7 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
         if rule.rank > min(layer.out_features, layer.in_features):  # the factors cannot have that rank
             raise LorqError(f"--rank {rule.rank} exceeds {name}'s smaller dimension ({min(layer.out_features, layer.in_features)})")
     if use_budget:  # an unreachable budget is refused before calibration
-        budget_candidates(model, rules, budget, rank, adapter_rank)
+        check_reachable(*budget_candidates(model, rules, budget, rank, adapter_rank), budget.budget_bits)
     needs = mcfg.fisher or fisher_for_budget or stats or any(needs_calibration(rule) for _, rule in targets.values())
     calibration = calibration_ids(tok, mcfg, model_context(model.config)) if needs else None
     fisher = fisher_weights(model, list(targets), calibration) if mcfg.fisher or fisher_for_budget else None

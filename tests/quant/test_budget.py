@@ -10,7 +10,7 @@ import torch
 from lorq.errors import LorqError
 from lorq.quant import DECODER_LINEARS, FORMATS, FormatConfig, Rule, quantize_model
 from lorq.quant.budget import (
-    BudgetConfig, Candidate, allocate, candidates, cheapest_plan_bits, layer_index, matrix_costs, solve_ilp, solve_layerwise,
+    BudgetConfig, Candidate, allocate, budget_candidates, candidates, cheapest_plan_bits, check_reachable, layer_index, matrix_costs, solve_ilp, solve_layerwise,
     storage_bits, weighted_error_by_rank,
 )
 from lorq.quant.lowrank import factor_nbytes
@@ -118,6 +118,9 @@ def test_budget_errors(tiny_llama):
     rules = [Rule(DECODER_LINEARS, NF)]
     with pytest.raises(LorqError, match="below the cheapest"):  # 2-bit codes, but their scales on top
         allocate(tiny_llama, rules, BudgetConfig(budget_bits=2.01, budget_weighting="none"), 0, None, progress=False)
+    with pytest.raises(LorqError, match="below the cheapest plan, 2.1"):  # the same, from the shapes alone
+        check_reachable(*budget_candidates(tiny_llama, rules, BudgetConfig(budget_bits=2.01), 0), 2.01)
+    check_reachable(*budget_candidates(tiny_llama, rules, BudgetConfig(budget_bits=2.2), 0), 2.2)
     with pytest.raises(LorqError, match="below the 2 bits of the smallest code"):  # known from the options alone
         candidates(NF, BudgetConfig(budget_bits=1.5), [0])
     with pytest.raises(LorqError, match="needs calibration"):

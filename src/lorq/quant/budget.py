@@ -234,8 +234,7 @@ class BudgetPlan:
 
 def budget_candidates(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, rank: int,
                       adapter_rank: int = 0) -> tuple[dict, list[Candidate]]:
-    """(the matrices the rules select, the candidates each may take); refuses a budget that even
-    the cheapest plan exceeds, from the shapes alone, before any error is measured."""
+    """(the matrices the rules select, the candidates each may take)."""
     bcfg.validate()
     plan = plan_modules(model, rules)
     if not plan:
@@ -247,13 +246,17 @@ def budget_candidates(model: nn.Module, rules: list[Rule], bcfg: BudgetConfig, r
     if any(bcfg.budget_ranks) and not (lowrank and rank and not adapter_rank):  # they would be [0] whatever was asked
         raise LorqError("--budget-ranks picks ranks of --lowrank factors: it needs --lowrank and --rank (and no trained adapter in their place)")
     ranks = (bcfg.budget_ranks or [0, rank]) if lowrank and rank and not adapter_rank else [0]
-    cands = candidates(base.quant, bcfg, ranks)
+    return plan, candidates(base.quant, bcfg, ranks)
+
+
+def check_reachable(plan: dict, cands: list[Candidate], budget_bits: float) -> None:
+    """Refuse a budget that even the cheapest plan exceeds, from the matrices' shapes alone:
+    before calibration and the error tables, which would find the same at the solver."""
     shapes = [tuple(layer.weight.shape) for layer, _ in plan.values()]
     fewest = cheapest_plan_bits(shapes, cands) / sum(o * i for o, i in shapes)
-    if fewest > bcfg.budget_bits:
-        raise LorqError(f"--budget-bits {bcfg.budget_bits:g} is below the cheapest plan, {fewest:.4f} bits/weight with scales, zeros and "
+    if fewest > budget_bits:
+        raise LorqError(f"--budget-bits {budget_bits:g} is below the cheapest plan, {fewest:.4f} bits/weight with scales, zeros and "
                         f"factors counted: allow fewer bits, larger groups or smaller ranks, or a larger budget")
-    return plan, cands
 
 
 def storage_bits(shape: tuple[int, int], quant: FormatConfig) -> int:
