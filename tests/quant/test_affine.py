@@ -80,3 +80,9 @@ def test_clip_search_never_raises_a_groups_error(bits, symmetric):
     group_err = lambda q: (q.dequantize() - w).pow(2).view(32, -1, 64).sum(-1)
     assert (group_err(searched) <= group_err(plain) + 1e-6).all()
     assert group_err(searched).sum() < 0.95 * group_err(plain).sum()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_float_codes_are_the_unpacked_codes(bits):
+    q = AffineWeight.from_float(torch.randn(7, 41), int_cfg(bits, 8))  # 287 codes: a partial last byte
+    assert torch.equal(q.float_codes(), q.int_codes().float())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorq.quant.packing import pack_bits, packed_size, unpack_bits
+from lorq.quant.packing import byte_table, decode_bytes, pack_bits, packed_size, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -24,3 +24,14 @@ def test_layout_is_a_big_endian_bit_stream():
     codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
     stream = "".join(f"{c:03b}" for c in codes.tolist())
     assert pack_bits(codes, 3).tolist() == [int(stream[i:i + 8], 2) for i in (0, 8, 16)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_decode_bytes_is_the_level_of_every_code(bits, dtype):
+    # rows of 1-8 values of 2-8 bytes: every gather width (int16 .. complex128) and the fallback
+    levels = torch.randn(2**bits - 3).to(dtype)  # fewer levels than codes, as FP8 / FP4
+    codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    values = decode_bytes(byte_table(levels, bits), pack_bits(codes, bits))
+    assert values.dtype == dtype and values.numel() == packed_size(1001, bits) * 8 // bits
+    assert torch.equal(values[:1001], levels[codes.long().clamp(max=levels.numel() - 1)])

@@ -13,12 +13,13 @@ parameters and the codes, the format stores them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from .base import FORMATS, FormatConfig, GroupCodec, TensorFormat
 from .kernels import int4_kernel_applies, prepare_int4_kernel
-from .packing import pack_bits, unpack_bits
+from .packing import BYTE_TABLE_BITS, byte_table, decode_bytes, pack_bits, unpack_bits
 
 
 def qmax(bits: int) -> int:
@@ -69,6 +70,12 @@ def encode_affine(wg: torch.Tensor, params: dict[str, torch.Tensor], bits: int) 
     else:
         q = torch.round(wg / scale) + (1 << (bits - 1))
     return q.clamp(0, qmax(bits)).to(torch.uint8)
+
+
+@lru_cache(maxsize=None)
+def code_byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 / bits) fp32: the integer codes packed in each byte."""
+    return byte_table(torch.arange(1 << bits, dtype=torch.float32), bits).to(device)
 
 
 def decode_affine(codes: torch.Tensor, params: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
@@ -134,11 +141,18 @@ class AffineWeight(GroupCodec, TensorFormat):
         """Unpacked codes as (out, in) uint8."""
         return unpack_bits(self.codes, self.cfg.bits, self.shape[0] * self.shape[1]).view(self.shape)
 
+    def float_codes(self) -> torch.Tensor:
+        """The codes as fp32 (out, in), by one byte-table gather where they fill whole bytes."""
+        if self.cfg.bits not in BYTE_TABLE_BITS or self.cfg.bits == 8:  # 8-bit: .float() is one pass
+            return self.int_codes().float()
+        table = code_byte_table(self.cfg.bits, self.codes.device)
+        return decode_bytes(table, self.codes)[: self.shape[0] * self.shape[1]].view(self.shape)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # fp32 arithmetic even for half-precision results: min + q·s cancels near zero, and bf16
         # intermediate rounding there would cost far more than one final rounding
         out_f, in_f = self.shape
-        codes = self.int_codes()
+        codes = self.float_codes()
         grouped = codes.view(out_f, -1, self.group) if in_f % self.group == 0 else as_groups(codes, self.group)
         return from_groups(decode_affine(grouped, self.params(), self.cfg.bits), in_f).to(dtype)
 

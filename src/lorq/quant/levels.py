@@ -18,7 +18,7 @@ import torch
 from ..errors import LorqError
 from .base import FORMATS, FormatConfig, GroupCodec, QuantFormat, TensorFormat
 from .nf import absmax_scale, blocks, dequantize_dynamic_8bit, nf_levels, quantize_dynamic_8bit, scale_by
-from .packing import pack_bits, unpack_bits
+from .packing import BYTE_TABLE_BITS, byte_table, decode_bytes, pack_bits, unpack_bits
 
 
 @lru_cache(maxsize=None)
@@ -48,18 +48,9 @@ def levels_for(fmt: QuantFormat, bits: int) -> torch.Tensor:
     return LEVEL_TABLES[QuantFormat(fmt)](bits)
 
 
-BYTE_TABLE_BITS = (2, 4, 8)
-
-
 @lru_cache(maxsize=None)
-def byte_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8 / bits): the levels of the codes packed in each possible byte, first code first."""
-    levels = levels_for(fmt, bits)
-    b = torch.arange(256)
-    shifts = range(8 - bits, -1, -bits)
-    # FP8/FP4 tables have fewer levels than codes (253, 15); unused codes map to the last level
-    code = lambda s: ((b >> s) & ((1 << bits) - 1)).clamp(max=levels.numel() - 1)
-    return torch.stack([levels[code(s)] for s in shifts], dim=1).to(device, dtype)
+def level_byte_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return byte_table(levels_for(fmt, bits), bits).to(device, dtype)
 
 
 def nearest_level(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -136,10 +127,10 @@ class LevelWeight(GroupCodec, TensorFormat):
         # anything else in fp32, which is what bitsandbytes-exactness needs.
         work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         if self.cfg.bits in BYTE_TABLE_BITS:  # one gather yields every level a byte holds
-            table = byte_table(self.cfg.format, self.cfg.bits, work, self.codes.device)
-            values = table.index_select(0, self.codes.int()).reshape(-1)
+            values = decode_bytes(level_byte_table(self.cfg.format, self.cfg.bits, work, self.codes.device), self.codes)
         else:
-            values = self.levels(self.cfg).to(self.codes.device, work)[unpack_bits(self.codes, self.cfg.bits, n).long()]
+            codes = unpack_bits(self.codes, self.cfg.bits, n).int()  # index_select: ~2x advanced indexing's speed
+            values = self.levels(self.cfg).to(self.codes.device, work).index_select(0, codes)
         absmax = self.block_absmax()
         if n % self.block == 0:
             w = values[:n].view(-1, self.block) * absmax.to(work).unsqueeze(1)

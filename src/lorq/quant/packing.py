@@ -10,6 +10,9 @@ from math import gcd
 import torch
 
 PACKABLE_BITS = (2, 3, 4, 8)
+BYTE_TABLE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
+# a table row of this many bytes is gathered as one scalar of the dtype (see decode_bytes)
+ROW_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
 
 def codes_per_word(bits: int) -> tuple[int, int]:
@@ -49,8 +52,30 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if n_bytes == 1:  # 2 and 4 bits: stay in uint8, the hot path of every dequantization
         shifts = torch.arange(8 - bits, -1, -bits, dtype=torch.uint8, device=packed.device)
         return ((packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
-    by = packed.reshape(-1, n_bytes).to(torch.int64)
-    byte_shifts = 8 * torch.arange(n_bytes - 1, -1, -1, device=packed.device)
-    words = (by << byte_shifts).sum(dim=1, keepdim=True)
-    shifts = bits * torch.arange(n_codes - 1, -1, -1, device=packed.device)
+    by = packed.reshape(-1, n_bytes).int()  # words of at most 24 bits: int32, or'ed byte by byte
+    words = by[:, :1] << 8 * (n_bytes - 1)  # (a sum would promote to int64, about 2x slower)
+    for i in range(1, n_bytes):
+        words |= by[:, i : i + 1] << 8 * (n_bytes - 1 - i)
+    shifts = bits * torch.arange(n_codes - 1, -1, -1, dtype=torch.int32, device=packed.device)
     return ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:numel]
+
+
+def byte_table(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """(256, 8 / bits): the levels of the codes packed in each possible byte, first code first.
+    Codes past the table's end (FP8/FP4 have 253 / 15 levels) map to its last level."""
+    b = torch.arange(256)
+    code = lambda s: ((b >> s) & ((1 << bits) - 1)).clamp(max=levels.numel() - 1)
+    return torch.stack([levels[code(s)] for s in range(8 - bits, -1, -bits)], dim=1)
+
+
+def decode_bytes(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """table[packed] flattened: every packed code's level, from a byte_table, in one gather.
+
+    Each row is gathered as a single scalar as wide as the row (two fp32 levels as one int64):
+    index_select copies a 2-D table's rows one at a time, 2-5x slower on CPU, and
+    dequantization is most of a quantized layer's time at small batches."""
+    wide = ROW_DTYPES.get(table.shape[1] * table.element_size())
+    index = packed.reshape(-1).int()
+    if wide is None:
+        return table.index_select(0, index).reshape(-1)
+    return table.contiguous().view(wide).reshape(-1).index_select(0, index).view(table.dtype)
