@@ -118,6 +118,9 @@ def test_bad_requests_and_a_full_queue(tiny_model_dir, many_adapters):
     short.submit(prompt, None, greedy(3), lambda d, r: None)
     with pytest.raises(LorqError, match=f"exceeds --max-model-len of {len(prompt) + 3} tokens"):
         short.submit(prompt, None, greedy(4), lambda d, r: None)
+    with pytest.raises(LorqError, match=r"prompt \(300 tokens\) leaves no room to generate within the model's context of 256") as e:
+        engine.submit(prompt * (300 // len(prompt)) + prompt[: 300 % len(prompt)], None, greedy(1), lambda d, r: None)
+    assert "max_tokens" not in str(e.value)  # a chat request's max_tokens may be the server's default, not the client's
     with pytest.raises(LorqError, match="empty"):
         engine.submit([], None, greedy(4), lambda d, r: None)
     halves = AdapterStore(many_adapters, engine.layers, 1 << 30, torch.bfloat16)  # not the engine's fp32

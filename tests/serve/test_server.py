@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,20 @@ def client(live, **kw):
 def test_models_lists_base_and_adapters(live):
     ids = [m.id for m in client(live).models.list()]
     assert ids[0] == "tiny" and set(ids[1:]) >= {f"ad{i}" for i in range(10)}
+    c = client(live)
+    assert c.models.retrieve("ad3").parent == "tiny" and c.models.retrieve("tiny").parent is None
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        c.models.retrieve("nope")
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type(live, ref, content_type):
+    """`curl -d '{...}'` labels its JSON as a form; the API takes only JSON, so it reads it."""
+    body = json.dumps({"model": "ad3", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
+    request = urllib.request.Request(live.url + "/v1/completions", data=body, headers={"Content-Type": content_type} if content_type else {})
+    if content_type is None:
+        request.remove_header("Content-type")  # urllib would add the form type
+    assert json.loads(urllib.request.urlopen(request).read())["choices"][0]["text"] == ref("ad3", PROMPTS[0], 4, chat=False)
 
 
 def test_completion_and_chat_equal_offline_generate(live, ref):
@@ -85,6 +100,9 @@ def test_load_and_unload_adapters_only_from_the_root(live, many_adapters, tmp_pa
         with pytest.raises(openai.APIStatusError) as e:
             post("/load_lora_adapter", body)
         assert e.value.status_code == status, body
+    inside = str(live.state.store.root / "ad1")  # absolute, though under the root: quoted as sent, not scrubbed to 'ad1'
+    with pytest.raises(openai.BadRequestError, match=re.escape(f"adapter path {inside!r} must be a relative path")):
+        post("/load_lora_adapter", {"lora_name": "x", "lora_path": inside})
     assert "Success" in post("/unload_lora_adapter", {"lora_name": "extra"})
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="extra", prompt="hi", max_tokens=2)
@@ -147,7 +165,7 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
     assert status == 200
     status, body = post_json(live, "/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    for path, method, code in [("/v1/models/ad0", "GET", 404), ("/v1/completions", "GET", 405)]:
+    for path, method, code in [("/v1/adapters/ad0", "GET", 404), ("/v1/models/nope", "GET", 404), ("/v1/completions", "GET", 405)]:
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(live.url + path, method=method))
         assert e.value.code == code and json.loads(e.value.read())["error"]["code"] == code
@@ -295,6 +313,25 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tiny_model_dir, many_a
         rest = list(stream)
         assert rest[-1].choices[0].finish_reason == "length" and first.choices[0].finish_reason is None
         stopped_cleanly(proc)
+
+
+def test_a_second_ctrl_c_quits_at_once_without_an_abort(tiny_model_dir, many_adapters):
+    """The first SIGINT drains; a second one quits now (uvicorn's force exit) with 128 + SIGINT,
+    not the SIGABRT of tearing torch down under the running engine thread."""
+    with cli_server(tiny_model_dir, many_adapters, "--max-batch", "1") as (proc, url):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        long = dict(max_tokens=240, temperature=0, extra_body={"ignore_eos": True})
+        stream = c.completions.create(model="ad1", prompt=PROMPTS[0], stream=True, **long)
+        next(iter(stream))
+        for p in PROMPTS[1:] * 2:  # queued behind it (--max-batch 1): the drain outlasts the second signal
+            threading.Thread(target=catch, args=(lambda p=p: c.completions.create(model="ad2", prompt=p, **long),), daemon=True).start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 128 + signal.SIGINT
+        log = proc.stdout.read()
+        assert "lorq: forced exit" in log and "terminate called" not in log and "Traceback" not in log, log
 
 
 def test_requests_unfinished_at_the_shutdown_deadline_get_a_503(tiny_model_dir, many_adapters):

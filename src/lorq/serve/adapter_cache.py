@@ -28,19 +28,23 @@ class AdapterNotFound(LorqError):
     """The name is not served, or its directory does not exist (HTTP 404)."""
 
 
+class InvalidAdapterPath(LorqError):
+    """A requested adapter path that is not allowed (HTTP 400; the message quotes the client's own path)."""
+
+
 def resolve_under(root: Path, relative: str) -> Path:
     """root / relative, refused unless it stays under root: no absolute paths, no `..`, and no
     symlink that leads out of it."""
     if not relative or "\x00" in relative or Path(relative).is_absolute() or ".." in Path(relative).parts or "\\" in relative:
-        raise LorqError(f"adapter path {relative!r} must be a relative path under the adapter root, without '..'")
+        raise InvalidAdapterPath(f"adapter path {relative!r} must be a relative path under the adapter root, without '..'")
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise LorqError(f"adapter path {relative!r} leads outside the adapter root")
+        raise InvalidAdapterPath(f"adapter path {relative!r} leads outside the adapter root")
     if not (path / CONFIG_FILE).is_file():
         raise AdapterNotFound(f"no adapter at {relative!r} under the adapter root (no {CONFIG_FILE})")
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / file).resolve().is_relative_to(root.resolve()):
-            raise LorqError(f"adapter path {relative!r}: {file} is a link leading outside the adapter root")
+            raise InvalidAdapterPath(f"adapter path {relative!r}: {file} is a link leading outside the adapter root")
     return path
 
 

@@ -29,7 +29,7 @@ from ..quant.linear import DECODER_LINEARS
 from .detokenize import Detokenizer
 from .kv import ATTENTION, KVPool, PackedStep
 from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
-from .sampling import SamplingParams, TokenLogprob, next_token, token_logprobs
+from .sampling import InvalidParam, SamplingParams, TokenLogprob, next_token, token_logprobs
 
 
 @dataclass
@@ -193,15 +193,17 @@ class Engine:
         params.validate()
         if not prompt:
             raise LorqError("the prompt is empty")
+        limit = "--max-model-len" if self.cfg.max_model_len else "the model's context"
+        if len(prompt) >= self.max_length:  # said apart: a chat request's max_tokens may be the server's default
+            raise LorqError(f"prompt ({len(prompt)} tokens) leaves no room to generate within {limit} of {self.max_length} tokens")
         if len(prompt) + params.max_tokens > self.max_length:
-            limit = "--max-model-len" if self.cfg.max_model_len else "the model's context"
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds {limit} of {self.max_length} tokens")
         if adapter is not None and adapter.dtype not in (None, self.dtype):  # an AdapterStore built for another engine
             raise LorqError(f"adapter {adapter.name!r} holds {str(adapter.dtype).removeprefix('torch.')} weights, the engine runs "
                             f"{str(self.dtype).removeprefix('torch.')}: read it with AdapterStore(..., dtype=engine.dtype)")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise LorqError(f"logit_bias keys must be token IDs in 0..{vocab - 1}")
+            raise InvalidParam(f"logit_bias keys must be token IDs in 0..{vocab - 1}", "logit_bias")
         need = self.pool.bytes_for(1, len(prompt) + params.max_tokens)
         if need > self.kv_budget:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need / 2**20:.0f} MiB of KV cache, "

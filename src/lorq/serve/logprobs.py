@@ -37,7 +37,12 @@ class Scored:
 
     @property
     def text(self) -> str:
-        return self.raw.decode("utf-8", errors="replace")
+        """The token's text; a token that is not whole UTF-8 characters is spelled as its bytes
+        ("bytes:\\xce", OpenAI's convention), so that such tokens stay apart as alternatives."""
+        try:
+            return self.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in self.raw)
 
 
 class TokenText:

@@ -103,7 +103,7 @@ class SamplingFields(BaseModel):
         try:
             return params.validate()
         except LorqError as e:
-            raise APIError(400, str(e))
+            raise APIError(400, str(e), param=getattr(e, "param", None))
 
     @property
     def include_usage(self) -> bool:

@@ -19,6 +19,14 @@ from ..errors import LorqError
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5 on completions, 20 on chat)
 
 
+class InvalidParam(LorqError):
+    """A request field out of its range; `param` names it (the API error's param)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -38,21 +46,21 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         checks = [
-            (self.max_tokens > 0, f"max_tokens must be a positive integer, got {self.max_tokens}"),
-            (0 <= self.temperature <= 2, f"temperature must be in [0, 2], got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be -1 or 0 (every token) or positive, got {self.top_k}"),
-            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (0 < self.repetition_penalty <= 100, f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"),
-            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
-            (len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop), "stop must be at most 4 non-empty strings"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (self.max_tokens > 0, "max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens}"),
+            (0 <= self.temperature <= 2, "temperature", f"temperature must be in [0, 2], got {self.temperature}"),
+            (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, "top_k", f"top_k must be -1 or 0 (every token) or positive, got {self.top_k}"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0 < self.repetition_penalty <= 100, "repetition_penalty", f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"),
+            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "logit_bias values must be in [-100, 100]"),
+            (len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be at most 4 non-empty strings"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
         ]
-        for ok, message in checks:
+        for ok, param, message in checks:
             if not ok:
-                raise LorqError(message)
+                raise InvalidParam(message, param)
         return self
 
     @property

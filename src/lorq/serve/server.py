@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from ..options import opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
 from ..train.precision import INFERENCE_PRECISION_HELP, Precision
-from .adapter_cache import NAME, NAME_RULE, AdapterNotFound, AdapterStore
+from .adapter_cache import NAME, NAME_RULE, AdapterNotFound, AdapterStore, InvalidAdapterPath
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
@@ -149,7 +150,7 @@ class Server:
             raise APIError(503, str(e), "service_unavailable")
         except LorqError as e:
             self.abort(seqs)
-            raise e if isinstance(e, APIError) else APIError(400, str(e))
+            raise e if isinstance(e, APIError) else APIError(400, str(e), param=getattr(e, "param", None))
         self.metrics.adapter_requests.labels(model).inc(len(prompts))
         return seqs, events
 
@@ -231,6 +232,20 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class JSONBodies:
+    """Reads every POST body as JSON, whatever its Content-Type: the API takes nothing else, and
+    `curl -d` sends JSON labelled as a form."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def describe(e: Exception) -> str:
     """A one-line account of an exception for an error message."""
     text = str(e).splitlines()[0] if str(e) else ""
@@ -287,6 +302,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="lorq", lifespan=lifespan)
     app.add_middleware(BodyLimit)
+    app.add_middleware(JSONBodies)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -326,20 +342,27 @@ def create_app(server: Server) -> FastAPI:
         server.metrics.requests.labels(endpoint(request), str(response.status_code)).inc()
         return response
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
+    @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)  # load balancers probe with either
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", include_in_schema=False)
     async def metrics():
         return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_entry(name: str) -> dict:
+        parent = None if name == server.base_name else server.base_name
+        return {"id": name, "object": "model", "created": server.created, "owned_by": "lorq", "root": name, "parent": parent}
+
     @app.get("/v1/models")
     async def models():
-        def entry(name: str, parent: str | None) -> dict:
-            return {"id": name, "object": "model", "created": server.created, "owned_by": "lorq", "root": name, "parent": parent}
+        return {"object": "list", "data": [model_entry(n) for n in [server.base_name, *server.store.names]]}
 
-        return {"object": "list", "data": [entry(server.base_name, None)] + [entry(n, server.base_name) for n in server.store.names]}
+    @app.get("/v1/models/{name:path}")  # adapter names may hold '/' (nested directories)
+    async def model(name: str):
+        if name != server.base_name and name not in server.store.names:
+            raise APIError(404, f"the model {name!r} does not exist", "not_found_error", "model")
+        return model_entry(name)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -395,6 +418,8 @@ def create_app(server: Server) -> FastAPI:
             await run_in_threadpool(server.store.register, req.lora_name, req.lora_path)
         except AdapterNotFound as e:
             raise APIError(404, str(e), "not_found_error", "lora_path")
+        except InvalidAdapterPath as e:  # quotes the client's path as sent: nothing to hide
+            raise APIError(400, str(e), param="lora_path")
         except Exception as e:  # bad paths (too long, a symlink loop) and bad adapter files alike
             raise server.unreadable(req.lora_name, e, "lora_path")
         return PlainTextResponse(f"Success: adapter {req.lora_name!r} loaded")
@@ -499,6 +524,10 @@ def serve(server: Server, cfg: ServeConfig) -> None:
         # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which asyncio turns into a
         # traceback and a signal exit status; a drained, finished server ends normally instead
         def handle_exit(self, sig, frame):
+            if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: quit now, as uvicorn would,
+                # but without finalizing the interpreter under the engine thread's torch (SIGABRT)
+                print("lorq: forced exit, in-flight requests cut", flush=True)
+                os._exit(128 + sig)
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
             if not deadline.is_alive() and not deadline.finished.is_set():
