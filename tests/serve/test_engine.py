@@ -80,11 +80,16 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert {nucleus_sample(logits, 1.0, 0.5, g) for _ in range(50)} == {0}
     assert {nucleus_sample(logits, 1.0, 0.8, g) for _ in range(200)} == {0, 1}
     assert {nucleus_sample(logits, 1.0, 0.81, g) for _ in range(400)} == {0, 1, 2}
+    # min_p: at least min_p x the top probability (0.5); with top-p, the tokens both keep
+    assert {nucleus_sample(logits, 1.0, 1.0, g, min_p=0.29) for _ in range(400)} == {0, 1, 2}
+    assert {nucleus_sample(logits, 1.0, 1.0, g, min_p=0.31) for _ in range(400)} == {0, 1}
+    assert {nucleus_sample(logits, 1.0, 0.5, g, min_p=0.3) for _ in range(100)} == {0}
 
 
 def test_stop_helpers():
     assert stop_cut("abc STOP def", ["STOP", "c S"]) == 2
     assert stop_cut("abc", ["x"]) is None
+    assert stop_cut("abc STOP def", ["STOP", "c S"], include=True) == 5  # the first to start, kept whole
     assert safe_prefix("hello wor", ["world"]) == len("hello ")  # "wor" may become "world"
     assert safe_prefix("hello", ["xyz"]) == 5
     assert safe_prefix("caf\ufffd", []) == 3  # a partial UTF-8 character waits for its rest
@@ -286,3 +291,25 @@ def test_bf16_serving_equals_bf16_generate(tiny_model_dir, many_adapters, fmt, c
         assert main(["generate", "--model", str(tiny_model_dir), "--prompt", p, "--max-new-tokens", "8", "--precision", "bf16", "--format", fmt] + adapter) == 0
         assert capsys.readouterr().out == seq.text + "\n"
     assert seen == [{torch.bfloat16}] * len(jobs)  # adapters included
+
+
+def test_stop_token_ids_and_stop_strings_kept_in_the_output(tiny_model_dir):
+    """vLLM's stop_token_ids end a sequence like EOS but keep the token's text, and are held back
+    before min_tokens; include_stop_str_in_output keeps the stop string."""
+    engine, _, tok = engine_for(tiny_model_dir, None)
+    prompt = encode_prompt(tok, PROMPTS[0])
+    full = engine.generate([(prompt, None, greedy(12))])[0]
+    k = 3
+    stopper = full.generated[k]
+    first = full.generated.index(stopper)
+    at, held = engine.generate([(prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper])),
+                                (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper], min_tokens=first + 2))])
+    assert at.generated == full.generated[: first + 1] and at.finish_reason == "stop"
+    assert at.text == tok.decode(full.generated[: first + 1], skip_special_tokens=True)
+    assert stopper not in held.generated[: first + 2] and len(held.generated) >= first + 2  # not chosen before min_tokens
+    stop = full.text[4:6]
+    cut, kept = engine.generate([(prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])),
+                                 (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], include_stop_str_in_output=True))])
+    assert cut.text == full.text[: full.text.index(stop)] and kept.text == full.text[: full.text.index(stop) + len(stop)]
+    with pytest.raises(LorqError, match="stop_token_ids must hold token IDs"):
+        engine.submit(prompt, None, SamplingParams(stop_token_ids=[10**6]), lambda d, r: None)

@@ -173,6 +173,24 @@ def test_invalid_requests_get_400_and_unknown_models_404(live):
     assert head.status == 200 and head.read() == b""  # a load balancer's probe
 
 
+def test_vllm_fields_not_implemented_are_refused_and_unknown_ones_ignored(live):
+    prompt = {"model": "ad0", "prompt": "hi", "max_tokens": 2}
+    for kw in (dict(guided_json={"type": "object"}), dict(guided_choice=["a", "b"]), dict(use_beam_search=True),
+               dict(skip_special_tokens=False), dict(bad_words=["x"]), dict(prompt_logprobs=1)):
+        status, body = post_json(live, "/v1/completions", {**prompt, **kw})
+        assert status == 400 and body["error"]["message"] == f"{next(iter(kw))} is not supported by this server", kw
+        assert body["error"]["param"] == next(iter(kw))
+    status, body = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [{"role": "user", "content": "hi"}],
+                                                            "max_tokens": 2, "continue_final_message": True})
+    assert status == 400 and "continue_final_message" in body["error"]["message"]
+    for kw in (dict(skip_special_tokens=True, add_generation_prompt=True, guided_json=None), dict(some_future_field=1),
+               dict(min_p=0.1, stop_token_ids=[5], include_stop_str_in_output=True)):  # vLLM's defaults; unknown; implemented
+        status, body = post_json(live, "/v1/completions", {**prompt, **kw})
+        assert status == 200, (kw, body)
+    status, body = post_json(live, "/v1/completions", {**prompt, "min_p": 1.5})
+    assert status == 400 and body["error"]["param"] == "min_p"
+
+
 def post_json(live, path: str, body) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(live.url + path, data=data, headers={"Content-Type": "application/json"})

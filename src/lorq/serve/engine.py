@@ -108,10 +108,14 @@ class Sequence:
 UNFINISHED = ("abort", "error", "shutdown")
 
 
-def stop_cut(text: str, stops: list[str]) -> int | None:
-    """Index where the first stop string starts in text, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def stop_cut(text: str, stops: list[str], include: bool = False) -> int | None:
+    """Where text ends at its first stop string: where that starts, or with `include` where it
+    ends (vLLM's include_stop_str_in_output); None if there is none."""
+    found = [(i, i + len(s)) for s in stops if (i := text.find(s)) >= 0]
+    if not found:
+        return None
+    start, end = min(found)
+    return end if include else start
 
 
 def safe_prefix(text: str, stops: list[str]) -> int:
@@ -202,8 +206,9 @@ class Engine:
             raise LorqError(f"adapter {adapter.name!r} holds {str(adapter.dtype).removeprefix('torch.')} weights, the engine runs "
                             f"{str(self.dtype).removeprefix('torch.')}: read it with AdapterStore(..., dtype=engine.dtype)")
         vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise InvalidParam(f"logit_bias keys must be token IDs in 0..{vocab - 1}", "logit_bias")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidParam(f"{name} must hold token IDs in 0..{vocab - 1}", name)
         need = self.pool.bytes_for(1, len(prompt) + params.max_tokens)
         if need > self.kv_budget:
             raise LorqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need / 2**20:.0f} MiB of KV cache, "
@@ -386,11 +391,14 @@ class Engine:
         if token in self.eos and not p.ignore_eos:
             return self.finish(seq, "stop")
         text = seq.detokenizer.text(self.tok, seq.generated)
-        cut = stop_cut(text, p.stop) if p.stop and len(seq.generated) >= p.min_tokens else None  # no stop before min_tokens, as vLLM
+        ready = len(seq.generated) >= p.min_tokens  # no stop string before min_tokens, as vLLM
+        cut = stop_cut(text, p.stop, p.include_stop_str_in_output) if p.stop and ready else None
         if cut is not None:
             seq.text = text[:cut]
             return self.finish(seq, "stop")
         seq.text = text
+        if token in p.stop_token_ids:  # its text stays, as vLLM's does (a special token's is empty)
+            return self.finish(seq, "stop")
         if len(seq.generated) >= p.max_tokens:
             return self.finish(seq, "length")
         end = safe_prefix(text, p.stop)

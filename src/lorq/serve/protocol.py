@@ -38,12 +38,22 @@ def given(value, default):
     return default if value is None else value
 
 
+# vLLM's request fields this server does not implement: refused when set, not silently ignored
+# (a value equal to vLLM's default is accepted: that is what this server does anyway)
+VLLM_UNSUPPORTED = {name: None for name in (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
+    "structured_outputs", "use_beam_search", "length_penalty", "allowed_token_ids", "bad_words", "prompt_logprobs",
+    "truncate_prompt_tokens", "logits_processors", "chat_template", "chat_template_kwargs", "continue_final_message",
+    "documents", "return_tokens_as_token_ids", "priority")} | {
+    "add_generation_prompt": True, "skip_special_tokens": True, "spaces_between_special_tokens": True}
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat; unknown fields are ignored, as OpenAI's servers do,
     but known sampling fields this server does not implement are refused, not ignored. Types are
     strict (no "5" for 5, no true for 1); null means the field's default, as in OpenAI's API."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # extras kept only to refuse VLLM_UNSUPPORTED
 
     model: str
     temperature: float | None = None
@@ -57,8 +67,11 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     top_k: int | None = None  # vLLM's extensions from here on
+    min_p: float | None = None
     min_tokens: int | None = None
     repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
@@ -69,6 +82,8 @@ class SamplingFields(BaseModel):
     def check_supported(self) -> None:
         unsupported = {"response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools),
                        "functions": bool(self.functions), **self.unsupported_extras(),
+                       **{name: (self.model_extra or {})[name] not in (None, default) for name, default in VLLM_UNSUPPORTED.items()
+                          if name in (self.model_extra or {})},
                        **{name: getattr(self, name) not in (None, "none", "auto") for name in ("tool_choice", "function_call")}}
         for name, used in unsupported.items():
             if used:
@@ -95,9 +110,11 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
-            top_k=max(given(self.top_k, 0), 0), min_tokens=given(self.min_tokens, 0), presence_penalty=given(self.presence_penalty, 0.0),
-            frequency_penalty=given(self.frequency_penalty, 0.0), repetition_penalty=given(self.repetition_penalty, 1.0),
-            logit_bias=bias, stop=stop, seed=self.seed, ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_count(),
+            top_k=max(given(self.top_k, 0), 0), min_p=given(self.min_p, 0.0), min_tokens=given(self.min_tokens, 0),
+            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0), logit_bias=bias, stop=stop,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output), stop_token_ids=list(self.stop_token_ids or []),
+            seed=self.seed, ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_count(),
             prompt_logprobs=prompt_logprobs and self.logprob_count() is not None,
         )
         try:

@@ -37,8 +37,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0  # tokens below min_p × the most likely one's probability are not sampled
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # end like EOS, but their text stays (vLLM)
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks: a fixed amount of work per request)
     logprobs: int | None = None  # alternatives reported with each generated token (0: its own only); None: no log-probabilities
@@ -49,6 +52,7 @@ class SamplingParams:
             (self.max_tokens > 0, "max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens}"),
             (0 <= self.temperature <= 2, "temperature", f"temperature must be in [0, 2], got {self.temperature}"),
             (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
             (self.top_k >= 0, "top_k", f"top_k must be -1 or 0 (every token) or positive, got {self.top_k}"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
@@ -107,8 +111,9 @@ def controlled(logits: torch.Tensor, p: SamplingParams, prompt: list[int], gener
     logits = logits.float()
     if p.logit_bias:
         logits = add_logit_bias(logits, p.logit_bias)
-    if len(generated) < p.min_tokens and eos and not p.ignore_eos:
-        logits = hold_back(logits, eos)
+    held = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
+    if len(generated) < p.min_tokens and held:
+        logits = hold_back(logits, held)
     if p.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, prompt + generated, p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and generated:
@@ -120,8 +125,9 @@ def greedy(logits: torch.Tensor) -> int:
     return int(logits.argmax())
 
 
-def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p."""
+def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator, min_p: float = 0.0) -> int:
+    """Sample from softmax(logits / T) restricted to the smallest set of tokens whose mass >= top_p
+    and to those at least min_p times as likely as the most likely one."""
     # fp64: a temperature or top_p below ~1e-45 is 0 in fp32 (0/0 logits, an empty nucleus)
     logits = logits.double().cpu()  # the per-request generator lives on the CPU
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # max first: no inf/inf at tiny T
@@ -130,6 +136,8 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, gener
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # tokens before which the mass is still short of top_p
         keep[0] = True  # the most likely token, whatever top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    if min_p > 0:  # against the largest probability: unchanged by top-p, which keeps it
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -137,7 +145,7 @@ def next_token(logits: torch.Tensor, p: SamplingParams, prompt: list[int], gener
                generator: torch.Generator | None) -> int:
     if p.controls:
         logits = controlled(logits, p, prompt, generated, eos)
-    return greedy(logits) if p.temperature == 0 else nucleus_sample(logits, p.temperature, p.top_p, generator)
+    return greedy(logits) if p.temperature == 0 else nucleus_sample(logits, p.temperature, p.top_p, generator, p.min_p)
 
 
 @dataclass
