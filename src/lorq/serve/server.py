@@ -390,11 +390,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         arrival = time.perf_counter()
-        try:
-            text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
-        except Exception as e:  # the template's own checks (e.g. roles out of order)
-            raise APIError(400, f"the messages do not fit the chat template: {describe(e)}", param="messages")
-        prompt = await run_in_threadpool(encode, server, text, True)
+        def template() -> list[int]:  # off the event loop: long histories take seconds to render
+            try:
+                text = chat_text(server.engine.tok, [m.as_template() for m in req.messages])
+            except Exception as e:  # the template's own checks (e.g. roles out of order)
+                raise APIError(400, f"the messages do not fit the chat template: {describe(e)}", param="messages")
+            return encode(server, text, True)
+
+        prompt = await run_in_threadpool(template)
         limit = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), max(server.engine.max_length - len(prompt), 1))
         params = req.sampling(limit)
         seqs, events = await server.start(req.model, [prompt], params, arrival, req.n or 1)
