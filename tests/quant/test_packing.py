@@ -29,7 +29,7 @@ def test_layout_is_a_big_endian_bit_stream():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_decode_bytes_is_the_level_of_every_code(bits, dtype):
-    # rows of 1-8 values of 2-8 bytes: every gather width (int16 .. complex128) and the fallback
+    # rows of 1-4 values of 2-32 bytes: every gather width (int16, int32, int64) and the row copy
     levels = torch.randn(2**bits - 3).to(dtype)  # fewer levels than codes, as FP8 / FP4
     codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
     values = decode_bytes(byte_table(levels, bits), pack_bits(codes, bits))

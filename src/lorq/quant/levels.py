@@ -50,6 +50,7 @@ def levels_for(fmt: QuantFormat, bits: int) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def level_byte_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8 / bits): the format's levels of the codes packed in each possible byte, cached."""
     return byte_table(levels_for(fmt, bits), bits).to(device, dtype)
 
 

@@ -12,7 +12,8 @@ import torch
 PACKABLE_BITS = (2, 3, 4, 8)
 BYTE_TABLE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
 # a table row of this many bytes is gathered as one scalar of the dtype (see decode_bytes)
-ROW_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+# (16-byte rows as complex128 measured slower than the row copy: 2-bit fp32 levels keep it)
+ROW_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def codes_per_word(bits: int) -> tuple[int, int]:
@@ -72,8 +73,10 @@ def decode_bytes(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """table[packed] flattened: every packed code's level, from a byte_table, in one gather.
 
     Each row is gathered as a single scalar as wide as the row (two fp32 levels as one int64):
-    index_select copies a 2-D table's rows one at a time, 2-5x slower on CPU, and
-    dequantization is most of a quantized layer's time at small batches."""
+    index_select copies a 2-D table's rows one at a time, several times slower on CPU, and
+    dequantization is most of a quantized layer's time at small batches (NF4 as a whole:
+    0.90 -> 0.54 ms for a 1536 x 576 matrix on a 2-core Xeon, against 0.26 ms for its GEMM
+    with 32 rows)."""
     wide = ROW_DTYPES.get(table.shape[1] * table.element_size())
     index = packed.reshape(-1).int()
     if wide is None:
