@@ -294,18 +294,22 @@ def test_bf16_serving_equals_bf16_generate(tiny_model_dir, many_adapters, fmt, c
 
 
 def test_stop_token_ids_and_stop_strings_kept_in_the_output(tiny_model_dir):
-    """vLLM's stop_token_ids end a sequence like EOS but keep the token's text, and are held back
-    before min_tokens; include_stop_str_in_output keeps the stop string."""
+    """vLLM's stop_token_ids end a sequence like EOS, their text left out unless
+    include_stop_str_in_output (which also keeps a stop string), and are held back before
+    min_tokens."""
     engine, _, tok = engine_for(tiny_model_dir, None)
     prompt = encode_prompt(tok, PROMPTS[0])
     full = engine.generate([(prompt, None, greedy(12))])[0]
     k = 3
     stopper = full.generated[k]
     first = full.generated.index(stopper)
-    at, held = engine.generate([(prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper])),
-                                (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper], min_tokens=first + 2))])
-    assert at.generated == full.generated[: first + 1] and at.finish_reason == "stop"
-    assert at.text == tok.decode(full.generated[: first + 1], skip_special_tokens=True)
+    at, shown, held = engine.generate([
+        (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper])),
+        (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper], include_stop_str_in_output=True)),
+        (prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stopper], min_tokens=first + 2))])
+    assert at.generated == shown.generated == full.generated[: first + 1] and at.finish_reason == shown.finish_reason == "stop"
+    assert at.text == tok.decode(full.generated[:first], skip_special_tokens=True)
+    assert shown.text == tok.decode(full.generated[: first + 1], skip_special_tokens=True) != at.text
     assert stopper not in held.generated[: first + 2] and len(held.generated) >= first + 2  # not chosen before min_tokens
     stop = full.text[4:6]
     cut, kept = engine.generate([(prompt, None, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])),

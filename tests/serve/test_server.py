@@ -50,11 +50,16 @@ def test_models_lists_base_and_adapters(live):
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
 def test_a_json_body_is_read_whatever_its_content_type(live, ref, content_type):
     """`curl -d '{...}'` labels its JSON as a form; the API takes only JSON, so it reads it."""
+    import http.client
+    from urllib.parse import urlsplit
+
     body = json.dumps({"model": "ad3", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
-    request = urllib.request.Request(live.url + "/v1/completions", data=body, headers={"Content-Type": content_type} if content_type else {})
-    if content_type is None:
-        request.remove_header("Content-type")  # urllib would add the form type
-    assert json.loads(urllib.request.urlopen(request).read())["choices"][0]["text"] == ref("ad3", PROMPTS[0], 4, chat=False)
+    url = urlsplit(live.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)  # urllib would add a form type where none is given
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": content_type} if content_type else {})
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read())["choices"][0]["text"] == ref("ad3", PROMPTS[0], 4, chat=False)
+    conn.close()
 
 
 def test_completion_and_chat_equal_offline_generate(live, ref):
@@ -183,7 +188,8 @@ def test_vllm_fields_not_implemented_are_refused_and_unknown_ones_ignored(live):
     status, body = post_json(live, "/v1/chat/completions", {"model": "ad0", "messages": [{"role": "user", "content": "hi"}],
                                                             "max_tokens": 2, "continue_final_message": True})
     assert status == 400 and "continue_final_message" in body["error"]["message"]
-    for kw in (dict(skip_special_tokens=True, add_generation_prompt=True, guided_json=None), dict(some_future_field=1),
+    for kw in (dict(skip_special_tokens=True, add_generation_prompt=True, guided_json=None, use_beam_search=False, length_penalty=1.0,
+                    bad_words=[], priority=0), dict(some_future_field=1),
                dict(min_p=0.1, stop_token_ids=[5], include_stop_str_in_output=True)):  # vLLM's defaults; unknown; implemented
         status, body = post_json(live, "/v1/completions", {**prompt, **kw})
         assert status == 200, (kw, body)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..adapters.lora import check_patterns
 from ..errors import LorqError
 from ..models.loading import model_context
-from ..options import opt
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from ..quant.linear import DECODER_LINEARS
 from .detokenize import Detokenizer
 from .kv import ATTENTION, KVPool, PackedStep
@@ -43,8 +43,8 @@ class EngineConfig:
     targets: list[str] = opt([DECODER_LINEARS], "regexes of the linear layers adapters may target")
 
     def validate(self) -> "EngineConfig":
-        if min(self.max_batch, self.max_batch_tokens, self.max_scored_tokens, self.max_queue) <= 0 or self.max_model_len < 0 or self.kv_cache_mb < 0:
-            raise LorqError("max-batch, max-batch-tokens, max-scored-tokens and max-queue must be positive, max-model-len and kv-cache-mb >= 0")
+        check_ranges(self, {**{k: POSITIVE for k in ("max_batch", "max_batch_tokens", "max_scored_tokens", "max_queue")},
+                            "max_model_len": NON_NEGATIVE, "kv_cache_mb": NON_NEGATIVE})
         check_patterns(self.targets)
         return self
 
@@ -390,6 +390,8 @@ class Engine:
         seq.generated.append(token)
         if token in self.eos and not p.ignore_eos:
             return self.finish(seq, "stop")
+        if token in p.stop_token_ids and not p.include_stop_str_in_output:  # its text left out, as EOS's (vLLM)
+            return self.finish(seq, "stop")
         text = seq.detokenizer.text(self.tok, seq.generated)
         ready = len(seq.generated) >= p.min_tokens  # no stop string before min_tokens, as vLLM
         cut = stop_cut(text, p.stop, p.include_stop_str_in_output) if p.stop and ready else None
@@ -397,7 +399,7 @@ class Engine:
             seq.text = text[:cut]
             return self.finish(seq, "stop")
         seq.text = text
-        if token in p.stop_token_ids:  # its text stays, as vLLM's does (a special token's is empty)
+        if token in p.stop_token_ids:  # include_stop_str_in_output: its text kept
             return self.finish(seq, "stop")
         if len(seq.generated) >= p.max_tokens:
             return self.finish(seq, "length")

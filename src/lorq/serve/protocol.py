@@ -38,14 +38,20 @@ def given(value, default):
     return default if value is None else value
 
 
-# vLLM's request fields this server does not implement: refused when set, not silently ignored
-# (a value equal to vLLM's default is accepted: that is what this server does anyway)
-VLLM_UNSUPPORTED = {name: None for name in (
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
-    "structured_outputs", "use_beam_search", "length_penalty", "allowed_token_ids", "bad_words", "prompt_logprobs",
-    "truncate_prompt_tokens", "logits_processors", "chat_template", "chat_template_kwargs", "continue_final_message",
-    "documents", "return_tokens_as_token_ids", "priority")} | {
-    "add_generation_prompt": True, "skip_special_tokens": True, "spaces_between_special_tokens": True}
+# vLLM's request fields this server does not implement, with vLLM's defaults: a field set to
+# anything else is refused, not silently ignored (its default is what this server does anyway)
+VLLM_UNSUPPORTED = {
+    **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                     "guided_whitespace_pattern", "structured_outputs", "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens",
+                     "logits_processors", "chat_template", "chat_template_kwargs", "documents")),
+    "use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "priority": 0, "continue_final_message": False,
+    "return_tokens_as_token_ids": False, "add_generation_prompt": True, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+}
+
+
+def unsupported_vllm_fields(extra: dict) -> dict[str, bool]:
+    """Which of VLLM_UNSUPPORTED a request sets to something but null or vLLM's default."""
+    return {name: extra[name] not in (None, VLLM_UNSUPPORTED[name]) for name in VLLM_UNSUPPORTED if name in extra}
 
 
 class SamplingFields(BaseModel):
@@ -81,9 +87,7 @@ class SamplingFields(BaseModel):
 
     def check_supported(self) -> None:
         unsupported = {"response_format": (self.response_format or {"type": "text"}).get("type") != "text", "tools": bool(self.tools),
-                       "functions": bool(self.functions), **self.unsupported_extras(),
-                       **{name: (self.model_extra or {})[name] not in (None, default) for name, default in VLLM_UNSUPPORTED.items()
-                          if name in (self.model_extra or {})},
+                       "functions": bool(self.functions), **self.unsupported_extras(), **unsupported_vllm_fields(self.model_extra or {}),
                        **{name: getattr(self, name) not in (None, "none", "auto") for name in ("tool_choice", "function_call")}}
         for name, used in unsupported.items():
             if used:

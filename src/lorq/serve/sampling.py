@@ -41,7 +41,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)  # end like EOS, but their text stays (vLLM)
+    stop_token_ids: list[int] = field(default_factory=list)  # end like EOS (their text only with include_stop_str_in_output)
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks: a fixed amount of work per request)
     logprobs: int | None = None  # alternatives reported with each generated token (0: its own only); None: no log-probabilities

@@ -28,7 +28,7 @@ from starlette.routing import Match
 from ..errors import LorqError
 from ..eval.generate import chat_text, encode_prompt
 from ..models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, Device
-from ..options import opt
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from ..quant import FormatConfig
 from ..quant.base import no_quant
 from ..train.precision import INFERENCE_PRECISION_HELP, Precision
@@ -61,8 +61,7 @@ class ServeConfig:
         self.engine.validate()
         if not 0 < self.port < 65536:
             raise LorqError(f"port must be in 1..65535, got {self.port}")
-        if not (self.adapter_cache_mb > 0 and self.shutdown_timeout >= 0):
-            raise LorqError("adapter-cache-mb must be positive and shutdown-timeout >= 0")
+        check_ranges(self, {"adapter_cache_mb": POSITIVE, "shutdown_timeout": NON_NEGATIVE})
         if self.adapter_cache_mb * 2**20 < 1:
             raise LorqError(f"adapter-cache-mb {self.adapter_cache_mb} is less than one byte")
         for name in ("adapters", "served_name"):
@@ -529,8 +528,10 @@ def serve(server: Server, cfg: ServeConfig) -> None:
         def handle_exit(self, sig, frame):
             if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: quit now, as uvicorn would,
                 # but without finalizing the interpreter under the engine thread's torch (SIGABRT)
-                print("lorq: forced exit, in-flight requests cut", flush=True)
-                os._exit(128 + sig)
+                try:  # print can fail here (a write to stdout interrupted mid-way); the exit must not
+                    print("lorq: forced exit, in-flight requests cut", flush=True)
+                finally:
+                    os._exit(128 + sig)
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
             if not deadline.is_alive() and not deadline.finished.is_set():
