@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny random Llama, and one-line errors (exit 2) for bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -70,7 +71,8 @@ def test_quantize_eval_generate_and_yaml(tiny_model_dir, tmp_path, capsys):
     code, stdout, err = run(capsys, "generate", "--model", tiny_model_dir, "--config", cfg, "--no-chat", "--temperature", "0.7", "--top-k", "5",
                             "--repetition-penalty", "1.3")
     assert code == 0, err
-    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--top-k", "-1", match="top-k >= 0")
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--top-k", "-1", match="top-k must be >= 0, got -1")
+    one_line_error(capsys, "generate", "--model", tiny_model_dir, "--top-p", "0", match="top-p must be in (0, 1], got 0.0")  # the one at fault, by name
     cfg.write_text("lora:\n  rank: 2\ntrain:\n  steps: 1\n  eval_blocks: 1\n  batch_size: 1\ndata:\n  block_size: 16\n")
     code, stdout, err = run(capsys, "finetune", "--model", tiny_model_dir, "--config", cfg, "--output", tmp_path / "y", "--precision", "fp32")
     assert code == 0, err
@@ -151,10 +153,23 @@ def test_finetune_over_a_frozen_compensation(tiny_model_dir, tmp_path, capsys):
     assert all(m["rank"] == 4 and m["lowrank"] == "lorc" for m in modules.values())  # the branch stays in the base
 
 
+def file_modes(root) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_mode & 0o777 for f in root.rglob("*") if f.is_file()}
+
+
 def test_resume_via_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     args = ["finetune", "--model", tiny_model_dir, "--output", out, *FAST]
-    assert run(capsys, *args)[0] == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert run(capsys, *args)[0] == 0
+        code, _, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", tmp_path / "q", "--eval-blocks", "0")
+        assert code == 0, err
+    finally:
+        os.umask(old_umask)
+    modes = {**file_modes(out), **file_modes(tmp_path / "q")}  # safetensors' save_file alone makes 0600 files
+    assert "adapter/adapter_model.safetensors" in modes and "model.safetensors" in modes
+    assert {f: m for f, m in modes.items() if m != 0o644} == {}
     code, stdout, err = run(capsys, *args, "--resume", "--steps", "4")
     assert code == 0, err
     assert "resuming from" in stdout
@@ -195,6 +210,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(bert)
     one_line_error(capsys, "eval", "--model", bert, match="not a causal language model")
     one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--targets", "nothing_matches", *FAST[:-2], "--output", tmp_path / "run", match="match no linear layer")
+    assert not (tmp_path / "run").exists()  # a run refused before its first write leaves no directory behind
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", empty, *FAST, "--output", tmp_path / "run", match="is empty")
@@ -205,6 +221,10 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--bits", "5", "--output", tmp_path / "q3", match="unsupported bits 5")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "hqq", "--format", "nf", match="asymmetric affine")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", tmp_path / "missing.yaml", match="rules file")
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", tmp_path, match="not found (it is a directory)")
+    one_line_error(capsys, "finetune", "--model", tiny_model_dir, "--train-file", tmp_path, *FAST, "--output", tmp_path / "run",
+                   match=f"training file {tmp_path} not found (it is a directory)")
+    one_line_error(capsys, "eval", "--model", tiny_model_dir, "--data-file", tmp_path, match=f"data file {tmp_path} not found (it is a directory)")
     typo = tmp_path / "typo.yaml"
     typo.write_text("- {pattern: 'mlp\\.down_prj', format: int, bits: 8}\n")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--rules", typo, "--output", tmp_path / "q4", match="matches no linear layer")
@@ -216,7 +236,7 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "finetune", "--model", "/nonexistent", "--optimizer", "galore", "--format", "none", "--grad-accum", "2", match="grad-accum 1")
     one_line_error(capsys, "quantize", "--format", "int7", match="invalid choice")
     one_line_error(capsys, "quantize", "--group", "3", match="group size must be")
-    one_line_error(capsys, "quantize", "--method", "gptq", "--calib-samples", "0", match="must be positive")
+    one_line_error(capsys, "quantize", "--method", "gptq", "--calib-samples", "0", match="calib-samples must be positive, got 0")
     one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--method", "gptq", "--calib-file", tmp_path / "nope.txt", match="not found")
     one_line_error(capsys, "finetune", "--steps", "many", match="invalid int value")
     one_line_error(capsys, "generate", "--max-new-tokens", "0", match="max-new-tokens must be positive")
@@ -323,6 +343,9 @@ def test_system_errors_and_the_unexpected_are_one_line(tiny_model_dir, tmp_path,
         busy.listen()
         one_line_error(capsys, "serve", "--model", tiny_model_dir, "--port", busy.getsockname()[1], match="cannot listen")
 
+    if os.path.isdir("/proc/self"):  # an output the system refuses (as a read-only mount would): status 1, not 2
+        code, _, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", "/proc/lorq-q", "--eval-blocks", "0")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot create output /proc/lorq-q: /proc refuses new files" in err, err
     for error, line in ((PermissionError(13, "Permission denied", "/data/x"), "lorq: error: Permission denied: /data/x"),
                         (KeyError("a bug"), "lorq: error: KeyError: 'a bug' (unexpected; LORQ_DEBUG=1 shows the traceback)")):
         def broken_job(cfg, error=error):
@@ -430,12 +453,28 @@ def test_outputs_never_destroy_the_inputs_or_foreign_files(tiny_model_dir, adapt
     for _ in range(2):
         code, _, err = run(capsys, "quantize", "--model", tiny_model_dir, "--output", q, *fast_quant)
         assert code == 0, err
+    assert (q / "generation_config.json").is_file()  # the model's end-of-sequence ids travel with it
+    (q / "NOTES.md").write_text("mine")  # but not over what a user put beside it
+    (q / "eval_results").mkdir()
+    one_line_error(capsys, "quantize", "--model", tiny_model_dir, "--output", q, *fast_quant,
+                   match="also holds what lorq did not write there (NOTES.md, eval_results)")
+    assert (q / "NOTES.md").read_text() == "mine" and (q / "lorq_quant.json").is_file()
+
+
+def test_a_rerun_drops_the_results_it_does_not_write(tiny_model_dir, tmp_path, capsys):
+    """A run over a compensated base wrote base/; a plain run into the same directory must not
+    leave that base beside its own adapter (eval of the pair would score the wrong base)."""
+    out = tmp_path / "ft"
+    finetune_lowrank(capsys, tiny_model_dir, out, "--lowrank", "lorc", "--lowrank-as", "compensate")
+    code, _, err = run(capsys, "finetune", "--model", tiny_model_dir, "--output", out, *FAST)
+    assert code == 0, err
+    assert not (out / "base").exists() and (out / "adapter" / "adapter_config.json").is_file()
 
 
 def test_serve_bad_inputs(tiny_model_dir, tmp_path, capsys):
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--adapters", tmp_path / "nope", match="not a directory")
     one_line_error(capsys, "serve", "--model", tiny_model_dir, "--port", "0", match="port")
-    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-batch", "0", match="positive")
+    one_line_error(capsys, "serve", "--model", tiny_model_dir, "--max-batch", "0", match="max-batch must be positive, got 0")
     one_line_error(capsys, "serve", "--model", tmp_path / "nope", match="not found")
 
 

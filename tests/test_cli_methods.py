@@ -3,6 +3,7 @@ model's final validation perplexity, and impossible combinations are one-line er
 (Whether each method improves a real model is benchmarks/methods.py's question.)"""
 
 import json
+import os
 
 import pytest
 import torch
@@ -68,7 +69,12 @@ def test_quantization_aware_variants_write_a_quantized_model(tiny_model_dir, tmp
                                    ["--optimizer", "lisa", "--lisa-layers", "1", "--lisa-period", "2"],
                                    ["--full"]])
 def test_full_parameter_training_writes_a_model(tiny_model_dir, tmp_path, capsys, extra):
-    s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--format", "none", *extra, fast=FULL_FAST)
+    old_umask = os.umask(0o022)
+    try:
+        s = finetune(capsys, tiny_model_dir, tmp_path / "run", "--format", "none", *extra, fast=FULL_FAST)
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644  # not save_file's 0600
     assert s["ppl_after"] < s["ppl_before"] and s["method"]["full"]
     assert s["final"]["peak_optimizer_state_mb"] > 0
     assert reloaded_ppl(capsys, tmp_path / "run" / "model", None, "--precision", "fp32") == pytest.approx(s["ppl_after"], rel=1e-3)

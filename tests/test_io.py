@@ -173,3 +173,47 @@ def test_an_output_the_system_refuses_is_refused_before_the_work():
         check_output_dir("/proc/lorq-out", "quantized checkpoint", ("lorq_quant.json",))
     with pytest.raises(LorqError, match="refuses new files"):
         check_output_file("/proc/lorq.gguf", b"GGUF", "GGUF file")
+
+
+def test_saved_safetensors_get_the_usual_mode_and_a_full_disk_is_an_os_error(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from lorq.io import save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644  # save_file alone: 0600
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as e:
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "b.safetensors")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "b.safetensors")
+
+
+def test_an_earlier_output_replaced_whole_may_hold_only_what_lorq_writes(tmp_path):
+    """Any tokenizer's files, shards, named chat templates and an interrupted write's temporary
+    are lorq's to replace; anything else refuses the output, by name."""
+    from lorq.models.loading import HF_MODEL_FILES
+
+    out = tmp_path / "q"
+    out.mkdir()
+    for name in ("lorq_quant.json", "report.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
+                 "generation_config.json", "tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt", "merges.txt",
+                 "chat_template.jinja", ".lorq-tmp-123-abcd"):
+        (out / name).write_text("x")
+    (out / "additional_chat_templates").mkdir()
+    owned = ("lorq_quant.json", "report.json", *HF_MODEL_FILES)
+    assert check_output_dir(out, "quantized checkpoint", ("lorq_quant.json",), owned=owned) == out
+    (out / "NOTES.md").write_text("mine")
+    (out / "eval").mkdir()
+    with pytest.raises(LorqError, match=r"also holds what lorq did not write there \(NOTES.md, eval\)"):
+        check_output_dir(out, "quantized checkpoint", ("lorq_quant.json",), owned=owned)
+    assert (out / "NOTES.md").read_text() == "mine"

@@ -18,7 +18,7 @@ import typing
 from enum import Enum
 from pathlib import Path
 
-from .errors import LorqError
+from .errors import LorqError, SystemRefusal
 from .quant.base import check_release1_bits
 
 COMMANDS = {
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except LorqError as e:
         end_progress_bars()
         print(f"lorq: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, SystemRefusal) else 2
     except OSError as e:  # a path the system refused: permissions, a full disk, a name too long
         end_progress_bars()
         print(f"lorq: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)

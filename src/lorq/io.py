@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LorqError
+from .errors import LorqError, SystemRefusal
 
 
 @contextmanager
@@ -83,14 +85,12 @@ def check_creatable(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise LorqError(f"cannot create output {out}: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LorqError(f"cannot create output {out}: no permission to write in {parent}")
-    try:  # a real file, before the work: root passes access() where the system still refuses (/proc, /sys)
+    try:  # a real file, before the work: access() passes root where the system still refuses (/proc, a read-only mount)
         fd, probe = tempfile.mkstemp(prefix=".lorq-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise LorqError(f"cannot create output {out}: {parent} refuses new files ({e.strerror})")
+        raise SystemRefusal(f"cannot create output {out}: {parent} refuses new files ({e.strerror})")
 
 
 def check_output_name(out: str | Path) -> Path:
@@ -104,12 +104,20 @@ def check_output_name(out: str | Path) -> Path:
     return out
 
 
-def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), parts: tuple[str, ...] = ()) -> Path:
+def foreign_entries(out: Path, owned: tuple[str, ...]) -> list[str]:
+    """Entries of out that match none of the glob patterns `owned`."""
+    return sorted(e.name for e in out.iterdir() if not any(fnmatch.fnmatchcase(e.name, p) for p in owned))
+
+
+def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads=(), parts: tuple[str, ...] = (),
+                     owned: tuple[str, ...] = ()) -> Path:
     """Refuse an output directory whose writing would destroy something that is not ours: the
     current directory (or one above it), a path that overlaps an input, a file, or a non-empty
     directory holding none of `markers` (the files by which an earlier lorq output of this kind
     is recognised, and may be replaced). parts: the output writes these entries inside the
-    directory (replacing them) instead of replacing the directory itself."""
+    directory (replacing them) instead of replacing the directory itself. owned: for a
+    directory replaced whole, glob patterns of every entry an earlier output may hold; an
+    entry matching none (a user's notes) refuses the output rather than vanish with it."""
     out = check_output_name(out)
     resolved, cwd = out.resolve(), Path.cwd().resolve()
     if not parts and (resolved == cwd or resolved in cwd.parents):
@@ -123,6 +131,10 @@ def check_output_dir(out: str | Path, kind: str, markers: tuple[str, ...], reads
         if any(out.iterdir()) and not any((out / m).exists() for m in markers):
             raise LorqError(f"output {out} is a non-empty directory that is not a {kind} written by lorq "
                             f"(it has no {markers[0]}); choose a new directory, or remove it yourself")
+        if owned and (foreign := foreign_entries(out, owned)):
+            raise LorqError(f"output {out} is an earlier {kind}, but also holds what lorq did not write there "
+                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which replacing it would delete; "
+                            f"move that out, or choose a new directory")
     return out
 
 
@@ -179,6 +191,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = temp_sibling(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file mode any other file gets (it creates 0600 files,
+    which other users of a shared machine could not read)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # SafetensorError: "... I/O error: No space left on device (os error 28)"
+        if (code := re.search(r"\(os error (\d+)\)", str(e))) is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+    usual_mode(path)
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a file the mode a plain open() would: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,10 +18,10 @@ from .adapters import LoRAConfig, add_adapters, load_peft, save_peft
 from .errors import LorqError
 from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
-from .io import atomic_dir, check_output_dir, write_json
+from .io import atomic_dir, check_output_dir, usual_mode, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
-from .models.loading import DEFAULT_MODEL, DEVICE_HELP, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, model_label, resolve_device
-from .options import opt
+from .models.loading import DEFAULT_MODEL, DEVICE_HELP, HF_MODEL_FILES, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, model_label, resolve_device
+from .options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
 from .adapters.lora import lora_layers
 from .adapters.native_format import NATIVE_VARIANTS
@@ -215,7 +216,8 @@ def run_quantize(cfg: QuantizeConfig, also_reads=()) -> dict:
         raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
     if cfg.eval_blocks < 0:
         raise LorqError("eval-blocks must be >= 0")
-    check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules, cfg.method.calib_file, *also_reads])
+    check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules, cfg.method.calib_file, *also_reads],
+                     owned=(QUANT_CONFIG, "report.json", "merge_report.json", *HF_MODEL_FILES))  # also over a quantized merge
     base = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules, cfg.rank, cfg.budget)
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if report is None:
@@ -240,6 +242,7 @@ def run_quantize(cfg: QuantizeConfig, also_reads=()) -> dict:
 RUN_MARKER = "lorq_run.json"  # written first into every run directory: what lorq may replace there
 RUN_MARKERS = (RUN_MARKER, "checkpoints/latest")  # the latter: runs of lorq before the marker
 RUN_PARTS = ("adapter", "base", "model", "checkpoints", "metrics.jsonl", "loss.png", "summary.json", RUN_MARKER)
+RUN_RESULTS = ("adapter", "base", "model")
 # options that may change on --resume: they do not change the trained result (more --steps
 # continue a finished run;
 # dylora_rank only picks the rank the trained nested adapter is evaluated and exported at)
@@ -368,6 +371,16 @@ def save_full_model(model, tok, out: Path, state_dict: dict | None = None) -> No
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tok.save_pretrained(tmp)
+        for f in tmp.glob("*.safetensors"):  # written by safetensors' save_file: 0600 otherwise
+            usual_mode(f)
+
+
+def drop_stale_results(out: Path, written: set[str]) -> None:
+    """Remove the results of an earlier run in `out` that this run did not write: its base/
+    beside this run's adapter would pair the two wrongly."""
+    for part in RUN_RESULTS:
+        if part not in written and (out / part).is_dir():
+            shutil.rmtree(out / part)
 
 
 def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
@@ -421,8 +434,11 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     if full and is_quantized(model):
         raise LorqError(f"full-parameter training needs a dense base; {path} is quantized")
     train_blocks, val_blocks = load_blocks(tok, cfg.data)
-    if world.main:  # before the run's first write into the directory
-        write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
+
+    def mark_run() -> None:  # just before the run's first write into the directory: a run refused before leaves none
+        if world.main:
+            write_json(out / RUN_MARKER, {"command": "finetune", "note": "a lorq fine-tuning run: lorq may replace what it wrote here"})
+
     adapter_base, factors = str(cfg.model), {}
     residual = any(s.residual for s in starts.values())
     if report is not None and (lowrank or base.budget or residual):
@@ -433,6 +449,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         # the adapter belongs to this exact quantized base (Q was chosen together with the factors)
         budget = base.budget.summary() if base.budget else None
         adapter_base = str(out / "base")
+        mark_run()
         if world.main:
             save_quantized(model, tok, out / "base", report, str(cfg.model), base.rules, budget)
     torch.manual_seed(cfg.train.seed)
@@ -459,6 +476,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
     say(f"validation perplexity before training: {before['ppl']:.3f}", flush=True)
     n_trainable = trainable_count(model)
     loss = NextTokenLoss(model, cfg.train.loss_chunk)
+    mark_run()
     final = train(model, train_blocks, val_blocks, cfg.train, out, initial_val=before, world=world, optim=cfg.optim, loss=loss,
                   options=options)
     nll = loss if is_sharded(loss) else None  # --fsdp: the model runs only through the sharded loss module
@@ -490,6 +508,7 @@ def run_finetune(cfg: FinetuneConfig, also_reads=()) -> dict:
         else:
             # a residual init on a dense base: export against the original weights (rank r + r0)
             save_peft(model, result, cfg.lora.adapter_name, base_model=adapter_base, restore_base=residual and report is None)
+        drop_stale_results(out, {result.name} | ({"base"} if adapter_base == str(out / "base") else set()))
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         write_json(out / "summary.json", summary)
     kind = ("quantized model (lorq format)" if quantized_result else "model (HF format)" if writes_model
@@ -526,8 +545,7 @@ def load_for_inference(model_name: str, quant: FormatConfig, adapter: str | None
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    if cfg.eval_blocks < 0 or cfg.batch_size <= 0:
-        raise LorqError("eval-blocks must be >= 0 and batch-size positive")
+    check_ranges(cfg, {"eval_blocks": NON_NEGATIVE, "batch_size": POSITIVE})
     DataConfig(block_size=cfg.block_size).validate()
     check_records(cfg.data_file)
     model, tok, path = load_for_inference(cfg.model, cfg.quant, cfg.adapter, lambda config: check_block_size(config, cfg.block_size), cfg.device)
@@ -543,8 +561,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def run_generate(cfg: GenerateConfig) -> str:
-    if cfg.max_new_tokens <= 0 or not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or not 0 < cfg.repetition_penalty <= 100:
-        raise LorqError("max-new-tokens must be positive, temperature >= 0, top-p in (0, 1], top-k >= 0 and repetition-penalty in (0, 100]")
+    check_ranges(cfg, {"max_new_tokens": POSITIVE, "temperature": NON_NEGATIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                       "top_k": NON_NEGATIVE, "repetition_penalty": (lambda v: 0 < v <= 100, "in (0, 100]")})
     if 0 < cfg.temperature < 1e-4:  # logits / 1e-320 overflow to NaN probabilities
         raise LorqError(f"temperature must be 0 (greedy) or at least 1e-4, got {cfg.temperature}")
     try:

@@ -32,3 +32,11 @@ def test_resolve_model_refuses_what_is_not_a_model(name, message, tmp_path, monk
 def test_resolve_model_wants_a_config_in_a_directory(tmp_path):
     with pytest.raises(LorqError, match="has no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_a_model_directory_without_tokenizer_files_says_so(tiny_model_dir, tmp_path):
+    from lorq.models.loading import load_tokenizer
+
+    (tmp_path / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(LorqError, match=r"cannot load the tokenizer in .*: it has no tokenizer files \(tokenizer.json"):
+        load_tokenizer(tmp_path)

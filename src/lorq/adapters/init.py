@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LorqError
-from ..options import opt
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from ..quant.linear import QuantizedLinear, match_modules
 from .lora import LoRAConfig, lora_layers, lora_scaling
 from .variants import Variant
@@ -66,8 +66,7 @@ class InitConfig:
 
     def validate(self) -> "InitConfig":
         self.init = LoRAInit(self.init)
-        if self.svd_iters < 0 or self.init_batches <= 0 or self.ga_gamma <= 0 or self.sb_step <= 0:
-            raise LorqError("svd-iters must be >= 0, init-batches, ga-gamma and sb-step positive")
+        check_ranges(self, {"svd_iters": NON_NEGATIVE, "init_batches": POSITIVE, "ga_gamma": POSITIVE, "sb_step": POSITIVE})
         return self
 
 

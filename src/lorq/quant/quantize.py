@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import LorqError
 from ..eval.memory import own_file_backed_tensors
 from ..io import check_file
-from ..options import opt
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from .base import FORMATS, FormatConfig, QuantFormat
 from .gptq import GPTQConfig, quantize_gptq
 from .hqq import HQQConfig, quantize_hqq
@@ -47,11 +47,8 @@ class MethodConfig(LowRankConfig, HQQConfig, GPTQConfig):
     def validate(self) -> "MethodConfig":
         LowRankConfig.validate(self)
         self.method = QuantMethod(self.method)
-        if self.calib_samples <= 0 or self.calib_seq_len <= 1 or self.hqq_iters < 0 or self.gptq_block <= 0:
-            raise LorqError("calib-samples, gptq-block and calib-seq-len (> 1) must be positive and hqq-iters >= 0")
-        if not (self.hqq_lp_norm > 0 and self.hqq_beta > 0 and self.hqq_kappa >= 1):
-            raise LorqError(f"hqq-lp-norm and hqq-beta must be positive and hqq-kappa >= 1, got "
-                            f"{self.hqq_lp_norm}, {self.hqq_beta}, {self.hqq_kappa}")
+        check_ranges(self, {"calib_samples": POSITIVE, "calib_seq_len": (lambda v: v > 1, "at least 2"), "hqq_iters": NON_NEGATIVE,
+                            "gptq_block": POSITIVE, "hqq_lp_norm": POSITIVE, "hqq_beta": POSITIVE, "hqq_kappa": (lambda v: v >= 1, ">= 1")})
         check_file(self.calib_file, "calibration file")
         if not 0 <= self.gptq_damp < 1:
             raise LorqError(f"gptq-damp must be in [0, 1), got {self.gptq_damp}")
@@ -128,8 +125,7 @@ def load_rules(path: str | Path, default_quant: FormatConfig, default_method: Qu
     import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise LorqError(f"rules file {p} not found")
+    check_file(p, "rules file")
     try:
         data = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -13,10 +13,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import LorqError
-from ..io import SafetensorsFile, atomic_dir, atomic_write_text, load_safetensors, read_json, write_json
+from ..io import SafetensorsFile, atomic_dir, atomic_write_text, load_safetensors, read_json, save_safetensors, write_json
 from .distributed import place, place_optimizer_state
 
 TRAINABLE = "trainable.safetensors"
@@ -36,7 +35,7 @@ def save_checkpoint(out_dir, step: int, params: dict[str, torch.Tensor], optimiz
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in params.items()}
-        save_file(tensors, str(tmp / TRAINABLE))
+        save_safetensors(tensors, tmp / TRAINABLE)
         rng = {"rng": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout masks drawn on a GPU come from its generator
             rng["cuda_rng"] = torch.cuda.get_rng_state()

@@ -98,8 +98,7 @@ def pydoc_split(val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
 def read_records(path: str | Path) -> list[str | list[dict]]:
     """A file -> records: strings (text) or message lists (chat)."""
     path = Path(path)
-    if not path.is_file():
-        raise LorqError(f"data file {path} not found")
+    check_file(path, "data file")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -25,7 +25,7 @@ from ..adapters.variants import Adapter
 from ..io import atomic_write_text
 from ..optim import OptimConfig, OptimizerKind, StateFormat, build_optimizer
 from ..optim.lisa import decoder_layers
-from ..options import opt
+from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE, Blocks
 from .lean import make_lean, restore_stock
@@ -58,13 +58,8 @@ class TrainConfig:
     fsdp: bool = opt(False, "under torchrun with --full (AdamW), galore or lisa: shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
 
     def validate(self) -> "TrainConfig":
-        for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
-            if getattr(self, k) <= 0:
-                raise LorqError(f"{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.eval_blocks < 0 or self.loss_chunk < 0:
-            raise LorqError("lr must be positive, warmup-steps, eval-blocks and loss-chunk non-negative")
-        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
-            raise LorqError(f"weight-decay and max-grad-norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}")
+        check_ranges(self, {**{k: POSITIVE for k in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "lr")},
+                            **{k: NON_NEGATIVE for k in ("warmup_steps", "eval_blocks", "loss_chunk", "weight_decay", "max_grad_norm")}})
         self.precision = Precision(self.precision)
         return self
 
