@@ -96,15 +96,15 @@ def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path, monkeypat
     data = toy_blocks()
     model = fresh_model()
     train(model, data, data, cfg(steps=2), tmp_path, progress=False)
-    real_save = ck.save_file
+    real_save = ck.save_safetensors
 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "save_file", crash)
+    monkeypatch.setattr(ck, "save_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         train(model, data, data, cfg(steps=4, resume=True), tmp_path, progress=False)
-    monkeypatch.setattr(ck, "save_file", real_save)
+    monkeypatch.setattr(ck, "save_safetensors", real_save)
     assert latest_checkpoint(tmp_path).name == "step-000002"
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
