@@ -20,6 +20,7 @@ from .eval import generate_text, perplexity
 from .eval.generate import check_new_tokens
 from .io import atomic_dir, check_output_dir, usual_mode, write_json
 from .merge import ExportConfig, MergeConfig, export_gguf, run_merge  # noqa: F401  (the merge and export commands)
+from .merge.run import REPORT as MERGE_REPORT
 from .models.loading import DEFAULT_MODEL, DEVICE_HELP, HF_MODEL_FILES, MODEL_HELP, QUANT_CONFIG, Device, load_model, model_context, model_label, resolve_device
 from .options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from .adapters.init import RESIDUAL_INITS, InitConfig, LoRAInit, LowRankUse, apply_starts, compute_starts, init_from_factors, pop_compensation
@@ -211,13 +212,15 @@ def prepare_base(model_name: str, quant: FormatConfig, mcfg: MethodConfig | None
     return Base(model, tok, path, report, rules, plan)
 
 
+QUANT_REPORT = "report.json"  # quantize's summary beside the checkpoint
+
+
 def run_quantize(cfg: QuantizeConfig, also_reads=()) -> dict:
     if cfg.quant.validate().format is QuantFormat.NONE and not cfg.rules:
         raise LorqError("lorq quantize needs a format (nf, int, fp8, fp4 or int8-outlier)")
-    if cfg.eval_blocks < 0:
-        raise LorqError("eval-blocks must be >= 0")
+    check_ranges(cfg, {"eval_blocks": NON_NEGATIVE})
     check_output_dir(cfg.output, "quantized checkpoint", (QUANT_CONFIG,), reads=[cfg.model, cfg.rules, cfg.method.calib_file, *also_reads],
-                     owned=(QUANT_CONFIG, "report.json", "merge_report.json", *HF_MODEL_FILES))  # also over a quantized merge
+                     owned=(QUANT_CONFIG, QUANT_REPORT, MERGE_REPORT, *HF_MODEL_FILES))  # also over a quantized merge
     base = prepare_base(cfg.model, cfg.quant, cfg.method, cfg.rules, cfg.rank, cfg.budget)
     model, tok, path, report = base.model, base.tok, base.path, base.report
     if report is None:
@@ -231,7 +234,7 @@ def run_quantize(cfg: QuantizeConfig, also_reads=()) -> dict:
     if cfg.eval_blocks:
         val = eval_blocks(tok, DataConfig()).take(cfg.eval_blocks)
         summary["val_ppl"] = round(perplexity(model, val, progress=True, desc="eval")["ppl"], 4)
-    write_json(Path(out) / "report.json", summary)
+    write_json(Path(out) / QUANT_REPORT, summary)
     ppl = f", validation perplexity {summary['val_ppl']:.3f}" if "val_ppl" in summary else ""
     print(f"quantized {summary['quantized_modules']} layers ({', '.join(summary['formats'])}): "
           f"{summary['bits_per_weight']:.3f} bits/weight (all metadata counted), relative weight error "

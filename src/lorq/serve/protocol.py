@@ -24,6 +24,11 @@ class APIError(LorqError):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
+def bad_request(e: LorqError) -> APIError:
+    """A request's LorqError as its 400, naming the field where the error knows it."""
+    return e if isinstance(e, APIError) else APIError(400, str(e), param=getattr(e, "param", None))
+
+
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -124,7 +129,7 @@ class SamplingFields(BaseModel):
         try:
             return params.validate()
         except LorqError as e:
-            raise APIError(400, str(e), param=getattr(e, "param", None))
+            raise bad_request(e)
 
     @property
     def include_usage(self) -> bool:

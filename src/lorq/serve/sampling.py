@@ -111,8 +111,7 @@ def controlled(logits: torch.Tensor, p: SamplingParams, prompt: list[int], gener
     logits = logits.float()
     if p.logit_bias:
         logits = add_logit_bias(logits, p.logit_bias)
-    held = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
-    if len(generated) < p.min_tokens and held:
+    if len(generated) < p.min_tokens and (held := set(p.stop_token_ids) | (set() if p.ignore_eos else eos)):
         logits = hold_back(logits, held)
     if p.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, prompt + generated, p.repetition_penalty)

@@ -36,7 +36,7 @@ from .adapter_cache import NAME, NAME_RULE, AdapterNotFound, AdapterStore, Inval
 from .engine import Engine, EngineConfig, QueueFull, SamplingParams, Sequence, ShuttingDown
 from .metrics import Metrics
 from .protocol import (
-    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_logprobs, chat_object,
+    APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, bad_request, chat_chunk, chat_logprobs, chat_object,
     completion_choice, completion_logprobs, completion_object, new_id, usage,
 )
 from .logprobs import LogprobCursor, TokenText
@@ -149,7 +149,7 @@ class Server:
             raise APIError(503, str(e), "service_unavailable")
         except LorqError as e:
             self.abort(seqs)
-            raise e if isinstance(e, APIError) else APIError(400, str(e), param=getattr(e, "param", None))
+            raise bad_request(e)
         self.metrics.adapter_requests.labels(model).inc(len(prompts))
         return seqs, events
 
