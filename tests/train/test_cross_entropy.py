@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorq.train.cross_entropy import fusable, linear_cross_entropy
+from lorq.train.cross_entropy import fusable, linear_cross_entropy, weight_in
 
 
 def reference(h, head, t):
@@ -50,6 +50,22 @@ def test_bf16_autocast_is_close_to_the_fp32_loss():
     assert out.dtype == torch.float32 and g.dtype == h.dtype
     assert out.item() == pytest.approx(ref.item(), rel=2e-2)
     assert torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.99
+
+
+def test_a_frozen_heads_cast_is_reused_until_the_weight_changes():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    first = weight_in(head, torch.bfloat16)
+    assert weight_in(head, torch.bfloat16) is first  # kept, not cast again
+    with torch.no_grad():
+        head.weight.mul_(2)  # in place: the version counter moves
+    again = weight_in(head, torch.bfloat16)
+    assert again is not first and torch.equal(again, head.weight.to(torch.bfloat16))
+    head.weight = nn.Parameter(torch.randn(50, 16), requires_grad=False)  # replaced
+    assert torch.equal(weight_in(head, torch.bfloat16), head.weight.to(torch.bfloat16))
+    head.weight.requires_grad_(True)  # trained: a fresh cast per call, none kept around
+    assert weight_in(head, torch.bfloat16) is not weight_in(head, torch.bfloat16)
+    assert weight_in(head, torch.float32) is head.weight
 
 
 def test_only_plain_linear_heads_fuse():

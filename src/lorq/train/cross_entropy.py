@@ -95,10 +95,9 @@ def sharable_embedding(decoder, head) -> nn.Embedding | None:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk: int, dtype: torch.dtype, tied: TiedGradient | None):
+    def forward(ctx, h, weight, bias, target, chunk: int, dtype: torch.dtype, tied: TiedGradient | None, w: torch.Tensor):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(dtype)  # (V, H), cast once per call
             b = bias.to(torch.float32) if bias is not None else None
             nll = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
@@ -107,12 +106,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             in_place = defer and dtype == torch.float32  # the logits become the kept gradient where they are
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w and not defer else None
             grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            # one chunk's logits in fp32 and in the compute dtype, reused: fresh 50 MB tensors per
+            # chunk cost more in page faults than the casts themselves (glibc maps each anew)
+            rows_max = min(chunk, len(target))
+            z_buf = torch.empty(rows_max, weight.shape[0], dtype=torch.float32, device=h.device) if not in_place else None
+            low_buf = torch.empty(rows_max, weight.shape[0], dtype=dtype, device=h.device) if dtype != torch.float32 else None
+            product = torch.empty_like(w) if grad_w is not None and dtype != torch.float32 else None
             for i in range(0, len(target), chunk):
                 hc, tc = h[i : i + chunk].to(dtype), target[i : i + chunk]
                 if in_place:
                     z = torch.mm(hc, w.t(), out=logits_grad[i : i + chunk])
+                elif low_buf is None:
+                    z = torch.mm(hc, w.t(), out=z_buf[: len(tc)])  # (c, V)
                 else:
-                    z = (hc @ w.t()).float()  # (c, V)
+                    z = z_buf[: len(tc)].copy_(torch.mm(hc, w.t(), out=low_buf[: len(tc)]))  # (c, V), upcast
                 if b is not None:
                     z += b
                 rows = torch.arange(len(tc), device=z.device)
@@ -123,13 +130,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 z.div_(total)  # softmax
                 z[rows, tc] -= 1.0  # dCE/dz
-                g = z.to(dtype)
+                if low_buf is None:
+                    g = z
+                    if defer and not in_place:
+                        logits_grad[i : i + chunk] = g
+                else:  # cast down where it is kept, or into the reused buffer
+                    g = (logits_grad[i : i + chunk] if defer else low_buf[: len(tc)]).copy_(z)
                 if grad_h is not None:
                     grad_h[i : i + chunk] = (g @ w).to(h.dtype)
                 if grad_w is not None:
-                    accumulate_outer(grad_w, g, hc)
-                elif defer and not in_place:
-                    logits_grad[i : i + chunk] = g
+                    accumulate_outer(grad_w, g, hc, product)
                 if grad_b is not None:
                     grad_b += z.sum(dim=0)
         # gradients computed here, not inputs or outputs: kept on ctx, in their tensors' dtypes
@@ -149,16 +159,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.tied.grad, grad_w = grad_w, None  # the lookup's backward, later, adds its rows and passes it on
         elif ctx.tied is not None and ctx.factors is not None:
             (ctx.tied.logits_grad, ctx.tied.hidden), ctx.tied.scale, ctx.factors = ctx.factors, grad_out, None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def accumulate_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+def accumulate_outer(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor, product: torch.Tensor | None = None) -> None:
     """acc += gᵀ h in fp32. In place when g and h are fp32 (no (V, H) temporary: 113 MiB on
-    SmolLM2's vocabulary); a 16-bit product is formed in its own dtype, then added."""
+    SmolLM2's vocabulary); a 16-bit product is formed in its own dtype (into `product` where
+    given, a reused (V, H) buffer), then added."""
     if g.dtype == acc.dtype and h.dtype == acc.dtype:
         acc.addmm_(g.t(), h)
     else:
-        acc += g.t() @ h
+        acc += torch.mm(g.t(), h, out=product) if product is not None else g.t() @ h
 
 
 def fusable(head) -> bool:
@@ -171,4 +182,20 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Linear, target: torch.Tensor,
     """sum_i CE(head(h_i), t_i) for h (N, H) and targets (N,), chunk rows at a time, in the
     compute dtype (autocast's when it is on). tied: h comes from a tied_lookup of the same
     weight, which then receives the head's gradient."""
-    return _LinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk, compute_dtype(h), tied)
+    dtype = compute_dtype(h)
+    return _LinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk, dtype, tied, weight_in(head, dtype))
+
+
+def weight_in(head: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The head's (V, H) weight in the compute dtype. A frozen one is cast once and kept while
+    it is unchanged: a fresh 56 MB cast of SmolLM2's tied embedding cost ~0.1 s per step on a
+    2-core CPU, mostly in page faults, and the cast exists at the step's peak anyway (the loss
+    runs at the end of forward)."""
+    weight = head.weight
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight.to(dtype)
+    key = (weight.data_ptr(), weight.device, dtype, weight._version)
+    cached = getattr(head, "_lorq_cast", None)
+    if cached is None or cached[0] != key:
+        cached = head._lorq_cast = (key, weight.detach().to(dtype))
+    return cached[1]
