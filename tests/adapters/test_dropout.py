@@ -7,7 +7,7 @@ import torch.nn as nn
 from lorq.adapters import LoRAConfig, add_adapters
 from lorq.adapters.lora import LoRALinear, lora_layers
 from lorq.adapters import variants
-from lorq.adapters.variants import Dropout, dropped_positions
+from lorq.adapters.variants import Dropout, dropped_positions, geometric
 
 from tests_helpers import randomize_B
 
@@ -60,6 +60,17 @@ def test_dropped_positions_are_bernoulli_trials(monkeypatch, margin, p):
         pairs += (dropped[1:] & dropped[:-1]).sum().item()
     m = (n - 1) * runs
     assert abs(pairs - p * p * m) < 5 * (m * p * p * (1 - p * p)) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_gaps_follow_the_geometric_law(p):
+    torch.manual_seed(0)
+    n = 200_000
+    g = geometric(n, p)
+    assert g.dtype == torch.long and g.min() >= 1
+    for k in range(1, 6):  # P(G = k) = (1 - p)^(k - 1) p, each within 5 sigma
+        q = (1 - p) ** (k - 1) * p
+        assert abs((g == k).sum().item() - q * n) < 5 * (n * q * (1 - q)) ** 0.5
 
 
 def test_masks_follow_the_seed_and_gradients_follow_the_mask():
