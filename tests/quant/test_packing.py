@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorq.quant.packing import byte_table, decode_bytes, pack_bits, packed_size, unpack_bits
+from lorq.quant.packing import byte_pair_table, byte_table, decode_bytes, pack_bits, packed_size, pairs_pay, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -35,3 +35,17 @@ def test_decode_bytes_is_the_level_of_every_code(bits, dtype):
     values = decode_bytes(byte_table(levels, bits), pack_bits(codes, bits))
     assert values.dtype == dtype and values.numel() == packed_size(1001, bits) * 8 // bits
     assert torch.equal(values[:1001], levels[codes.long().clamp(max=levels.numel() - 1)])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count,offset", [(1000, 0), (1001, 0), (1000, 1), (1, 0)])
+def test_byte_pairs_decode_as_single_bytes(bits, dtype, count, offset):
+    # an odd count or a view starting at an odd byte falls back to single bytes; same values
+    levels = torch.randn(2**bits - 3).to(dtype)
+    table = byte_table(levels, bits)
+    packed = torch.randint(0, 256, (count + offset,), dtype=torch.uint8)[offset:]
+    pairs = byte_pair_table(table)
+    assert pairs.shape == (65536, 2 * table.shape[1])
+    assert torch.equal(decode_bytes(table, packed, pairs), decode_bytes(table, packed))
+    assert pairs_pay(table) == (table.shape[1] * table.element_size() <= 4)

@@ -18,7 +18,7 @@ import torch
 from ..errors import LorqError
 from .base import FORMATS, FormatConfig, GroupCodec, QuantFormat, TensorFormat
 from .nf import absmax_scale, blocks, dequantize_dynamic_8bit, nf_levels, quantize_dynamic_8bit, scale_by
-from .packing import BYTE_TABLE_BITS, byte_table, decode_bytes, pack_bits, unpack_bits
+from .packing import BYTE_TABLE_BITS, byte_pair_table, byte_table, decode_bytes, pack_bits, pairs_pay, unpack_bits
 
 
 @lru_cache(maxsize=None)
@@ -52,6 +52,13 @@ def levels_for(fmt: QuantFormat, bits: int) -> torch.Tensor:
 def level_byte_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(256, 8 / bits): the format's levels of the codes packed in each possible byte, cached."""
     return byte_table(levels_for(fmt, bits), bits).to(device, dtype)
+
+
+@lru_cache(maxsize=None)
+def level_pair_table(fmt: QuantFormat, bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The byte_pair_table of level_byte_table where gathering pairs pays (else None), cached."""
+    table = level_byte_table(fmt, bits, dtype, device)
+    return byte_pair_table(table) if pairs_pay(table) else None
 
 
 def nearest_level(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -128,7 +135,8 @@ class LevelWeight(GroupCodec, TensorFormat):
         # anything else in fp32, which is what bitsandbytes-exactness needs.
         work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         if self.cfg.bits in BYTE_TABLE_BITS:  # one gather yields every level a byte holds
-            values = decode_bytes(level_byte_table(self.cfg.format, self.cfg.bits, work, self.codes.device), self.codes)
+            key = (self.cfg.format, self.cfg.bits, work, self.codes.device)
+            values = decode_bytes(level_byte_table(*key), self.codes, level_pair_table(*key))
         else:
             codes = unpack_bits(self.codes, self.cfg.bits, n).int()  # index_select: ~2x advanced indexing's speed
             values = self.levels(self.cfg).to(self.codes.device, work).index_select(0, codes)
