@@ -350,3 +350,14 @@ def test_a_run_from_before_document_packing_resumes_as_the_stream_it_was():
     assert recorded_options(older)["packing"] == "stream" != run_options(cfg)["packing"]
     cfg.data.packing = "stream"
     assert recorded_options(older) == run_options(cfg)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("qgalore_similarity", 0.0, r"qgalore-similarity must be in \(0, 1\], got 0.0"),
+    ("qgalore_similarity", float("nan"), r"qgalore-similarity must be in \(0, 1\], got nan"),
+    ("galore_rank", 0, "galore-rank must be positive, got 0"),
+    ("lisa_period", -1, "lisa-period must be positive, got -1"),
+])
+def test_out_of_range_options_are_named(field, value, message):
+    with pytest.raises(LorqError, match=message):
+        OptimConfig(**{field: value}).validate()

@@ -69,10 +69,8 @@ class OptimConfig:
             self.galore_states = StateFormat.INT8 if self.optimizer is OptimizerKind.QGALORE else StateFormat.FP32
         if self.optimizer in FULL_PARAMETER:
             self.full = True
-        check_ranges(self, {k: POSITIVE for k in ("loraplus_ratio", "galore_rank", "galore_gap", "galore_scale")})
-        if not 0 < self.qgalore_similarity <= 1:
-            raise LorqError(f"qgalore-similarity must be in (0, 1], got {self.qgalore_similarity}")
-        check_ranges(self, {"lisa_layers": POSITIVE, "lisa_period": POSITIVE})
+        check_ranges(self, {**{k: POSITIVE for k in ("loraplus_ratio", "galore_rank", "galore_gap", "galore_scale")},
+                            "qgalore_similarity": (lambda v: 0 < v <= 1, "in (0, 1]"), "lisa_layers": POSITIVE, "lisa_period": POSITIVE})
         return self
 
     def check_accumulation(self, grad_accum: int, world_size: int) -> None:

@@ -130,10 +130,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 z.div_(total)  # softmax
                 z[rows, tc] -= 1.0  # dCE/dz
-                if low_buf is None:
+                if low_buf is None:  # fp32: z is the gradient (and, deferred, already where it is kept)
                     g = z
-                    if defer and not in_place:
-                        logits_grad[i : i + chunk] = g
                 else:  # cast down where it is kept, or into the reused buffer
                     g = (logits_grad[i : i + chunk] if defer else low_buf[: len(tc)]).copy_(z)
                 if grad_h is not None:
