@@ -10,7 +10,7 @@ from lorq.adapters import LoRAConfig, add_adapters
 from lorq.errors import LorqError
 from lorq.optim import AdamW8bit, GaLoreAdamW, OptimConfig, OptimizerKind, build_optimizer
 from lorq.optim.adamw8bit import adam_direction_8bit
-from lorq.optim.galore import project, project_back
+from lorq.optim.galore import project, project_back, projection
 from lorq.optim.lisa import decoder_layers
 from lorq.train.checkpoint import latest_checkpoint
 from lorq.train.loop import TrainConfig, train
@@ -66,6 +66,27 @@ def test_galore_first_step_is_the_projected_sign_of_the_gradient():
     tall = torch.randn(48, 32)
     Pt = torch.linalg.svd(tall, full_matrices=False)[2][:4].T  # right side when m > n
     assert project(tall, Pt, False).shape == (48, 4) and project_back(torch.ones(48, 4), Pt, False).shape == (48, 32)
+
+
+def test_galore_step_on_a_tall_matrix_projects_from_the_right_with_decay_first():
+    w = nn.Parameter(torch.randn(48, 32))
+    G = torch.randn(48, 32)
+    w.grad = G.clone()
+    before = w.detach().clone()
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=0.1, scale=0.5, eps=0.0, weight_decay=0.2, svd_iters=0)
+    opt.step()
+    st = opt.state[w]
+    P = st["P"]
+    assert P.shape == (32, 4) and not st["left"] and st["exp_avg"].shape == (48, 4)
+    expected = before * (1 - 0.1 * 0.2) - 0.1 * 0.5 * torch.sign(G @ P) @ P.T
+    assert torch.allclose(w.detach(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_a_kept_projection_owns_only_its_own_values(shape):
+    """The randomized SVD's factors are views into a wider sketch; the state keeps a copy."""
+    P, _ = projection(torch.randn(*shape), 4, iters=2)
+    assert P.shape == (40, 4) and P.untyped_storage().nbytes() == P.numel() * P.element_size()
 
 
 def full_model():

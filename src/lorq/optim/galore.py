@@ -30,10 +30,12 @@ from .adamw8bit import MIN_8BIT_SIZE, adam_direction, adam_direction_8bit, adam_
 
 
 def projection(G: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, bool]:
-    """(P, left): left singular vectors (m, r) when m <= n, else right ones (n, r)."""
+    """(P, left): left singular vectors (m, r) when m <= n, else right ones (n, r), in their own
+    storage: top_svd's are views into its (m, 2r + 8) sketch, which a kept state would hold
+    whole (twice the memory, and a checkpoint saves the whole storage)."""
     m, n = G.shape
     U, S, V = top_svd(G, rank, iters)
-    return (U, True) if m <= n else (V, False)
+    return (U.clone(), True) if m <= n else (V.clone(), False)
 
 
 def project(G: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
@@ -42,6 +44,11 @@ def project(G: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
 
 def project_back(N: torch.Tensor, P: torch.Tensor, left: bool) -> torch.Tensor:
     return P @ N if left else N @ P.T  # (m, n)
+
+
+def add_projected_back(W: torch.Tensor, N: torch.Tensor, P: torch.Tensor, left: bool, alpha: float) -> torch.Tensor:
+    """W += alpha · project_back(N, P), in place: one addmm, no (m, n) temporary."""
+    return W.addmm_(P, N, alpha=alpha) if left else W.addmm_(N, P.T, alpha=alpha)
 
 
 def adam_state_direction(st: dict, g: torch.Tensor, betas, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,14 +109,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def refresh_due(self, st: dict, group: dict) -> bool:
         return st["step"] % group["update_gap"] == 0
 
-    def projected_direction(self, st: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
-        """scale · P N(Pᵀ g) (or its right-side twin), refreshing P when due."""
+    def projected_adam(self, st: dict, g: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N(Pᵀ g), P) (or their right-side twins), refreshing P when due."""
         st.setdefault("step", 0)
         if self.refresh_due(st, group):
             self.refresh_projection(st, g, group)
         st["step"] += 1
         P = self.projector(st)
-        return group["scale"] * project_back(adam_direction_in(st, project(g, P, st["left"]), group), P, st["left"])
+        return adam_direction_in(st, project(g, P, st["left"]), group), P
+
+    def projected_step(self, W: torch.Tensor, st: dict, g: torch.Tensor, group: dict) -> None:
+        """W -= lr · scale · P N(Pᵀ g), in place (W whole: a plain tensor)."""
+        N, P = self.projected_adam(st, g, group)
+        add_projected_back(W, N, P, st["left"], -group["lr"] * group["scale"])
 
     def clipped(self, g: torch.Tensor) -> torch.Tensor:
         """A hooked matrix's gradient, its norm counted and clipped to `clip` on its own (in
@@ -125,8 +137,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         g = p.grad.float()
         st = self.state[p]
         wd, lr = group["weight_decay"], group["lr"]
-        if group["rank"] and g.dim() == 2:
-            direction = place(self.projected_direction(st, full(g), group), p)
+        if group["rank"] and g.dim() == 2 and p.dtype == torch.float32 and not hasattr(p, "device_mesh"):
+            if wd:  # decay first: the update below is added to W in place
+                p.mul_(1 - lr * wd)
+            self.projected_step(p, st, g, group)
+            return
+        if group["rank"] and g.dim() == 2:  # sharded or low-precision: the whole update, then this rank's part
+            N, P = self.projected_adam(st, full(g), group)
+            direction = place(group["scale"] * project_back(N, P, st["left"]), p)
         else:
             direction = adam_direction_in(st, g, group, out=g if consume else None)
         if wd:
