@@ -33,6 +33,7 @@ def test_mixed_batch_greedy_equals_generate_per_adapter(tiny_model_dir, many_ada
     assert [s.text for s in seqs] == [ref(a, p, n, chat=True) for a, p, n in jobs]
     assert engine.steps < sum(n for _, _, n in jobs)  # batched, not one request after another
     assert not engine.busy
+    assert engine.gather_cache.key is None and not engine.gather_cache.stacks  # idle: no adapter stacks held
 
 
 def test_requests_join_and_leave_between_steps(tiny_model_dir, many_adapters):

@@ -4,7 +4,8 @@ import torch.nn as nn
 
 from lorq.adapters.lora import LoRALinear
 from lorq.errors import LorqError
-from lorq.serve.multi_lora import AdapterWeights, MultiLoRALinear, StepPlan, StepRef, read_adapter
+from lorq.serve import multi_lora
+from lorq.serve.multi_lora import AdapterWeights, GatherCache, MultiLoRALinear, StepPlan, StepRef, read_adapter
 
 
 def adapters_for(base: nn.Linear, ranks: list[int]):
@@ -55,6 +56,36 @@ def test_gather_groups_ranks_without_padding():
     for t, a in enumerate([ads[0], ads[1], ads[0]]):
         A, B, s = a.modules["layer"]
         torch.testing.assert_close(out[t], s * B @ (A @ x[t]), atol=1e-6, rtol=1e-5)
+
+
+def test_decode_stacks_are_kept_while_the_layout_lasts(monkeypatch):
+    """Steps decoding the same adapters in the same order reuse the stacks of the first; another
+    layout gathers afresh; a layout over the budget is gathered at every step, kept by none.
+    Every step's output is the per-token LoRA of the oracle."""
+    torch.manual_seed(2)
+    base = nn.Linear(16, 12)
+    ref, ads = adapters_for(base, [2, 4, 2])
+    built = []
+    real = multi_lora.stacked
+    monkeypatch.setattr(multi_lora, "stacked", lambda *a: built.append(a[2]) or real(*a))
+    cache = GatherCache()
+
+    def step(layout, cache):
+        x = torch.randn(len(layout), 16)
+        out = StepPlan([], [(ads[a], t) for t, a in enumerate(layout)], cache=cache).apply("layer", x, base(x))
+        want = torch.stack([ref(x[t], adapter_index=torch.tensor(a)) for t, a in enumerate(layout)])
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+    step([0, 1, 2, 1], cache)
+    assert len(built) == 2 and cache.adapters == [ads[0], ads[1], ads[2], ads[1]]  # ranks 2 and 4
+    step([0, 1, 2, 1], cache)
+    assert len(built) == 2  # the same layout: nothing gathered
+    step([1, 0, 2, 1], cache)
+    assert len(built) == 4  # another order: gathered again
+    small = GatherCache(budget=sum(a.nbytes for a in ads) - 1)
+    step([0, 1, 2], small)
+    step([0, 1, 2], small)
+    assert len(built) == 8 and small.key is None and not small.stacks
 
 
 def test_read_adapter_checks_the_served_layers(tiny_model_dir, adapters):

@@ -262,3 +262,13 @@ def test_streamed_logprobs_never_run_ahead_of_the_text(live):
             behind += len(spelled) < len(text)
         assert spelled == text or split
     assert behind  # some text was sent before its last token's log-probability
+
+
+def test_greedy_rows_take_the_first_maximum_as_argmax_does():
+    from lorq.serve.sampling import greedy, greedy_rows
+
+    logits = torch.randn(5, 1000).bfloat16()
+    logits[1, [7, 300]] = 50.0  # a tie: the first one
+    logits[2, 999] = float("nan")  # NaN wins, as torch's argmax has it
+    assert greedy_rows(logits) == logits.argmax(-1).tolist() and greedy_rows(logits)[1] == 7
+    assert [greedy(row) for row in logits] == logits.argmax(-1).tolist()

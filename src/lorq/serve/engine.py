@@ -28,8 +28,8 @@ from ..options import NON_NEGATIVE, POSITIVE, check_ranges, opt
 from ..quant.linear import DECODER_LINEARS
 from .detokenize import Detokenizer
 from .kv import ATTENTION, KVPool, PackedStep
-from .multi_lora import AdapterWeights, StepPlan, wrap_for_serving
-from .sampling import InvalidParam, SamplingParams, TokenLogprob, next_token, token_logprobs
+from .multi_lora import AdapterWeights, GatherCache, StepPlan, wrap_for_serving
+from .sampling import InvalidParam, SamplingParams, TokenLogprob, greedy_rows, next_token, token_logprobs
 
 
 @dataclass
@@ -148,6 +148,16 @@ def scores_prompt(seq: Sequence) -> bool:
     return seq.params.prompt_logprobs and seq.prompt_logprobs is None
 
 
+def plain_greedy_picks(batch: list[Sequence], logits: torch.Tensor, rows: list[int]) -> dict[int, int]:
+    """Sequence id -> next token for the greedy sequences with no other control, their last
+    rows' argmax taken in one call."""
+    ends = list(itertools.accumulate(rows))
+    plain = [i for i, s in enumerate(batch) if s.params.temperature == 0 and not s.params.controls]
+    if not plain:
+        return {}
+    return dict(zip((batch[i].id for i in plain), greedy_rows(logits[[ends[i] - 1 for i in plain]])))
+
+
 def default_kv_budget(device: torch.device) -> int:
     """A quarter of the memory the KV cache lives in."""
     if device.type == "cuda":
@@ -167,6 +177,7 @@ class Engine:
         for p in model.parameters():
             p.requires_grad_(False)
         self.step_ref, self.layers = wrap_for_serving(model, self.cfg.targets)
+        self.gather_cache = GatherCache()
         model.config._attn_implementation = ATTENTION
         self.num_layers = model.config.num_hidden_layers
         c = model.config
@@ -335,7 +346,7 @@ class Engine:
         dev = self.device
         packed = PackedStep(self.pool, torch.tensor(positions[: len(decoding)], dtype=torch.long, device=dev),
                             [(s.slot, next_length(s)) for s in new])
-        self.step_ref.plan = StepPlan(prefill, decode, dev) if prefill or decode else None
+        self.step_ref.plan = StepPlan(prefill, decode, dev, self.gather_cache) if prefill or decode else None
         try:
             logits = self.model(
                 input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev), use_cache=False,
@@ -343,11 +354,12 @@ class Engine:
             ).logits[0]
         finally:
             self.step_ref.plan = None
+        picks = plain_greedy_picks(batch, logits, rows)
         for seq, scores, score_prompt in zip(batch, logits.split(rows), scored):
             try:
                 if score_prompt:  # a prompt's own log-probabilities: row t scores prompt token t + 1
                     seq.prompt_logprobs = token_logprobs(scores[:-1], seq.prompt[1:], seq.params.logprobs or 0)
-                self.advance(seq, scores[-1])
+                self.advance(seq, scores[-1], picks.get(seq.id))
             except Exception as e:  # one request's failure (e.g. its sampling) is not the batch's
                 print(f"lorq: request {seq.id} failed: {type(e).__name__}: {e}", flush=True)
                 self.finish(seq, "error")
@@ -379,10 +391,14 @@ class Engine:
             seq.slot = -1
         if not self.waiting:  # waiting requests join at the next step: no shrinking to regrow
             self.pool.shrink(len(self.running), max((next_length(s) for s in self.running), default=0))
+        if not self.running:  # idle (or all joining anew): hold no stacked adapter weights
+            self.gather_cache.reset()
 
-    def advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def advance(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
+        """Take the sequence's next token (`token` if already chosen) and what follows from it."""
         p = seq.params
-        token = next_token(logits, p, seq.prompt, seq.generated, self.eos, seq.generator)
+        if token is None:
+            token = next_token(logits, p, seq.prompt, seq.generated, self.eos, seq.generator)
         if p.logprobs is not None:
             seq.logprobs += token_logprobs(logits[None], [token], p.logprobs)
         if seq.first_token is None:
