@@ -154,11 +154,11 @@ class QGaLoreAdamW(GaLoreAdamW):
     def int8_hook(self, layer: Int8Linear, grad_w: torch.Tensor) -> None:
         group = self.param_groups[self.int8_group]
         st = self.state[layer.codes]
-        g = self.clipped(grad_w)
+        grad = self.clipped(grad_w)
         w = layer.weight_float()
         if group["weight_decay"]:
             w.mul_(1 - group["lr"] * group["weight_decay"])
-        self.projected_step(w, st, g, group)
+        self.projected_step(w, st, grad, group)
         layer.scale.copy_(torch.maximum(layer.scale, group_absmax(w) / 127))  # a weight may outgrow its group's range
         g = torch.Generator().manual_seed((self.seed * 1000003 + st["step"]) * 1009 + layer.index)  # resumable
         layer.codes.copy_(int8_codes(w, layer.scale, g))
