@@ -137,12 +137,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         g = p.grad.float()
         st = self.state[p]
         wd, lr = group["weight_decay"], group["lr"]
-        if group["rank"] and g.dim() == 2 and p.dtype == torch.float32 and not hasattr(p, "device_mesh"):
-            if wd:  # decay first: the update below is added to W in place
-                p.mul_(1 - lr * wd)
-            self.projected_step(p, st, g, group)
-            return
-        if group["rank"] and g.dim() == 2:  # sharded or low-precision: the whole update, then this rank's part
+        if group["rank"] and g.dim() == 2:
+            if p.dtype == torch.float32 and not hasattr(p, "device_mesh"):
+                if wd:  # decay first: the update below is added to W in place
+                    p.mul_(1 - lr * wd)
+                self.projected_step(p, st, g, group)
+                return
+            # sharded or low-precision: the whole update, then this rank's part
             N, P = self.projected_adam(st, full(g), group)
             direction = place(group["scale"] * project_back(N, P, st["left"]), p)
         else:
